@@ -1,0 +1,315 @@
+// The model's pieces against references: experts and MoE layer against a naive per-token
+// loop, gradients against finite differences, causality, the layer recurrence, the
+// auxiliary losses and capacity dropping.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "rmoe/model/experts.h"
+#include "rmoe/model/moe_layer.h"
+#include "rmoe/model/router.h"
+#include "rmoe/model/transformer.h"
+#include "tests/test_util.h"
+
+namespace rmoe {
+namespace {
+
+using testing::AllRouters;
+using testing::ExpectGradientsMatchFiniteDifferences;
+using testing::RouterCase;
+using testing::TinyModel;
+
+torch::Tensor NaiveSwiGLU(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w3,
+                          const torch::Tensor& w2) {
+  return (torch::silu(x.matmul(w1)) * x.matmul(w3)).matmul(w2);
+}
+
+torch::Tensor Param(torch::nn::Module& module, const std::string& name) {
+  auto* found = module.named_parameters().find(name);
+  TORCH_CHECK(found, "no parameter ", name);
+  return *found;
+}
+
+TEST(ExpertBank, DispatchMatchesNaivePerTokenLoop) {
+  torch::manual_seed(1);
+  InitScales init{0.3, 0.3};
+  ExpertBank experts(5, 6, 7, init);
+  LocalDispatcher dispatcher;
+  const int64_t tokens = 23, top_k = 2;
+  auto x = torch::randn({tokens, 6});
+  RoutingDecision decision;
+  decision.expert_index = torch::stack({torch::randint(5, {tokens}), torch::randint(5, {tokens})}, 1);
+  decision.weight = torch::rand({tokens, top_k});
+  DispatchPlan plan;
+  auto y = dispatcher.Dispatch(x, decision, /*capacity=*/0, experts, &plan);
+
+  auto expected = torch::zeros_like(x);
+  for (int64_t n = 0; n < tokens; ++n) {
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t e = decision.expert_index[n][j].item<int64_t>();
+      expected[n] += decision.weight[n][j] *
+                     NaiveSwiGLU(x[n], experts->w1[e], experts->w3[e], experts->w2[e]);
+    }
+  }
+  EXPECT_TRUE(torch::allclose(y, expected, 1e-5, 1e-6));
+  EXPECT_EQ(plan.dropped, 0);
+}
+
+TEST(ExpertBank, EveryTokenToOneExpertAndEmptyExperts) {
+  torch::manual_seed(2);
+  ExpertBank experts(4, 5, 3, InitScales{0.3, 0.3});
+  LocalDispatcher dispatcher;
+  auto x = torch::randn({9, 5});
+  RoutingDecision decision{torch::full({9, 1}, 2, torch::kLong), torch::ones({9, 1})};
+  DispatchPlan plan;
+  auto y = dispatcher.Dispatch(x, decision, 0, experts, &plan);
+  EXPECT_EQ(plan.tokens_per_expert, (std::vector<int64_t>{0, 0, 9, 0}));
+  EXPECT_TRUE(torch::allclose(y, NaiveSwiGLU(x, experts->w1[2], experts->w3[2], experts->w2[2]),
+                              1e-5, 1e-6));
+}
+
+TEST(MoELayer, MatchesNaiveReferenceWithLinearRouterAndSharedExpert) {
+  torch::manual_seed(3);
+  auto model = TinyModel(AllRouters()[0]);
+  model.mutable_moe()->set_shared_expert(true);
+  model.mutable_moe()->set_moe_weight(0.7);
+  model.mutable_moe()->set_shared_expert_weight(0.4);
+  model.mutable_moe()->set_renormalize(false);
+  MoELayer layer(model, InitScales::FromSpec(model), RecurrentCell(nullptr));
+  auto x = torch::randn({2, 5, 16});
+  RouterCarry carry;
+  auto out = layer->forward(x, carry, nullptr);
+
+  auto gate = Param(*layer, "router.gate");
+  auto& e = layer->experts();
+  auto flat = x.reshape({-1, 16});
+  auto expected = torch::zeros_like(flat);
+  for (int64_t n = 0; n < flat.size(0); ++n) {
+    auto probs = torch::softmax(flat[n].matmul(gate.t()), 0);
+    auto [w, idx] = torch::topk(probs, 2);
+    torch::Tensor routed = torch::zeros({16});
+    for (int j = 0; j < 2; ++j) {
+      const int64_t ex = idx[j].item<int64_t>();
+      routed += w[j] * NaiveSwiGLU(flat[n], e->w1[ex], e->w3[ex], e->w2[ex]);
+    }
+    auto shared = NaiveSwiGLU(flat[n], Param(*layer, "shared_expert.w1.weight").t(),
+                              Param(*layer, "shared_expert.w3.weight").t(),
+                              Param(*layer, "shared_expert.w2.weight").t());
+    expected[n] = 0.7 * routed + 0.4 * shared;
+  }
+  EXPECT_TRUE(torch::allclose(out.y.reshape({-1, 16}), expected, 1e-5, 1e-6));
+}
+
+TEST(MoELayer, OneExpertTopOneEqualsDenseSwiGLU) {
+  torch::manual_seed(4);
+  auto model = TinyModel();
+  model.mutable_moe()->set_num_experts(1);
+  model.mutable_moe()->set_top_k(1);
+  auto init = InitScales::FromSpec(model);
+  MoELayer layer(model, init, MakeSharedRouterCell(model));
+  SwiGLU dense(16, 8, init);
+  {
+    torch::NoGradGuard no_grad;
+    dense->w1->weight.copy_(layer->experts()->w1[0].t());
+    dense->w3->weight.copy_(layer->experts()->w3[0].t());
+    dense->w2->weight.copy_(layer->experts()->w2[0].t());
+  }
+  auto x = torch::randn({3, 4, 16});
+  RouterCarry carry;
+  EXPECT_TRUE(torch::allclose(layer->forward(x, carry, nullptr).y, dense(x), 1e-5, 1e-6));
+}
+
+class RouterGradient : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(RouterGradient, MatchesFiniteDifferencesThroughTwoLayers) {
+  torch::manual_seed(5);
+  auto model = TinyModel(GetParam());
+  auto init = InitScales::FromSpec(model);
+  auto cell = MakeSharedRouterCell(model);
+  auto first = MakeRouter(model, init, cell);
+  auto second = MakeRouter(model, init, cell);
+  if (!cell.is_empty()) cell->to(torch::kDouble);
+  first->to(torch::kDouble);
+  second->to(torch::kDouble);
+  auto x0 = torch::randn({2, 5, 16}, torch::kDouble).requires_grad_();
+  auto x1 = torch::randn({2, 5, 16}, torch::kDouble).requires_grad_();
+  auto f = [&] {
+    RouterCarry carry;
+    auto l0 = first->forward(x0, carry, nullptr);
+    auto l1 = second->forward(x1, carry, nullptr);
+    return torch::cat({l0, l1}, 1);
+  };
+  std::vector<torch::Tensor> inputs{x0, x1};
+  for (auto& p : first->parameters()) inputs.push_back(p);
+  if (!cell.is_empty()) {
+    for (auto& p : cell->parameters()) inputs.push_back(p);
+  }
+  ExpectGradientsMatchFiniteDifferences(f, inputs);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRouters, RouterGradient, ::testing::ValuesIn(AllRouters()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(MoELayerGradient, ExpertsAndLayerMatchFiniteDifferences) {
+  torch::manual_seed(6);
+  auto model = TinyModel();
+  model.mutable_moe()->set_shared_expert(true);
+  auto cell = MakeSharedRouterCell(model);
+  MoELayer layer(model, InitScales::FromSpec(model), cell);
+  layer->to(torch::kDouble);
+  cell->to(torch::kDouble);
+  auto x = torch::randn({2, 4, 16}, torch::kDouble).requires_grad_();
+  auto previous_state = torch::randn({8, 8}, torch::kDouble).requires_grad_();
+  auto f = [&] {
+    RouterCarry carry;
+    carry.layer_state = previous_state;
+    auto out = layer->forward(x, carry, nullptr);
+    // The auxiliary losses are part of the objective, so their gradients are checked too.
+    return torch::cat({out.y.reshape({-1}), out.load_balance.reshape({1}), out.z_loss.reshape({1})});
+  };
+  std::vector<torch::Tensor> inputs{x, previous_state};
+  for (auto& p : layer->parameters()) inputs.push_back(p);
+  for (auto& p : cell->parameters()) inputs.push_back(p);
+  ExpectGradientsMatchFiniteDifferences(f, inputs, 6);
+}
+
+class RouterCausality : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(RouterCausality, LaterTokensNeverChangeEarlierOutputsOrRouting) {
+  torch::manual_seed(7);
+  Transformer model(TinyModel(GetParam()));
+  // In double, so that a different grouping of tokens by expert (which changes the shapes
+  // of the matrix products, hence their rounding) cannot hide a real leak.
+  model->to(torch::kDouble);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto tokens = torch::randint(37, {2, 12});
+  auto base = model->forward(tokens);
+  for (int64_t t : {0, 5, 10}) {
+    auto changed = tokens.clone();
+    changed.select(1, t + 1).add_(1).remainder_(37);
+    auto out = model->forward(changed);
+    EXPECT_TRUE(torch::allclose(base.logits.narrow(1, 0, t + 1), out.logits.narrow(1, 0, t + 1),
+                                /*rtol=*/0, /*atol=*/1e-12))
+        << "logits at positions <= " << t << " changed";
+    EXPECT_FALSE(torch::equal(base.logits.narrow(1, t + 1, 1), out.logits.narrow(1, t + 1, 1)));
+    for (size_t l = 0; l < base.moe.size(); ++l) {
+      auto before = base.moe[l].expert_index.view({2, 12, -1}).narrow(1, 0, t + 1);
+      auto after = out.moe[l].expert_index.view({2, 12, -1}).narrow(1, 0, t + 1);
+      EXPECT_TRUE(torch::equal(before, after)) << "routing at layer " << l << " changed";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllRouters, RouterCausality, ::testing::ValuesIn(AllRouters()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(LayerRecurrence, RoutingAtALayerDependsOnThePreviousLayersState) {
+  torch::manual_seed(8);
+  auto model = TinyModel();
+  auto init = InitScales::FromSpec(model);
+  auto cell = MakeSharedRouterCell(model);
+  auto layer0 = MakeRouter(model, init, cell);
+  auto layer1 = MakeRouter(model, init, cell);
+  auto x0 = torch::randn({1, 6, 16});
+  auto x1 = torch::randn({1, 6, 16});
+
+  RouterCarry carry_a, carry_b;
+  layer0->forward(x0, carry_a, nullptr);
+  layer0->forward(x0 + 0.5 * torch::randn_like(x0), carry_b, nullptr);
+  auto logits_a = layer1->forward(x1, carry_a, nullptr);
+  auto logits_b = layer1->forward(x1, carry_b, nullptr);
+  // Same input at layer 1, different state from layer 0: different logits.
+  EXPECT_GT((logits_a - logits_b).abs().max().item<double>(), 1e-3);
+
+  // And gradients reach layer 0's projection through the carried state.
+  auto proj0 = Param(*layer0, "proj");
+  proj0.mutable_grad() = torch::Tensor();
+  RouterCarry carry;
+  layer0->forward(x0, carry, nullptr);
+  layer1->forward(x1, carry, nullptr).sum().backward();
+  ASSERT_TRUE(proj0.grad().defined());
+  EXPECT_GT(proj0.grad().abs().sum().item<double>(), 0);
+}
+
+TEST(LayerRecurrence, DenseLayersPassTheStateThroughAndTheCellIsShared) {
+  auto spec = TinyModel();
+  spec.mutable_moe()->add_moe_layers(0);
+  spec.mutable_moe()->add_moe_layers(2);
+  Transformer model(spec);
+  int cells = 0;
+  for (const auto& item : model->named_parameters()) {
+    if (item.key().find("w_hh") != std::string::npos) ++cells;
+  }
+  EXPECT_EQ(cells, 1) << "the layer-recurrent cell must be registered once";
+  auto out = model->forward(torch::randint(37, {1, 4}));
+  EXPECT_EQ(out.moe.size(), 2u);
+}
+
+TEST(RouterLosses, LoadBalanceAndZLossMatchHandComputedValues) {
+  // Two tokens, two experts, top-1.
+  auto logits = torch::tensor({{1.0, 0.0}, {0.0, 2.0}}, torch::kDouble);
+  auto routing = RouteTopK(logits, 1, true);
+  auto routed = torch::tensor({1, 1}, torch::kLong);  // one token per expert
+  // P = mean softmax: p0 = (e/(e+1) + 1/(1+e^2)) / 2.
+  const double e = std::exp(1.0), e2 = std::exp(2.0);
+  const double p0 = (e / (e + 1) + 1 / (1 + e2)) / 2, p1 = 1 - p0;
+  const double expected_lb = 2 * (0.5 * p0 + 0.5 * p1);
+  EXPECT_NEAR(LoadBalancingLoss(routing.probs, routed, 1).item<double>(), expected_lb, 1e-12);
+  // Everything routed to expert 1: E * (0 * p0 + 1 * p1).
+  EXPECT_NEAR(LoadBalancingLoss(routing.probs, torch::tensor({0, 2}, torch::kLong), 1).item<double>(),
+              2 * p1, 1e-12);
+  const double lse0 = std::log(e + 1), lse1 = std::log(1 + e2);
+  EXPECT_NEAR(RouterZLoss(logits).item<double>(), (lse0 * lse0 + lse1 * lse1) / 2, 1e-12);
+}
+
+TEST(RouterLosses, TopKWeightsRenormaliseOnlyWhenAsked) {
+  auto logits = torch::tensor({{2.0, 1.0, 0.0}}, torch::kDouble);
+  auto probs = torch::softmax(logits, -1);
+  auto raw = RouteTopK(logits, 2, false);
+  EXPECT_TRUE(torch::allclose(raw.decision.weight, probs.narrow(1, 0, 2)));
+  auto renormalised = RouteTopK(logits, 2, true);
+  EXPECT_NEAR(renormalised.decision.weight.sum().item<double>(), 1.0, 1e-12);
+  EXPECT_EQ(renormalised.decision.expert_index[0][0].item<int64_t>(), 0);
+}
+
+TEST(Capacity, DropsBeyondCapacityFirstChoicesFirstAndCountsThem) {
+  EXPECT_EQ(ExpertCapacity(0, 100, 2, 4), 0);
+  EXPECT_EQ(ExpertCapacity(1.0, 10, 2, 4), 5);
+  EXPECT_EQ(ExpertCapacity(1.25, 10, 1, 4), 4);  // ceil(3.125)
+  // Four tokens; first choices 0,0,0,1; second choices 1,1,2,0.
+  RoutingDecision decision;
+  decision.expert_index = torch::tensor({{0, 1}, {0, 1}, {0, 2}, {1, 0}}, torch::kLong);
+  decision.weight = torch::ones({4, 2});
+  auto plan = PlanDispatch(decision, 3, /*capacity=*/2);
+  // Expert 0 is chosen by tokens 0,1,2 (first) and 3 (second): keeps tokens 0 and 1.
+  // Expert 1 is chosen by token 3 (first) and tokens 0,1 (second): keeps 3 then 0.
+  // Expert 2: token 2 (second): kept.
+  EXPECT_EQ(plan.tokens_per_expert, (std::vector<int64_t>{2, 2, 1}));
+  EXPECT_EQ(plan.dropped, 3);
+  EXPECT_TRUE(torch::equal(plan.token, torch::tensor({0, 1, 3, 0, 2}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(plan.routed_per_expert, torch::tensor({4, 3, 1}, torch::kLong)));
+}
+
+TEST(Capacity, MoELayerReportsDroppedTokens) {
+  torch::manual_seed(9);
+  auto spec = TinyModel(AllRouters()[0]);
+  spec.mutable_moe()->set_capacity_factor(0.5);
+  MoELayer layer(spec, InitScales::FromSpec(spec), RecurrentCell(nullptr));
+  RouterCarry carry;
+  auto out = layer->forward(torch::randn({2, 8, 16}), carry, nullptr);
+  // Capacity ceil(0.5 * 16 * 2 / 4) = 4 per expert: at most 16 of 32 assignments kept.
+  EXPECT_GE(out.dropped, 16);
+  EXPECT_EQ(out.assignments, 32);
+}
+
+TEST(Transformer, ParameterCountsSeparateActiveFromTotal) {
+  auto spec = TinyModel(AllRouters()[0]);
+  Transformer model(spec);
+  auto counts = model->CountParameters();
+  const int64_t per_expert = 3 * 16 * 8;
+  EXPECT_EQ(counts.expert, 3 * 4 * per_expert);
+  EXPECT_EQ(counts.total - counts.active, 3 * (4 - 2) * per_expert);
+}
+
+}  // namespace
+}  // namespace rmoe

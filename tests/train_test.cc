@@ -1,0 +1,112 @@
+// Training: the learning-rate schedule, the saved model round trip, and an end-to-end run
+// on real text (the State of the Union corpus) that must learn far more than unigram
+// statistics.
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "launcher/job_spec.h"
+#include "rmoe/data/dataset.h"
+#include "rmoe/train/model_io.h"
+#include "rmoe/train/trainer.h"
+#include "tests/test_util.h"
+
+namespace rmoe {
+namespace {
+namespace fs = std::filesystem;
+
+fs::path TempDir(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("rmoe_train_test_" + name + "_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+TEST(LearningRate, WarmsUpLinearlyThenDecaysByCosineToTheFloor) {
+  JobSpec spec;
+  spec.mutable_optimizer()->set_lr(1.0);
+  spec.mutable_schedule()->set_steps(110);
+  spec.mutable_schedule()->set_warmup_steps(10);
+  spec.mutable_schedule()->set_min_lr_ratio(0.1);
+  EXPECT_NEAR(LearningRate(spec, 0), 0.1, 1e-12);
+  EXPECT_NEAR(LearningRate(spec, 4), 0.5, 1e-12);
+  EXPECT_NEAR(LearningRate(spec, 9), 1.0, 1e-12);
+  EXPECT_NEAR(LearningRate(spec, 10), 1.0, 1e-12);
+  // Halfway through the decay the cosine is at its midpoint.
+  EXPECT_NEAR(LearningRate(spec, 10 + 99 / 2.0), 0.55, 1e-2);
+  EXPECT_NEAR(LearningRate(spec, 109), 0.1, 1e-7);  // min_lr_ratio is a float
+  for (int step = 11; step < 110; ++step) {
+    EXPECT_LE(LearningRate(spec, step), LearningRate(spec, step - 1) + 1e-12);
+  }
+}
+
+TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
+  torch::manual_seed(21);
+  auto dir = TempDir("io");
+  JobSpec spec;
+  *spec.mutable_model() = testing::TinyModel(testing::AllRouters()[3]);
+  spec.mutable_data()->set_dataset_dir((dir / "no_dataset").string());
+  Transformer model(spec.model());
+  // meta.pbtxt normally comes from the dataset; write one so the directory is complete.
+  fs::create_directories(dir / "no_dataset");
+  std::ofstream(dir / "no_dataset" / "meta.pbtxt") << "vocab_size: 37 tokenizer { kind: BYTE }";
+  ASSERT_TRUE(SaveModel((dir / "model").string(), spec, model).ok());
+  EXPECT_FALSE(fs::exists(dir / "model.tmp"));
+
+  auto loaded = LoadModel((dir / "model").string());
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(JobSpecToText(loaded->spec), JobSpecToText(spec));
+  auto tokens = torch::randint(37, {1, 9});
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(model->forward(tokens).logits, loaded->model->forward(tokens).logits));
+
+  // A spec whose shapes differ from the saved tensors is refused, naming the tensor.
+  auto other = spec.model();
+  other.set_d_model(32);
+  Transformer wrong(other);
+  auto status = LoadParameters((dir / "model" / "model.pt").string(), wrong);
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("embedding.weight"), std::string::npos) << status;
+  EXPECT_FALSE(LoadModel((dir / "missing").string()).ok());
+  fs::remove_all(dir);
+}
+
+// Prepares a byte-level dataset of the real corpus (fetched by tools/test.sh) and trains the
+// tiny config on it.
+TEST(EndToEnd, TrainingOnRealTextBeatsTheUnigramEntropy) {
+  const fs::path source(RMOE_SOURCE_DIR);
+  const fs::path corpus = source / "data" / "raw" / "sotu";
+  ASSERT_TRUE(fs::exists(corpus)) << corpus << " is missing: run tools/fetch_corpus.sh";
+  auto dir = TempDir("e2e");
+  const std::vector<std::string> overrides = {
+      "data.dataset_dir=" + (dir / "dataset").string(), "data.raw_text=" + corpus.string(),
+      "output_dir=" + (dir / "run").string(), "schedule.steps=150",
+      "schedule.eval_interval=0", "schedule.eval_batches=8", "optimizer.lr=0.01"};
+  std::string command = std::string(RMOE_TOOLS_DIR) + "/rmoe_prepare_data --job " +
+                        (source / "configs" / "tiny_test.pbtxt").string();
+  for (const auto& o : overrides) command += " --set " + o;
+  command += " > " + (dir / "prepare.log").string() + " 2>&1";
+  ASSERT_EQ(std::system(command.c_str()), 0) << "failed: " << command;
+
+  auto spec = LoadJobSpecWithOverrides((source / "configs" / "tiny_test.pbtxt").string(), overrides);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto meta = LoadDatasetMeta(spec->data().dataset_dir());
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(*spec, options);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  const double unigram = meta->unigram_entropy_nats();
+  EXPECT_GT(unigram, 2.5);  // English text in bytes: about 3 nats
+  EXPECT_LT(summary->final_val_loss, unigram - 0.5)
+      << "validation loss " << summary->final_val_loss << " vs unigram entropy " << unigram;
+  EXPECT_TRUE(fs::exists(dir / "run" / "model" / "model.pt"));
+  EXPECT_TRUE(fs::exists(dir / "run" / "metrics.jsonl"));
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace rmoe

@@ -1,1 +1,107 @@
-int main() { return 0; }
+// rmoe_generate: samples text from a model saved by rmoe_train.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "rmoe/data/subprocess_tokenizer.h"
+#include "rmoe/model/generation.h"
+#include "rmoe/train/model_io.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(Usage: rmoe_generate --model DIR [--prompt TEXT] [options]
+
+Continues a prompt with a model that rmoe_train saved (<output_dir>/model), using the KV
+cache (and the token-recurrent router's cached state).
+
+  --model DIR            the saved model directory (required)
+  --prompt TEXT          text to continue (default: start a new document)
+  --max-new-tokens N     tokens to generate (default 200; stops at model.max_seq_len)
+  --temperature T        softmax temperature; 0 = greedy (default 0.8)
+  --top-k K              sample among the K most likely tokens; 0 = all (default 0)
+  --top-p P              nucleus sampling: the smallest set with probability >= P (default 0.95)
+  --seed S               the same seed gives the same text (default 0)
+  --threads N            intra-op threads (default: all cores)
+  --help                 this text
+)";
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "rmoe_generate: %s\n", message.c_str());
+  return 1;
+}
+
+bool ParseNumber(const char* text, double* out) {
+  char* end = nullptr;
+  *out = std::strtod(text, &end);
+  return end != text && *end == '\0';
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_dir, prompt;
+  bool has_prompt = false;
+  rmoe::SamplingOptions options;
+  options.temperature = 0.8;
+  options.top_p = 0.95;
+  int threads = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (i + 1 >= argc) return Fail("unknown or incomplete argument \"" + arg + "\" (see --help)");
+    const char* value = argv[++i];
+    double number = 0;
+    const bool numeric = ParseNumber(value, &number);
+    if (arg == "--model") {
+      model_dir = value;
+    } else if (arg == "--prompt") {
+      prompt = value;
+      has_prompt = true;
+    } else if (!numeric) {
+      return Fail(arg + " needs a number, got \"" + value + "\" (see --help)");
+    } else if (arg == "--max-new-tokens" && number >= 0) {
+      options.max_new_tokens = static_cast<int>(number);
+    } else if (arg == "--temperature" && number >= 0) {
+      options.temperature = number;
+    } else if (arg == "--top-k" && number >= 0) {
+      options.top_k = static_cast<int>(number);
+    } else if (arg == "--top-p" && number > 0 && number <= 1) {
+      options.top_p = number;
+    } else if (arg == "--seed" && number >= 0) {
+      options.seed = static_cast<uint64_t>(number);
+    } else if (arg == "--threads" && number >= 0) {
+      threads = static_cast<int>(number);
+    } else {
+      return Fail("bad value " + std::string(value) + " for " + arg +
+                  " (see --help for arguments and their ranges)");
+    }
+  }
+  if (model_dir.empty()) return Fail("--model DIR is required (see --help)");
+  if (threads > 0) torch::set_num_threads(threads);
+
+  auto loaded = rmoe::LoadModel(model_dir);
+  if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
+  auto tokenizer = rmoe::OpenTokenizer(loaded->dataset_meta, model_dir);
+  if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().message()));
+
+  std::vector<int64_t> prompt_ids;
+  if (has_prompt && !prompt.empty()) {
+    auto ids = (*tokenizer)->Encode(prompt);
+    if (!ids.ok()) return Fail(std::string(ids.status().message()));
+    prompt_ids.assign(ids->begin(), ids->end());
+  } else {
+    prompt_ids.push_back((*tokenizer)->document_separator());  // the start of a document
+  }
+  auto generated = rmoe::Generate(loaded->model, prompt_ids, options);
+  if (!generated.ok()) return Fail(std::string(generated.status().message()));
+  std::vector<int32_t> output_ids(generated->begin(), generated->end());
+  auto text = (*tokenizer)->Decode(output_ids);
+  if (!text.ok()) return Fail(std::string(text.status().message()));
+  std::printf("%s%s\n", prompt.c_str(), text->c_str());
+  return 0;
+}

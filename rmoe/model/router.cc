@@ -1,0 +1,150 @@
+#include "rmoe/model/router.h"
+
+#include <cmath>
+
+namespace rmoe {
+
+torch::ScalarType RouterComputeType(torch::ScalarType dtype) {
+  return dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+namespace {
+
+int64_t GateCount(RouterSpec::Cell cell) { return cell == RouterSpec::GRU ? 3 : 1; }
+
+torch::Tensor LinearNoBias(const torch::Tensor& x, const torch::Tensor& weight) {
+  return torch::matmul(x, weight.t());
+}
+
+torch::Tensor NormalWeight(int64_t out, int64_t in, double std) {
+  return torch::randn({out, in}) * std;
+}
+
+}  // namespace
+
+RecurrentCellImpl::RecurrentCellImpl(RouterSpec::Cell cell, int64_t input_dim,
+                                     int64_t hidden_dim)
+    : cell_(cell), hidden_dim_(hidden_dim) {
+  // PyTorch's RNN initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.
+  const double bound = 1.0 / std::sqrt(static_cast<double>(hidden_dim));
+  const int64_t gates = GateCount(cell) * hidden_dim;
+  auto uniform = [bound](std::vector<int64_t> shape) {
+    return torch::empty(shape).uniform_(-bound, bound);
+  };
+  w_ih_ = register_parameter("w_ih", uniform({gates, input_dim}));
+  b_ih_ = register_parameter("b_ih", uniform({gates}));
+  w_hh_ = register_parameter("w_hh", uniform({gates, hidden_dim}));
+  b_hh_ = register_parameter("b_hh", uniform({gates}));
+}
+
+torch::Tensor RecurrentCellImpl::ProjectInput(const torch::Tensor& input) const {
+  return LinearNoBias(input, w_ih_) + b_ih_;
+}
+
+torch::Tensor RecurrentCellImpl::Step(const torch::Tensor& input_gates,
+                                      const torch::Tensor& h) const {
+  auto state = h.defined() ? h
+                          : torch::zeros({input_gates.size(0), hidden_dim_}, input_gates.options());
+  auto hidden_gates = LinearNoBias(state, w_hh_) + b_hh_;
+  if (cell_ == RouterSpec::RNN) return torch::tanh(input_gates + hidden_gates);
+  // PyTorch's GRU gate order: reset, update, new.
+  auto gi = input_gates.chunk(3, -1);
+  auto gh = hidden_gates.chunk(3, -1);
+  auto reset = torch::sigmoid(gi[0] + gh[0]);
+  auto update = torch::sigmoid(gi[1] + gh[1]);
+  auto candidate = torch::tanh(gi[2] + reset * gh[2]);
+  return (1 - update) * candidate + update * state;
+}
+
+namespace {
+
+class LinearRouter : public Router {
+ public:
+  LinearRouter(const ModelSpec& model, const InitScales& init) {
+    gate_ = register_parameter(
+        "gate", NormalWeight(model.moe().num_experts(), model.d_model(), init.std));
+  }
+  torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor*) override {
+    auto flat = x.reshape({-1, x.size(-1)}).to(RouterComputeType(x.scalar_type()));
+    return LinearNoBias(flat, gate_);
+  }
+
+ private:
+  torch::Tensor gate_;
+};
+
+class LayerRecurrentRouter : public Router {
+ public:
+  LayerRecurrentRouter(const ModelSpec& model, const InitScales& init, RecurrentCell cell)
+      : cell_(std::move(cell)) {
+    const int64_t hidden = model.router().hidden_dim();
+    proj_ = register_parameter("proj", NormalWeight(hidden, model.d_model(), init.std));
+    gate_ = register_parameter("gate",
+                               NormalWeight(model.moe().num_experts(), hidden, init.std));
+  }
+  torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor*) override {
+    auto flat = x.reshape({-1, x.size(-1)}).to(RouterComputeType(x.scalar_type()));
+    auto input_gates = cell_->ProjectInput(LinearNoBias(flat, proj_));
+    carry.layer_state = cell_->Step(input_gates, carry.layer_state);
+    return LinearNoBias(carry.layer_state, gate_);
+  }
+
+ private:
+  RecurrentCell cell_;  // owned (registered) by the model, shared by every MoE layer
+  torch::Tensor proj_, gate_;
+};
+
+class TokenRecurrentRouter : public Router {
+ public:
+  TokenRecurrentRouter(const ModelSpec& model, const InitScales& init) {
+    const int64_t hidden = model.router().hidden_dim();
+    proj_ = register_parameter("proj", NormalWeight(hidden, model.d_model(), init.std));
+    cell_ = register_module("cell", RecurrentCell(model.router().cell(), hidden, hidden));
+    gate_ = register_parameter("gate",
+                               NormalWeight(model.moe().num_experts(), hidden, init.std));
+  }
+  torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor* token_state) override {
+    const int64_t batch = x.size(0), steps = x.size(1);
+    auto input = x.to(RouterComputeType(x.scalar_type()));
+    // Everything that does not depend on h is batched over all tokens up front.
+    auto input_gates = cell_->ProjectInput(LinearNoBias(input, proj_));  // [B, T, G*H]
+    torch::Tensor h = token_state ? *token_state : torch::Tensor();
+    std::vector<torch::Tensor> states;
+    states.reserve(steps);
+    for (int64_t t = 0; t < steps; ++t) {
+      h = cell_->Step(input_gates.select(1, t), h);
+      states.push_back(h);
+    }
+    if (token_state) *token_state = h;
+    auto all_states = torch::stack(states, 1).reshape({batch * steps, -1});
+    return LinearNoBias(all_states, gate_);
+  }
+
+ private:
+  torch::Tensor proj_, gate_;
+  RecurrentCell cell_{nullptr};
+};
+
+}  // namespace
+
+RecurrentCell MakeSharedRouterCell(const ModelSpec& model) {
+  const auto& router = model.router();
+  if (router.kind() != RouterSpec::RECURRENT || router.recurrence() != RouterSpec::LAYER) {
+    return RecurrentCell(nullptr);
+  }
+  return RecurrentCell(router.cell(), router.hidden_dim(), router.hidden_dim());
+}
+
+std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& init,
+                                   RecurrentCell shared_cell) {
+  if (model.router().kind() == RouterSpec::LINEAR) {
+    return std::make_shared<LinearRouter>(model, init);
+  }
+  if (model.router().recurrence() == RouterSpec::LAYER) {
+    TORCH_CHECK(!shared_cell.is_empty(), "layer-recurrent router needs the model's shared cell");
+    return std::make_shared<LayerRecurrentRouter>(model, init, std::move(shared_cell));
+  }
+  return std::make_shared<TokenRecurrentRouter>(model, init);
+}
+
+}  // namespace rmoe

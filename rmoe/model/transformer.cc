@@ -1,0 +1,107 @@
+#include "rmoe/model/transformer.h"
+
+#include <algorithm>
+#include <string>
+
+namespace rmoe {
+
+bool IsMoELayer(const ModelSpec& model, int layer) {
+  const auto& layers = model.moe().moe_layers();
+  return layers.empty() || std::find(layers.begin(), layers.end(), layer) != layers.end();
+}
+
+BlockImpl::BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe,
+                     RecurrentCell shared_router_cell) {
+  attn_norm_ = register_module("attn_norm", RMSNorm(model.d_model(), model.norm_eps()));
+  attn_ = register_module("attn", CausalSelfAttention(model, init));
+  ffn_norm_ = register_module("ffn_norm", RMSNorm(model.d_model(), model.norm_eps()));
+  if (is_moe) {
+    moe_ = register_module("moe", MoELayer(model, init, std::move(shared_router_cell)));
+  } else {
+    const int64_t hidden = model.dense_hidden_dim() > 0 ? model.dense_hidden_dim()
+                                                        : model.moe().expert_hidden_dim();
+    ffn_ = register_module("ffn", SwiGLU(model.d_model(), hidden, init));
+  }
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, RouterCarry& carry, KVCache* kv_cache,
+                                 torch::Tensor* router_state,
+                                 std::vector<MoEOutput>* moe_outputs) {
+  auto h = x + attn_(attn_norm_(x), kv_cache);
+  auto normed = ffn_norm_(h);
+  if (moe_.is_empty()) return h + ffn_(normed);
+  auto moe_out = moe_(normed, carry, router_state);
+  h = h + moe_out.y;
+  moe_outputs->push_back(std::move(moe_out));
+  return h;
+}
+
+TransformerImpl::TransformerImpl(const ModelSpec& model) : spec_(model) {
+  TORCH_CHECK(model.vocab_size() > 0, "model.vocab_size must be resolved before building");
+  const auto init = InitScales::FromSpec(model);
+  embedding_ = register_module("embedding",
+                               torch::nn::Embedding(model.vocab_size(), model.d_model()));
+  {
+    torch::NoGradGuard no_grad;
+    embedding_->weight.normal_(0.0, init.std);
+  }
+  router_cell_ = MakeSharedRouterCell(model);
+  if (!router_cell_.is_empty()) register_module("router_cell", router_cell_);
+  // A ModuleList names the parameters "layers.<i>.<...>", as checkpoints expect.
+  auto layers = register_module("layers", torch::nn::ModuleList());
+  for (int layer = 0; layer < model.num_layers(); ++layer) {
+    blocks_.emplace_back(model, init, IsMoELayer(model, layer), router_cell_);
+    layers->push_back(blocks_.back());
+  }
+  final_norm_ = register_module("final_norm", RMSNorm(model.d_model(), model.norm_eps()));
+  if (!model.tie_embeddings()) {
+    lm_head_ = register_module(
+        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(model.d_model(), model.vocab_size()).bias(false)));
+    torch::NoGradGuard no_grad;
+    lm_head_->weight.normal_(0.0, init.std);
+  }
+}
+
+DecodeCache TransformerImpl::NewCache() const {
+  DecodeCache cache;
+  cache.attention.resize(blocks_.size());
+  cache.router_state.resize(blocks_.size());
+  return cache;
+}
+
+ModelOutput TransformerImpl::forward(const torch::Tensor& tokens, DecodeCache* cache) {
+  TORCH_CHECK(tokens.dim() == 2, "tokens must be [batch, time], got ", tokens.sizes());
+  auto x = embedding_(tokens);
+  RouterCarry carry;
+  ModelOutput out;
+  for (size_t layer = 0; layer < blocks_.size(); ++layer) {
+    x = blocks_[layer]->forward(x, carry, cache ? &cache->attention[layer] : nullptr,
+                                cache ? &cache->router_state[layer] : nullptr, &out.moe);
+  }
+  x = final_norm_(x);
+  const auto& head_weight = lm_head_.is_empty() ? embedding_->weight : lm_head_->weight;
+  // Logits and the loss stay in fp32 even when activations are lower precision.
+  auto logits_type = RouterComputeType(x.scalar_type());
+  out.logits = torch::matmul(x, head_weight.t()).to(logits_type);
+
+  out.router_loss = torch::zeros({}, x.options().dtype(logits_type));
+  for (const auto& moe : out.moe) {
+    out.router_loss = out.router_loss + spec_.moe().aux_loss_coef() * moe.load_balance +
+                      spec_.moe().z_loss_coef() * moe.z_loss;
+  }
+  return out;
+}
+
+ParameterCounts TransformerImpl::CountParameters() const {
+  ParameterCounts counts;
+  for (const auto& p : parameters()) counts.total += p.numel();
+  const int64_t moe_layers = std::count_if(blocks_.begin(), blocks_.end(),
+                                           [](const Block& block) { return block->is_moe(); });
+  const int64_t per_expert = 3LL * spec_.d_model() * spec_.moe().expert_hidden_dim();
+  const int64_t experts = spec_.moe().num_experts(), top_k = spec_.moe().top_k();
+  counts.expert = moe_layers * experts * per_expert;
+  counts.active = counts.total - moe_layers * (experts - top_k) * per_expert;
+  return counts;
+}
+
+}  // namespace rmoe

@@ -1,0 +1,258 @@
+#include "rmoe/train/trainer.h"
+
+#include <sched.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <optional>
+#include <thread>
+
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+
+#include "launcher/job_spec.h"
+#include "rmoe/data/dataset.h"
+#include "rmoe/train/model_io.h"
+#include "rmoe/train/progress.h"
+
+namespace rmoe {
+namespace fs = std::filesystem;
+
+double LearningRate(const JobSpec& spec, int step) {
+  const double peak = spec.optimizer().lr();
+  const int warmup = spec.schedule().warmup_steps();
+  const int total = spec.schedule().steps();
+  if (step < warmup) return peak * (step + 1) / warmup;
+  const double floor = peak * spec.schedule().min_lr_ratio();
+  const int decay_steps = std::max(total - 1 - warmup, 1);
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / decay_steps);
+  return floor + 0.5 * (peak - floor) * (1.0 + std::cos(M_PI * progress));
+}
+
+int ChooseThreadCount(const JobSpec& spec) {
+  if (spec.runtime().num_threads() > 0) return spec.runtime().num_threads();
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+namespace {
+
+// Decoupled weight decay only for matrices: decaying norms' gains toward zero hurts.
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  const auto& opt = spec.optimizer();
+  auto options = [&](double weight_decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(opt.lr())
+            .betas({opt.beta1(), opt.beta2()})
+            .eps(opt.eps())
+            .weight_decay(weight_decay));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, options(opt.weight_decay()));
+  groups.emplace_back(no_decay, options(0.0));
+  return std::make_unique<torch::optim::AdamW>(std::move(groups),
+                                               torch::optim::AdamWOptions(opt.lr()));
+}
+
+void SetLearningRate(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+}
+
+// [B, T+1] tokens -> (inputs [B, T], targets [B, T]).
+std::pair<torch::Tensor, torch::Tensor> SplitInputsTargets(const torch::Tensor& window) {
+  const int64_t t = window.size(1) - 1;
+  return {window.narrow(1, 0, t), window.narrow(1, 1, t)};
+}
+
+torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets) {
+  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}),
+                                              targets.reshape({-1}));
+}
+
+std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
+  std::string json = "[";
+  size_t moe_index = 0;
+  for (int layer = 0; layer < model.num_layers(); ++layer) {
+    if (!IsMoELayer(model, layer)) continue;
+    const auto& moe = output.moe[moe_index++];
+    auto routed = moe.routed_per_expert.to(torch::kCPU);
+    JsonObject record;
+    record.Add("layer", static_cast<int64_t>(layer))
+        .Add("tokens_per_expert",
+             std::vector<int64_t>(routed.data_ptr<int64_t>(), routed.data_ptr<int64_t>() + routed.numel()))
+        .Add("dropped", moe.dropped)
+        .Add("assignments", moe.assignments)
+        .Add("router_entropy", moe.router_entropy.item<double>())
+        .Add("load_balance_loss", moe.load_balance.item<double>())
+        .Add("z_loss", moe.z_loss.item<double>());
+    if (json.size() > 1) json += ",";
+    json += record.str();
+  }
+  return json + "]";
+}
+
+}  // namespace
+
+double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
+                int seq_len, int batches) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  auto window = torch::empty({micro_batch_size, seq_len + 1}, torch::kLong);
+  double total = 0;
+  for (int b = 0; b < batches; ++b) {
+    sampler.FillBatch(b * micro_batch_size, micro_batch_size, window.data_ptr<int64_t>());
+    auto [inputs, targets] = SplitInputsTargets(window);
+    total += LanguageModelLoss(model->forward(inputs).logits, targets).item<double>();
+  }
+  model->train();
+  return total / batches;
+}
+
+absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& options) {
+  const auto wall_start = std::chrono::steady_clock::now();
+  JobSpec spec = job;
+  auto dataset = Dataset::Open(spec.data().dataset_dir());
+  if (!dataset.ok()) return dataset.status();
+  auto vocab = ResolveVocabSize(spec);
+  if (!vocab.ok()) return vocab.status();
+  spec.mutable_model()->set_vocab_size(*vocab);
+
+  TrainSummary summary;
+  summary.threads = ChooseThreadCount(spec);
+  torch::set_num_threads(summary.threads);
+  torch::manual_seed(spec.seed());
+
+  const fs::path output_dir(spec.output_dir());
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create output_dir ", output_dir.string(), ": ", ec.message()));
+  const std::string metrics_path = spec.logging().has_metrics_file()
+                                       ? spec.logging().metrics_file()
+                                       : (output_dir / "metrics.jsonl").string();
+  auto metrics = MetricsWriter::Open(metrics_path);
+  if (!metrics.ok()) return metrics.status();
+
+  Transformer model(spec.model());
+  model->train();
+  summary.parameters = model->CountParameters();
+  auto optimizer = MakeOptimizer(spec, model);
+
+  const auto& schedule = spec.schedule();
+  const int batch = schedule.micro_batch_size(), seq_len = schedule.seq_len();
+  const int accum = schedule.grad_accum_steps();
+  TrainSampler train_sampler(dataset->train(), seq_len, spec.seed());
+  EvalSampler eval_sampler(dataset->val(), seq_len);
+  auto window = torch::empty({batch, seq_len + 1}, torch::kLong);
+
+  const bool interactive = isatty(fileno(stderr));
+  std::optional<ProgressBar> progress;
+  if (!options.quiet && (interactive || options.progress_to_non_terminal)) {
+    progress.emplace(schedule.steps(), interactive);
+    const auto& p = summary.parameters;
+    progress->Print(absl::StrFormat(
+        "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d threads, "
+        "%d tokens/step; train %d tokens, val %d tokens",
+        spec.name(), p.total / 1e6, p.active / 1e6, p.expert / 1e6, summary.threads,
+        batch * seq_len * accum, dataset->train().size(), dataset->val().size()));
+  }
+
+  double last_val = NAN, best_val = INFINITY, train_seconds = 0;
+  int64_t tokens_since_log = 0;
+  double seconds_since_log = 0, tokens_per_second = 0;
+  const int64_t tokens_per_step = static_cast<int64_t>(batch) * seq_len * accum;
+  for (int step = 0; step < schedule.steps(); ++step) {
+    const auto step_start = std::chrono::steady_clock::now();
+    const double lr = LearningRate(spec, step);
+    SetLearningRate(*optimizer, lr);
+    optimizer->zero_grad();
+    double step_loss = 0, step_router_loss = 0;
+    ModelOutput output;
+    for (int micro = 0; micro < accum; ++micro) {
+      const uint64_t first_sample = (static_cast<uint64_t>(step) * accum + micro) * batch;
+      train_sampler.FillBatch(first_sample, batch, window.data_ptr<int64_t>());
+      auto [inputs, targets] = SplitInputsTargets(window);
+      output = model->forward(inputs);
+      auto lm_loss = LanguageModelLoss(output.logits, targets);
+      const double lm_value = lm_loss.item<double>();
+      if (!std::isfinite(lm_value)) {
+        return absl::InternalError(absl::StrFormat(
+            "the training loss became %f at step %d (micro-batch %d, lr %.3g): training "
+            "diverged; lower optimizer.lr, raise schedule.warmup_steps or keep "
+            "optimizer.grad_clip on",
+            lm_value, step, micro, lr));
+      }
+      ((lm_loss + output.router_loss) / accum).backward();
+      step_loss += lm_value / accum;
+      step_router_loss += output.router_loss.item<double>() / accum;
+    }
+    const double clip = spec.optimizer().grad_clip();
+    const double grad_norm = torch::nn::utils::clip_grad_norm_(
+        model->parameters(), clip > 0 ? clip : std::numeric_limits<double>::infinity());
+    optimizer->step();
+
+    const double step_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    train_seconds += step_seconds;
+    tokens_since_log += tokens_per_step;
+    seconds_since_log += step_seconds;
+    const int done = step + 1;
+    const bool last = done == schedule.steps();
+    const bool log_step = done % spec.logging().interval() == 0 || last;
+    if (log_step) {
+      tokens_per_second = tokens_since_log / seconds_since_log;
+      tokens_since_log = 0;
+      seconds_since_log = 0;
+      JsonObject record;
+      record.Add("type", std::string("train"))
+          .Add("step", static_cast<int64_t>(done))
+          .Add("lr", lr)
+          .Add("loss", step_loss)
+          .Add("router_loss", step_router_loss)
+          .Add("grad_norm", grad_norm)
+          .Add("tokens_per_s", tokens_per_second)
+          .Add("tokens", static_cast<int64_t>(done) * tokens_per_step)
+          .Add("elapsed_s", train_seconds)
+          .AddRaw("moe", MoEMetricsJson(output, spec.model()));
+      metrics->Write(record);
+    }
+    const int eval_interval = schedule.eval_interval();
+    if (last || (eval_interval > 0 && done % eval_interval == 0)) {
+      last_val = Evaluate(model, eval_sampler, batch, seq_len, schedule.eval_batches());
+      best_val = std::min(best_val, last_val);
+      metrics->Write(JsonObject()
+                         .Add("type", std::string("eval"))
+                         .Add("step", static_cast<int64_t>(done))
+                         .Add("val_loss", last_val)
+                         .Add("val_ppl", std::exp(last_val)));
+      if (progress) {
+        progress->Print(absl::StrFormat("step %d: val loss %.4f (ppl %.2f)", done, last_val,
+                                        std::exp(last_val)));
+      }
+    }
+    // A terminal gets a live bar; a log file gets one line per logging step.
+    if (progress && (interactive || log_step)) {
+      progress->Update(done, step_loss, last_val, tokens_per_second);
+    }
+    summary.final_train_loss = step_loss;
+  }
+  if (progress) progress->Finish();
+
+  summary.steps = schedule.steps();
+  summary.final_val_loss = last_val;
+  summary.best_val_loss = best_val;
+  summary.tokens_per_second = tokens_per_step * schedule.steps() / train_seconds;
+  summary.model_dir = (output_dir / "model").string();
+  if (auto status = SaveModel(summary.model_dir, spec, model); !status.ok()) return status;
+  summary.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  return summary;
+}
+
+}  // namespace rmoe

@@ -1,0 +1,106 @@
+#include "rmoe/model/layers.h"
+
+#include <cmath>
+
+namespace rmoe {
+
+InitScales InitScales::FromSpec(const ModelSpec& model) {
+  InitScales scales;
+  scales.std = model.init_std();
+  scales.residual_std = model.init_std() / std::sqrt(2.0 * model.num_layers());
+  return scales;
+}
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight_ = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto inv_rms = torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps_);
+  return x * inv_rms * weight_;
+}
+
+namespace {
+torch::nn::Linear MakeLinear(int64_t in, int64_t out, double std) {
+  torch::nn::Linear linear(torch::nn::LinearOptions(in, out).bias(false));
+  torch::NoGradGuard no_grad;
+  linear->weight.normal_(0.0, std);
+  return linear;
+}
+}  // namespace
+
+SwiGLUImpl::SwiGLUImpl(int64_t d_model, int64_t hidden_dim, const InitScales& init) {
+  w1 = register_module("w1", MakeLinear(d_model, hidden_dim, init.std));
+  w3 = register_module("w3", MakeLinear(d_model, hidden_dim, init.std));
+  w2 = register_module("w2", MakeLinear(hidden_dim, d_model, init.residual_std));
+}
+
+torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) {
+  return w2(torch::silu(w1(x)) * w3(x));
+}
+
+CausalSelfAttentionImpl::CausalSelfAttentionImpl(const ModelSpec& model,
+                                                 const InitScales& init)
+    : num_heads_(model.num_heads()), head_dim_(model.d_model() / model.num_heads()) {
+  qkv_ = register_module("qkv", MakeLinear(model.d_model(), 3 * model.d_model(), init.std));
+  out_ = register_module("out", MakeLinear(model.d_model(), model.d_model(), init.residual_std));
+
+  // Rotary tables are derived from the spec, so they are buffers that are not saved.
+  auto inv_freq = torch::pow(
+      static_cast<double>(model.rope_theta()),
+      -torch::arange(0, head_dim_, 2, torch::kDouble) / static_cast<double>(head_dim_));
+  auto positions = torch::arange(model.max_seq_len(), torch::kDouble);
+  auto angles = torch::outer(positions, inv_freq);
+  rope_cos_ = register_buffer("rope_cos", angles.cos().to(torch::kFloat));
+  rope_sin_ = register_buffer("rope_sin", angles.sin().to(torch::kFloat));
+}
+
+torch::Tensor CausalSelfAttentionImpl::ApplyRotary(const torch::Tensor& x,
+                                                   int64_t start) const {
+  // x: [B, H, T, hd]; rotate each (even, odd) pair of channels by its position's angle.
+  const int64_t t = x.size(2);
+  TORCH_CHECK(start + t <= rope_cos_.size(0), "sequence of ", start + t,
+              " positions exceeds model.max_seq_len = ", rope_cos_.size(0));
+  auto cos = rope_cos_.narrow(0, start, t).to(x.scalar_type());
+  auto sin = rope_sin_.narrow(0, start, t).to(x.scalar_type());
+  auto pairs = x.unflatten(-1, {head_dim_ / 2, 2});
+  auto even = pairs.select(-1, 0);
+  auto odd = pairs.select(-1, 1);
+  return torch::stack({even * cos - odd * sin, even * sin + odd * cos}, -1).flatten(-2);
+}
+
+torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, KVCache* cache) {
+  const int64_t batch = x.size(0), t = x.size(1), d_model = x.size(2);
+  const int64_t past = cache ? cache->length() : 0;
+  auto qkv = qkv_(x).view({batch, t, 3, num_heads_, head_dim_}).permute({2, 0, 3, 1, 4});
+  auto q = ApplyRotary(qkv[0], past);
+  auto k = ApplyRotary(qkv[1], past);
+  auto v = qkv[2];
+  if (cache) {
+    if (past > 0) {
+      k = torch::cat({cache->k, k}, 2);
+      v = torch::cat({cache->v, v}, 2);
+    }
+    cache->k = k;
+    cache->v = v;
+  }
+  const int64_t keys = k.size(2);
+  torch::Tensor attended;
+#if defined(TORCH_VERSION_MAJOR) && TORCH_VERSION_MAJOR >= 2
+  if (past == 0) {
+    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  }
+#endif
+  if (!attended.defined()) {
+    // Query i sits at absolute position past + i and may see keys 0..past + i.
+    auto query_pos = torch::arange(past, past + t, x.options().dtype(torch::kLong)).unsqueeze(1);
+    auto key_pos = torch::arange(keys, x.options().dtype(torch::kLong)).unsqueeze(0);
+    auto future = key_pos > query_pos;
+    auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim_));
+    scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+    attended = torch::matmul(torch::softmax(scores, -1), v);
+  }
+  return out_(attended.transpose(1, 2).reshape({batch, t, d_model}));
+}
+
+}  // namespace rmoe

@@ -1,0 +1,64 @@
+// The dense building blocks of the decoder: RMSNorm, the SwiGLU feed-forward network and
+// causal multi-head attention with rotary position embeddings and a KV cache.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "proto/job.pb.h"
+
+namespace rmoe {
+
+// Every weight matrix is initialised N(0, std); the projections that write into the
+// residual stream use std / sqrt(2 * num_layers) so the residual variance stays O(1).
+struct InitScales {
+  double std = 0.02;
+  double residual_std = 0.02;
+  static InitScales FromSpec(const ModelSpec& model);
+};
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);
+
+ private:
+  double eps_;
+  torch::Tensor weight_;
+};
+TORCH_MODULE(RMSNorm);
+
+// W2 (silu(W1 x) * W3 x), no biases: the dense FFN, the shared expert, and the reference
+// that a one-expert MoE layer must reproduce.
+class SwiGLUImpl : public torch::nn::Module {
+ public:
+  SwiGLUImpl(int64_t d_model, int64_t hidden_dim, const InitScales& init);
+  torch::Tensor forward(const torch::Tensor& x);
+
+  torch::nn::Linear w1{nullptr}, w3{nullptr}, w2{nullptr};
+};
+TORCH_MODULE(SwiGLU);
+
+// Keys and values of the positions decoded so far, for one attention layer.
+struct KVCache {
+  torch::Tensor k;  // [B, heads, S, head_dim]
+  torch::Tensor v;
+  int64_t length() const { return k.defined() ? k.size(2) : 0; }
+};
+
+class CausalSelfAttentionImpl : public torch::nn::Module {
+ public:
+  CausalSelfAttentionImpl(const ModelSpec& model, const InitScales& init);
+  // x: [B, T, D] at positions [cache.length(), cache.length() + T). With a cache, the new
+  // keys/values are appended to it.
+  torch::Tensor forward(const torch::Tensor& x, KVCache* cache = nullptr);
+
+ private:
+  torch::Tensor ApplyRotary(const torch::Tensor& x, int64_t start) const;
+
+  int64_t num_heads_, head_dim_;
+  torch::nn::Linear qkv_{nullptr}, out_{nullptr};
+  torch::Tensor rope_cos_, rope_sin_;  // [max_seq_len, head_dim / 2]
+};
+TORCH_MODULE(CausalSelfAttention);
+
+}  // namespace rmoe

@@ -1,0 +1,68 @@
+// Routers: map each token's hidden state to logits over the experts of one MoE layer.
+//
+//   LINEAR            logits = W_g x                                  (SMoE baseline)
+//   RECURRENT/LAYER   h^l = Cell(W_proj^l x, h^{l-1}); logits = W_g^l h^l
+//                     one cell shared by all MoE layers, h carried per token from layer to
+//                     layer (RMoE, arXiv 2408.06793); gradients flow through the carry.
+//   RECURRENT/TOKEN   h_t = Cell(W_proj x_t, h_{t-1}) scanned along the sequence inside a
+//                     layer (the seed prototype); the last h is carried across decoding steps.
+//
+// Router math runs in fp32 whatever the model's dtype (fp64 when the model is fp64, so
+// gradients can be checked against finite differences).
+#pragma once
+
+#include <memory>
+
+#include <torch/torch.h>
+
+#include "proto/job.pb.h"
+#include "rmoe/model/layers.h"
+
+namespace rmoe {
+
+// The dtype router math uses for activations of type `dtype`.
+torch::ScalarType RouterComputeType(torch::ScalarType dtype);
+
+// State that flows between routers during one forward pass.
+struct RouterCarry {
+  // Layer recurrence: [B*T, H], the state left by the previous MoE layer; undefined before
+  // the first MoE layer (= zeros).
+  torch::Tensor layer_state;
+};
+
+// A GRU or Elman RNN cell, split so that the input half is one batched product over all
+// tokens and only the recurrent half runs inside a sequential scan.
+class RecurrentCellImpl : public torch::nn::Module {
+ public:
+  RecurrentCellImpl(RouterSpec::Cell cell, int64_t input_dim, int64_t hidden_dim);
+  // [*, input_dim] -> [*, gates * hidden_dim]: W_ih r + b_ih.
+  torch::Tensor ProjectInput(const torch::Tensor& input) const;
+  // One step from projected input gates; `h` undefined means zeros.
+  torch::Tensor Step(const torch::Tensor& input_gates, const torch::Tensor& h) const;
+  int64_t hidden_dim() const { return hidden_dim_; }
+
+ private:
+  RouterSpec::Cell cell_;
+  int64_t hidden_dim_;
+  torch::Tensor w_ih_, b_ih_, w_hh_, b_hh_;
+};
+TORCH_MODULE(RecurrentCell);
+
+class Router : public torch::nn::Module {
+ public:
+  // x: [B, T, D]. Returns logits [B*T, E] in RouterComputeType(x). `token_state`, when
+  // given, is the token-recurrent router's [B, H] state from earlier decoding steps,
+  // replaced by the state after this call's last position (ignored by other routers).
+  virtual torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry,
+                                torch::Tensor* token_state) = 0;
+};
+
+// Builds the router of one MoE layer. `shared_cell` is the layer-recurrent cell owned by
+// the model (registered there once, so its parameters are not duplicated per layer).
+std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& init,
+                                   RecurrentCell shared_cell);
+
+// The cell the model owns for layer recurrence, or an empty holder for other routers.
+RecurrentCell MakeSharedRouterCell(const ModelSpec& model);
+
+}  // namespace rmoe

@@ -1,0 +1,82 @@
+// The decoder-only RMoE language model:
+//   embedding -> N x [x += Attn(RMSNorm(x)); x += FFN-or-MoE(RMSNorm(x))] -> RMSNorm -> LM head
+// The layer-recurrent router's state flows through the MoE layers in order; dense layers
+// pass it through unchanged.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "proto/job.pb.h"
+#include "rmoe/model/layers.h"
+#include "rmoe/model/moe_layer.h"
+
+namespace rmoe {
+
+// Everything generation carries from one decoding step to the next.
+struct DecodeCache {
+  std::vector<KVCache> attention;            // per layer
+  std::vector<torch::Tensor> router_state;   // per layer: token-recurrent router state [B, H]
+  int64_t length() const { return attention.empty() ? 0 : attention.front().length(); }
+};
+
+struct ModelOutput {
+  torch::Tensor logits;  // [B, T, V], fp32 (fp64 for a double model)
+  // aux_loss_coef * sum of load-balancing losses + z_loss_coef * sum of z-losses over the
+  // MoE layers: add it to the language-model loss.
+  torch::Tensor router_loss;
+  std::vector<MoEOutput> moe;  // one per MoE layer, in layer order
+};
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe,
+            RecurrentCell shared_router_cell);
+  // Appends this block's MoE output (if it is an MoE block) to `moe_outputs`.
+  torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, KVCache* kv_cache,
+                        torch::Tensor* router_state, std::vector<MoEOutput>* moe_outputs);
+  bool is_moe() const { return !moe_.is_empty(); }
+  MoELayer& moe() { return moe_; }
+
+ private:
+  RMSNorm attn_norm_{nullptr}, ffn_norm_{nullptr};
+  CausalSelfAttention attn_{nullptr};
+  SwiGLU ffn_{nullptr};
+  MoELayer moe_{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct ParameterCounts {
+  int64_t total = 0;
+  int64_t active = 0;  // per token: excludes the (E - k) experts a token does not use
+  int64_t expert = 0;  // all routed-expert parameters
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  // `model.vocab_size()` must already be resolved (> 0).
+  explicit TransformerImpl(const ModelSpec& model);
+  // tokens: [B, T] int64. With a cache, T new tokens are appended to the cached prefix.
+  ModelOutput forward(const torch::Tensor& tokens, DecodeCache* cache = nullptr);
+
+  DecodeCache NewCache() const;
+  ParameterCounts CountParameters() const;
+  const ModelSpec& spec() const { return spec_; }
+  std::vector<Block>& blocks() { return blocks_; }
+
+ private:
+  ModelSpec spec_;
+  torch::nn::Embedding embedding_{nullptr};
+  RecurrentCell router_cell_{nullptr};  // layer recurrence only: shared by every MoE layer
+  std::vector<Block> blocks_;
+  RMSNorm final_norm_{nullptr};
+  torch::nn::Linear lm_head_{nullptr};  // absent when tied to the embedding
+};
+TORCH_MODULE(Transformer);
+
+// True if layer `layer` is an MoE layer under this spec (empty moe_layers = all).
+bool IsMoELayer(const ModelSpec& model, int layer);
+
+}  // namespace rmoe

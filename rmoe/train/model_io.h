@@ -1,0 +1,36 @@
+// A trained model on disk: a directory that holds everything generation needs, so it does
+// not depend on the dataset directory it was trained from.
+//   job.pbtxt        the job spec, model.vocab_size resolved
+//   model.pt         the parameters by name (torch archive)
+//   meta.pbtxt       the dataset's metadata (tokenizer kind, separator token)
+//   tokenizer.model  the SentencePiece model (BPE only)
+#pragma once
+
+#include <string>
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+
+#include "proto/dataset.pb.h"
+#include "proto/job.pb.h"
+#include "rmoe/model/transformer.h"
+
+namespace rmoe {
+
+// Writes into a temporary sibling directory and renames it into place, so `dir` is always
+// either the previous complete model or the new complete model.
+absl::Status SaveModel(const std::string& dir, const JobSpec& spec, Transformer& model);
+
+struct LoadedModel {
+  JobSpec spec;
+  DatasetMeta dataset_meta;
+  Transformer model{nullptr};
+};
+
+// Errors name the file and, for a tensor that does not fit the spec, its name and shapes.
+absl::StatusOr<LoadedModel> LoadModel(const std::string& dir);
+
+// Parameters by name, read from a model.pt written by SaveModel into `model`.
+absl::Status LoadParameters(const std::string& path, Transformer& model);
+
+}  // namespace rmoe

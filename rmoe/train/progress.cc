@@ -1,0 +1,123 @@
+#include "rmoe/train/progress.h"
+
+#include <cmath>
+
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
+
+namespace rmoe {
+
+namespace {
+std::string JsonNumber(double value) {
+  // JSON has no NaN or infinity; null keeps the file parseable.
+  return std::isfinite(value) ? absl::StrFormat("%.6g", value) : "null";
+}
+std::string JsonString(const std::string& value) {
+  std::string out = "\"";
+  for (char c : value) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      out += absl::StrFormat("\\u%04x", c);
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+}  // namespace
+
+void JsonObject::Key(const std::string& key) {
+  if (!body_.empty()) body_ += ",";
+  body_ += JsonString(key) + ":";
+}
+JsonObject& JsonObject::Add(const std::string& key, double value) {
+  Key(key);
+  body_ += JsonNumber(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, int64_t value) {
+  Key(key);
+  body_ += absl::StrCat(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::string& value) {
+  Key(key);
+  body_ += JsonString(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<int64_t>& values) {
+  Key(key);
+  body_ += "[" + absl::StrJoin(values, ",") + "]";
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<double>& values) {
+  Key(key);
+  body_ += "[" + absl::StrJoin(values, ",", [](std::string* out, double v) { out->append(JsonNumber(v)); }) + "]";
+  return *this;
+}
+JsonObject& JsonObject::AddRaw(const std::string& key, const std::string& json) {
+  Key(key);
+  body_ += json;
+  return *this;
+}
+
+absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path) {
+  MetricsWriter writer;
+  writer.out_.open(path, std::ios::out | std::ios::trunc);
+  if (!writer.out_) return absl::InternalError(absl::StrCat("cannot open metrics file ", path));
+  return writer;
+}
+
+void MetricsWriter::Write(const JsonObject& record) {
+  out_ << record.str() << '\n';
+  out_.flush();
+}
+
+std::string FormatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  if (s >= 3600) return absl::StrFormat("%dh%02dm", s / 3600, (s / 60) % 60);
+  if (s >= 60) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  return absl::StrFormat("%ds", s);
+}
+
+ProgressBar::ProgressBar(int total_steps, bool interactive, FILE* out)
+    : total_(total_steps), interactive_(interactive), out_(out) {}
+
+void ProgressBar::Update(int step, double loss, double val_loss, double tokens_per_second) {
+  const double fraction = total_ > 0 ? static_cast<double>(step) / total_ : 1.0;
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const double eta = step > 0 ? elapsed * (total_ - step) / step : NAN;
+  constexpr int kWidth = 24;
+  const int filled = static_cast<int>(fraction * kWidth);
+  std::string line = absl::StrFormat("step %d/%d [%s%s] %3.0f%% | loss %.4f", step, total_,
+                                     std::string(filled, '#'), std::string(kWidth - filled, '.'),
+                                     100 * fraction, loss);
+  if (std::isfinite(val_loss)) absl::StrAppendFormat(&line, " | val %.4f", val_loss);
+  absl::StrAppendFormat(&line, " | %.1fk tok/s | ETA %s", tokens_per_second / 1000,
+                        FormatDuration(eta));
+  if (interactive_) {
+    std::fprintf(out_, "\r%s\033[K", line.c_str());
+    drawn_ = true;
+  } else {
+    std::fprintf(out_, "%s\n", line.c_str());
+  }
+  std::fflush(out_);
+}
+
+void ProgressBar::Print(const std::string& line) {
+  if (drawn_) std::fprintf(out_, "\r\033[K");
+  std::fprintf(out_, "%s\n", line.c_str());
+  drawn_ = false;
+  std::fflush(out_);
+}
+
+void ProgressBar::Finish() {
+  if (drawn_) std::fprintf(out_, "\n");
+  drawn_ = false;
+  std::fflush(out_);
+}
+
+}  // namespace rmoe

@@ -1,0 +1,59 @@
+// Terminal progress bar and the JSON-lines metrics file: the two ways a run reports itself.
+#pragma once
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <absl/status/statusor.h>
+
+namespace rmoe {
+
+// One JSON object, built field by field, so metrics records need no JSON library.
+class JsonObject {
+ public:
+  JsonObject& Add(const std::string& key, double value);
+  JsonObject& Add(const std::string& key, int64_t value);
+  JsonObject& Add(const std::string& key, const std::string& value);
+  JsonObject& Add(const std::string& key, const std::vector<int64_t>& values);
+  JsonObject& Add(const std::string& key, const std::vector<double>& values);
+  JsonObject& AddRaw(const std::string& key, const std::string& json);
+  std::string str() const { return "{" + body_ + "}"; }
+
+ private:
+  void Key(const std::string& key);
+  std::string body_;
+};
+
+// Appends one record per line and flushes, so a crash loses at most the line in hand.
+class MetricsWriter {
+ public:
+  static absl::StatusOr<MetricsWriter> Open(const std::string& path);
+  void Write(const JsonObject& record);
+
+ private:
+  std::ofstream out_;
+};
+
+// "step 120/300 [#####.....] 40% | loss 3.214 | val 3.402 | 25.1k tok/s | ETA 1m20s".
+// On a terminal it redraws one line; elsewhere (logs, CI) it prints a line per update.
+class ProgressBar {
+ public:
+  ProgressBar(int total_steps, bool interactive, FILE* out = stderr);
+  void Update(int step, double loss, double val_loss, double tokens_per_second);
+  void Finish();
+  void Print(const std::string& line);  // a message that does not tear the bar
+
+ private:
+  int total_;
+  bool interactive_;
+  FILE* out_;
+  bool drawn_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+std::string FormatDuration(double seconds);
+
+}  // namespace rmoe

@@ -1,0 +1,51 @@
+// Single-process training: AdamW with warm-up + cosine decay, gradient accumulation and
+// clipping, periodic evaluation, a progress bar, a JSON-lines metrics file and the trained
+// model saved for generation. Structured around one step function so that the
+// expert-parallel issue only has to add gradient synchronisation and sharded data.
+#pragma once
+
+#include <string>
+
+#include <absl/status/statusor.h>
+#include <torch/torch.h>
+
+#include "proto/job.pb.h"
+#include "rmoe/data/sampler.h"
+#include "rmoe/model/transformer.h"
+
+namespace rmoe {
+
+struct TrainOptions {
+  // Draw the bar even when stderr is not a terminal (one line per update).
+  bool progress_to_non_terminal = true;
+  bool quiet = false;  // no progress output at all (tests)
+};
+
+struct TrainSummary {
+  int steps = 0;
+  double final_train_loss = 0;   // mean LM loss (nats/token) of the last step
+  double final_val_loss = 0;     // nats/token
+  double best_val_loss = 0;
+  double tokens_per_second = 0;  // training tokens over training time (evaluation excluded)
+  double wall_seconds = 0;
+  int threads = 0;
+  ParameterCounts parameters;
+  std::string model_dir;
+};
+
+// The learning rate at optimizer step `step` (0-based): linear warm-up to lr over
+// warmup_steps, then cosine decay to min_lr_ratio * lr at the last step.
+double LearningRate(const JobSpec& spec, int step);
+
+// Intra-op threads: runtime.num_threads, or every core this process may run on.
+int ChooseThreadCount(const JobSpec& spec);
+
+// Runs the job described by a validated spec. Errors (missing data, NaN loss, I/O) come
+// back as a status naming what went wrong.
+absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& options = {});
+
+// Mean next-token cross-entropy over `batches` micro-batches of the validation split.
+double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
+                int seq_len, int batches);
+
+}  // namespace rmoe
