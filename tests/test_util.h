@@ -19,6 +19,9 @@ struct RouterCase {
   RouterSpec::Recurrence recurrence;
 };
 
+// gtest prints a parameter with this instead of its bytes.
+inline void PrintTo(const RouterCase& router, std::ostream* os) { *os << router.name; }
+
 // Every router the framework offers.
 inline std::vector<RouterCase> AllRouters() {
   return {{"Linear", RouterSpec::LINEAR, RouterSpec::GRU, RouterSpec::LAYER},
