@@ -27,6 +27,7 @@
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/message.h"
 #include "google/protobuf/text_format.h"
+#include "rmoe/data/dataset.h"
 
 namespace rmoe {
 namespace {
@@ -448,7 +449,7 @@ void ValidateDataFiles(const JobSpec& spec, Problems& p) {
   const std::string& dir = spec.data().dataset_dir();
   if (dir.empty()) return;
   const std::string rerun = "run rmoe_prepare_data --job <this spec> first";
-  absl::StatusOr<DatasetMeta> meta = LoadDatasetMeta(dir);
+  absl::StatusOr<DatasetMeta> meta = ReadDatasetMeta(dir);
   if (!meta.ok()) {
     p.Add(absl::StrCat("data.dataset_dir = ", Show(dir), " is not a prepared dataset (",
                        absl::StrReplaceAll(meta.status().message(), {{"\n", "; "}}), "); ", rerun));
@@ -601,19 +602,9 @@ absl::StatusOr<JobSpec> LoadJobSpecWithOverrides(const std::string& path,
   return spec;
 }
 
-absl::StatusOr<DatasetMeta> LoadDatasetMeta(const std::string& dataset_dir) {
-  const std::string path = MetaPath(dataset_dir);
-  absl::StatusOr<std::string> text = ReadFile(path, "dataset metadata");
-  if (!text.ok()) return text.status();
-  DatasetMeta meta;
-  absl::Status status = ParseTextProto(*text, path, &meta);
-  if (!status.ok()) return status;
-  return meta;
-}
-
 absl::StatusOr<int> ResolveVocabSize(const JobSpec& spec) {
   if (spec.model().vocab_size() > 0) return spec.model().vocab_size();
-  absl::StatusOr<DatasetMeta> meta = LoadDatasetMeta(spec.data().dataset_dir());
+  absl::StatusOr<DatasetMeta> meta = ReadDatasetMeta(spec.data().dataset_dir());
   if (!meta.ok()) {
     return absl::Status(meta.status().code(),
                         absl::StrCat("model.vocab_size = 0 asks for the dataset's vocabulary "

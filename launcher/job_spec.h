@@ -51,10 +51,6 @@ absl::StatusOr<JobSpec> LoadJobSpecWithOverrides(const std::string& path,
                                                  const std::vector<std::string>& overrides,
                                                  const ValidationOptions& options = {});
 
-// Reads <dataset_dir>/meta.pbtxt (text-format DatasetMeta). NotFound or InvalidArgument, with
-// the file's path, on failure.
-absl::StatusOr<DatasetMeta> LoadDatasetMeta(const std::string& dataset_dir);
-
 // spec.model().vocab_size() when it is > 0, else the prepared dataset's vocab_size (an error
 // when its metadata cannot be read or has none).
 absl::StatusOr<int> ResolveVocabSize(const JobSpec& spec);

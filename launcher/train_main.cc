@@ -39,7 +39,7 @@ int Fail(int code, const std::string& message) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int Run(int argc, char** argv) {
   std::string job_path;
   std::vector<std::string> overrides;
   bool dry_run = false, quiet = false;
@@ -97,4 +97,17 @@ int main(int argc, char** argv) {
       summary->tokens_per_second, summary->threads, summary->final_val_loss,
       std::exp(summary->final_val_loss), summary->best_val_loss, summary->model_dir.c_str());
   return 0;
+}
+
+int main(int argc, char** argv) {
+  // Torch reports shape and runtime errors as exceptions; turn them into a message and a
+  // non-zero exit instead of an abort with a stack dump.
+  try {
+    return Run(argc, argv);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "rmoe_train: %s\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rmoe_train: %s\n", e.what());
+  }
+  return 1;
 }

@@ -1,4 +1,5 @@
 #include "launcher/job_spec.h"
+#include "rmoe/data/dataset.h"
 
 #include <stdlib.h>
 
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/text_format.h"
 #include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -49,9 +51,20 @@ void WriteFile(const std::string& path, const std::string& contents) {
 }
 
 // A dataset directory holding only meta.pbtxt, which is all the spec code reads.
+// A dataset directory whose meta.pbtxt is `meta_text` followed by the counts every
+// readable metadata file has (unless the text sets them); malformed text stays malformed.
 std::string MakeDataset(const std::string& meta_text) {
   const std::string dir = MakeTempDir();
-  WriteFile(dir + "/meta.pbtxt", meta_text);
+  std::string text = meta_text;
+  DatasetMeta parsed;
+  if (google::protobuf::TextFormat::ParseFromString(meta_text, &parsed)) {
+    if (!parsed.has_bytes_per_token()) {
+      text += absl::StrCat("\nbytes_per_token: ", parsed.vocab_size() <= 65536 ? 2 : 4);
+    }
+    if (!parsed.has_train_tokens()) text += "\ntrain_tokens: 1000";
+    if (!parsed.has_val_tokens()) text += "\nval_tokens: 100";
+  }
+  WriteFile(dir + "/meta.pbtxt", text);
   return dir;
 }
 
@@ -542,16 +555,17 @@ TEST(LoadJobSpecWithOverridesTest, MissingFileIsNotFound) {
 // ----------------------------------------------------------------------------------------
 // Dataset metadata and vocabulary.
 
-TEST(LoadDatasetMetaTest, ReadsMetaFromTheDirectory) {
+TEST(ReadDatasetMetaTest, ReadsMetaFromTheDirectory) {
   const std::string dir = MakeDataset(R"pb(
     vocab_size: 2048
     bytes_per_token: 2
     train_tokens: 1000
+    val_tokens: 10
     tokenizer { kind: BPE vocab_size: 2048 }
     sources: "data/raw/sotu"
     unigram_entropy_nats: 6.5
   )pb");
-  absl::StatusOr<DatasetMeta> meta = LoadDatasetMeta(dir);
+  absl::StatusOr<DatasetMeta> meta = ReadDatasetMeta(dir);
   ASSERT_TRUE(meta.ok()) << meta.status();
   EXPECT_EQ(meta->vocab_size(), 2048);
   EXPECT_EQ(meta->bytes_per_token(), 2);
@@ -561,17 +575,17 @@ TEST(LoadDatasetMetaTest, ReadsMetaFromTheDirectory) {
   EXPECT_DOUBLE_EQ(meta->unigram_entropy_nats(), 6.5);
 }
 
-TEST(LoadDatasetMetaTest, MissingMetaIsNotFoundWithPath) {
+TEST(ReadDatasetMetaTest, MissingMetaIsNotFoundWithPath) {
   const std::string dir = MakeTempDir();
-  absl::StatusOr<DatasetMeta> meta = LoadDatasetMeta(dir);
+  absl::StatusOr<DatasetMeta> meta = ReadDatasetMeta(dir);
   ASSERT_FALSE(meta.ok());
   EXPECT_EQ(meta.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(Msg(meta.status()), HasSubstr(dir + "/meta.pbtxt"));
 }
 
-TEST(LoadDatasetMetaTest, BadMetaIsInvalidArgumentWithPosition) {
+TEST(ReadDatasetMetaTest, BadMetaIsInvalidArgumentWithPosition) {
   const std::string dir = MakeDataset("vocab_size: 12\nvocab: 3\n");
-  absl::StatusOr<DatasetMeta> meta = LoadDatasetMeta(dir);
+  absl::StatusOr<DatasetMeta> meta = ReadDatasetMeta(dir);
   ASSERT_FALSE(meta.ok());
   EXPECT_EQ(meta.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(Msg(meta.status()), StartsWith(dir + "/meta.pbtxt:2:"));

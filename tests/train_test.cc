@@ -83,8 +83,7 @@ TEST(EndToEnd, TrainingOnRealTextBeatsTheUnigramEntropy) {
   auto dir = TempDir("e2e");
   const std::vector<std::string> overrides = {
       "data.dataset_dir=" + (dir / "dataset").string(), "data.raw_text=" + corpus.string(),
-      "output_dir=" + (dir / "run").string(), "schedule.steps=150",
-      "schedule.eval_interval=0", "schedule.eval_batches=8", "optimizer.lr=0.01"};
+      "output_dir=" + (dir / "run").string(), "schedule.eval_interval=0"};
   std::string command = std::string(RMOE_TOOLS_DIR) + "/rmoe_prepare_data --job " +
                         (source / "configs" / "tiny_test.pbtxt").string();
   for (const auto& o : overrides) command += " --set " + o;
@@ -93,7 +92,7 @@ TEST(EndToEnd, TrainingOnRealTextBeatsTheUnigramEntropy) {
 
   auto spec = LoadJobSpecWithOverrides((source / "configs" / "tiny_test.pbtxt").string(), overrides);
   ASSERT_TRUE(spec.ok()) << spec.status();
-  auto meta = LoadDatasetMeta(spec->data().dataset_dir());
+  auto meta = ReadDatasetMeta(spec->data().dataset_dir());
   ASSERT_TRUE(meta.ok()) << meta.status();
   TrainOptions options;
   options.quiet = true;
@@ -101,7 +100,7 @@ TEST(EndToEnd, TrainingOnRealTextBeatsTheUnigramEntropy) {
   ASSERT_TRUE(summary.ok()) << summary.status();
   const double unigram = meta->unigram_entropy_nats();
   EXPECT_GT(unigram, 2.5);  // English text in bytes: about 3 nats
-  EXPECT_LT(summary->final_val_loss, unigram - 0.5)
+  EXPECT_LT(summary->final_val_loss, unigram - 0.6)
       << "validation loss " << summary->final_val_loss << " vs unigram entropy " << unigram;
   EXPECT_TRUE(fs::exists(dir / "run" / "model" / "model.pt"));
   EXPECT_TRUE(fs::exists(dir / "run" / "metrics.jsonl"));

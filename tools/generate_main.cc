@@ -40,7 +40,7 @@ bool ParseNumber(const char* text, double* out) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int Run(int argc, char** argv) {
   std::string model_dir, prompt;
   bool has_prompt = false;
   rmoe::SamplingOptions options;
@@ -104,4 +104,17 @@ int main(int argc, char** argv) {
   if (!text.ok()) return Fail(std::string(text.status().message()));
   std::printf("%s%s\n", prompt.c_str(), text->c_str());
   return 0;
+}
+
+int main(int argc, char** argv) {
+  // Torch reports shape and runtime errors as exceptions; turn them into a message and a
+  // non-zero exit instead of an abort with a stack dump.
+  try {
+    return Run(argc, argv);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "rmoe_generate: %s\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rmoe_generate: %s\n", e.what());
+  }
+  return 1;
 }

@@ -7,6 +7,7 @@
 #include <absl/strings/str_cat.h>
 
 #include "launcher/job_spec.h"
+#include "rmoe/data/dataset.h"
 
 namespace rmoe {
 namespace fs = std::filesystem;
@@ -101,7 +102,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& dir) {
     return absl::DataLossError(absl::StrCat((root / "job.pbtxt").string(),
                                             ": model.vocab_size is not resolved"));
   }
-  auto meta = LoadDatasetMeta(dir);
+  auto meta = ReadDatasetMeta(dir);
   if (!meta.ok()) return meta.status();
   loaded.dataset_meta = *std::move(meta);
   loaded.model = Transformer(loaded.spec.model());

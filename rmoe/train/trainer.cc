@@ -147,8 +147,14 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   const auto& schedule = spec.schedule();
   const int batch = schedule.micro_batch_size(), seq_len = schedule.seq_len();
   const int accum = schedule.grad_accum_steps();
-  TrainSampler train_sampler(dataset->train(), seq_len, spec.seed());
-  EvalSampler eval_sampler(dataset->val(), seq_len);
+  auto train_sampler = TrainSampler::Create(dataset->train(), seq_len, spec.seed());
+  if (!train_sampler.ok()) return train_sampler.status();
+  auto eval_sampler = EvalSampler::Create(dataset->val(), seq_len);
+  if (!eval_sampler.ok()) return eval_sampler.status();
+  // Each validation window counts once, even when the split is smaller than
+  // eval_batches * micro_batch_size windows.
+  const int eval_batches =
+      std::max(1, std::min(schedule.eval_batches(), eval_sampler->num_windows() / batch));
   auto window = torch::empty({batch, seq_len + 1}, torch::kLong);
 
   const bool interactive = isatty(fileno(stderr));
@@ -176,7 +182,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     ModelOutput output;
     for (int micro = 0; micro < accum; ++micro) {
       const uint64_t first_sample = (static_cast<uint64_t>(step) * accum + micro) * batch;
-      train_sampler.FillBatch(first_sample, batch, window.data_ptr<int64_t>());
+      train_sampler->FillBatch(first_sample, batch, window.data_ptr<int64_t>());
       auto [inputs, targets] = SplitInputsTargets(window);
       output = model->forward(inputs);
       auto lm_loss = LanguageModelLoss(output.logits, targets);
@@ -224,7 +230,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     }
     const int eval_interval = schedule.eval_interval();
     if (last || (eval_interval > 0 && done % eval_interval == 0)) {
-      last_val = Evaluate(model, eval_sampler, batch, seq_len, schedule.eval_batches());
+      last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches);
       best_val = std::min(best_val, last_val);
       metrics->Write(JsonObject()
                          .Add("type", std::string("eval"))
