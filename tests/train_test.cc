@@ -74,37 +74,65 @@ TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
   fs::remove_all(dir);
 }
 
-// Prepares a byte-level dataset of the real corpus (fetched by tools/test.sh) and trains the
-// tiny config on it.
-TEST(EndToEnd, TrainingOnRealTextBeatsTheUnigramEntropy) {
-  const fs::path source(RMOE_SOURCE_DIR);
-  const fs::path corpus = source / "data" / "raw" / "sotu";
-  ASSERT_TRUE(fs::exists(corpus)) << corpus << " is missing: run tools/fetch_corpus.sh";
-  auto dir = TempDir("e2e");
-  const std::vector<std::string> overrides = {
-      "data.dataset_dir=" + (dir / "dataset").string(), "data.raw_text=" + corpus.string(),
-      "output_dir=" + (dir / "run").string(), "schedule.eval_interval=0"};
-  std::string command = std::string(RMOE_TOOLS_DIR) + "/rmoe_prepare_data --job " +
-                        (source / "configs" / "tiny_test.pbtxt").string();
-  for (const auto& o : overrides) command += " --set " + o;
-  command += " > " + (dir / "prepare.log").string() + " 2>&1";
-  ASSERT_EQ(std::system(command.c_str()), 0) << "failed: " << command;
+// Trains the tiny config on a byte-level dataset of the real corpus (fetched by
+// tools/test.sh), prepared once for the suite by the real rmoe_prepare_data.
+class RealText : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new fs::path(TempDir("real_text"));
+    const fs::path corpus = fs::path(RMOE_SOURCE_DIR) / "data" / "raw" / "sotu";
+    ASSERT_TRUE(fs::exists(corpus)) << corpus << " is missing: run tools/fetch_corpus.sh";
+    std::string command = std::string(RMOE_TOOLS_DIR) + "/rmoe_prepare_data --job " +
+                          TinyConfig() + " --set data.dataset_dir=" + (*dir_ / "dataset").string() +
+                          " --set data.raw_text=" + corpus.string() + " > " +
+                          (*dir_ / "prepare.log").string() + " 2>&1";
+    ASSERT_EQ(std::system(command.c_str()), 0) << "failed: " << command;
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+  static std::string TinyConfig() {
+    return (fs::path(RMOE_SOURCE_DIR) / "configs" / "tiny_test.pbtxt").string();
+  }
+  // The tiny job on the prepared dataset, writing under `run_name`, plus `overrides`.
+  static JobSpec Job(const std::string& run_name, std::vector<std::string> overrides = {}) {
+    overrides.push_back("data.dataset_dir=" + (*dir_ / "dataset").string());
+    overrides.push_back("output_dir=" + (*dir_ / run_name).string());
+    auto spec = LoadJobSpecWithOverrides(TinyConfig(), overrides);
+    EXPECT_TRUE(spec.ok()) << spec.status();
+    return spec.ok() ? *spec : JobSpec();
+  }
+  static fs::path* dir_;
+};
+fs::path* RealText::dir_ = nullptr;
 
-  auto spec = LoadJobSpecWithOverrides((source / "configs" / "tiny_test.pbtxt").string(), overrides);
-  ASSERT_TRUE(spec.ok()) << spec.status();
-  auto meta = ReadDatasetMeta(spec->data().dataset_dir());
+TEST_F(RealText, TrainingBeatsTheUnigramEntropyByFar) {
+  const JobSpec spec = Job("run", {"schedule.eval_interval=0"});
+  auto meta = ReadDatasetMeta(spec.data().dataset_dir());
   ASSERT_TRUE(meta.ok()) << meta.status();
   TrainOptions options;
   options.quiet = true;
-  auto summary = Train(*spec, options);
+  auto summary = Train(spec, options);
   ASSERT_TRUE(summary.ok()) << summary.status();
   const double unigram = meta->unigram_entropy_nats();
   EXPECT_GT(unigram, 2.5);  // English text in bytes: about 3 nats
   EXPECT_LT(summary->final_val_loss, unigram - 0.6)
       << "validation loss " << summary->final_val_loss << " vs unigram entropy " << unigram;
-  EXPECT_TRUE(fs::exists(dir / "run" / "model" / "model.pt"));
-  EXPECT_TRUE(fs::exists(dir / "run" / "metrics.jsonl"));
-  fs::remove_all(dir);
+  EXPECT_TRUE(fs::exists(fs::path(summary->model_dir) / "model.pt"));
+  EXPECT_TRUE(fs::exists(*dir_ / "run" / "metrics.jsonl"));
+}
+
+TEST_F(RealText, ADivergingRunStopsWithAMessage) {
+  const JobSpec spec = Job("diverge", {"optimizer.lr=1e30", "optimizer.grad_clip=0",
+                                       "optimizer.weight_decay=0", "schedule.steps=20"});
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(spec, options);
+  ASSERT_FALSE(summary.ok());
+  EXPECT_NE(summary.status().message().find("training diverged"), std::string::npos)
+      << summary.status();
+  EXPECT_FALSE(fs::exists(*dir_ / "diverge" / "model")) << "a diverged model must not be saved";
 }
 
 }  // namespace
