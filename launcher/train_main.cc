@@ -45,19 +45,16 @@ int Run(int argc, char** argv) {
   bool dry_run = false, quiet = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    auto value = [&](const char* flag) -> const char* {
-      if (i + 1 >= argc) return nullptr;
-      return argv[++i];
-    };
+    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
     if (arg == "--help" || arg == "-h") {
       std::fputs(kUsage, stdout);
       return 0;
     } else if (arg == "--job") {
-      const char* v = value("--job");
+      const char* v = value();
       if (!v) return Fail(2, "--job needs a path");
       job_path = v;
     } else if (arg == "--set") {
-      const char* v = value("--set");
+      const char* v = value();
       if (!v) return Fail(2, "--set needs FIELD=VALUE");
       overrides.push_back(v);
     } else if (arg == "--dry-run") {

@@ -11,6 +11,7 @@
 #include "launcher/job_spec.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/train/model_io.h"
+#include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
 #include "tests/test_util.h"
 
@@ -41,6 +42,18 @@ TEST(LearningRate, WarmsUpLinearlyThenDecaysByCosineToTheFloor) {
   for (int step = 11; step < 110; ++step) {
     EXPECT_LE(LearningRate(spec, step), LearningRate(spec, step - 1) + 1e-12);
   }
+}
+
+TEST(Metrics, JsonRecordsEscapeStringsAndWriteNullForNonFiniteNumbers) {
+  JsonObject record;
+  record.Add("type", std::string("tr\"ain\n"))
+      .Add("step", static_cast<int64_t>(7))
+      .Add("loss", 2.5)
+      .Add("bad", std::nan(""))
+      .Add("counts", std::vector<int64_t>{1, 2})
+      .AddRaw("moe", "[]");
+  EXPECT_EQ(record.str(),
+            R"({"type":"tr\"ain\u000a","step":7,"loss":2.5,"bad":null,"counts":[1,2],"moe":[]})");
 }
 
 TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
