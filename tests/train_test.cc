@@ -65,7 +65,9 @@ TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
   Transformer model(spec.model());
   // meta.pbtxt normally comes from the dataset; write one so the directory is complete.
   fs::create_directories(dir / "no_dataset");
-  std::ofstream(dir / "no_dataset" / "meta.pbtxt") << "vocab_size: 37 tokenizer { kind: BYTE }";
+  std::ofstream(dir / "no_dataset" / "meta.pbtxt")
+      << "vocab_size: 37 bytes_per_token: 2 document_separator: 10 train_tokens: 100 "
+         "val_tokens: 100 tokenizer { kind: BYTE }";
   ASSERT_TRUE(SaveModel((dir / "model").string(), spec, model).ok());
   EXPECT_FALSE(fs::exists(dir / "model.tmp"));
 
