@@ -12,6 +12,25 @@ ExpertBankImpl::ExpertBankImpl(int64_t num_experts, int64_t d_model, int64_t hid
                           torch::randn({num_experts, hidden_dim, d_model}) * init.residual_std);
 }
 
+void ExpertBankImpl::KeepExperts(int64_t first, int64_t count) {
+  TORCH_CHECK(first >= first_expert_ && first + count <= first_expert_ + num_experts(),
+              "experts [", first, ", ", first + count, ") are not all held here");
+  const int64_t offset = first - first_expert_;
+  SetExperts(first, w1.narrow(0, offset, count), w3.narrow(0, offset, count),
+             w2.narrow(0, offset, count));
+}
+
+void ExpertBankImpl::SetExperts(int64_t first, const torch::Tensor& new_w1,
+                                const torch::Tensor& new_w3, const torch::Tensor& new_w2) {
+  torch::NoGradGuard no_grad;
+  // set_data keeps the registered parameter objects, so optimizers and name lookups that
+  // already hold them stay valid; clone() so a slice does not pin the full tensor.
+  w1.set_data(new_w1.detach().clone());
+  w3.set_data(new_w3.detach().clone());
+  w2.set_data(new_w2.detach().clone());
+  first_expert_ = first;
+}
+
 torch::Tensor ExpertBankImpl::forward(const torch::Tensor& x,
                                       const std::vector<int64_t>& tokens_per_expert) {
   TORCH_CHECK(static_cast<int64_t>(tokens_per_expert.size()) == num_experts(),

@@ -23,10 +23,21 @@ class ExpertBankImpl : public torch::nn::Module {
   // x: [M, D], rows grouped by expert: the first tokens_per_expert[0] rows go to expert 0,
   // and so on. Returns [M, D].
   torch::Tensor forward(const torch::Tensor& x, const std::vector<int64_t>& tokens_per_expert);
+  // Experts held here; with expert parallelism a slice of the layer's experts.
   int64_t num_experts() const { return w1.size(0); }
+  // Global id of the first expert held here.
+  int64_t first_expert() const { return first_expert_; }
+  // Keeps experts [first, first + count) only: how expert parallelism shards a layer.
+  void KeepExperts(int64_t first, int64_t count);
+  // Replaces the held experts by `w1`, `w3`, `w2` holding experts from `first` on.
+  void SetExperts(int64_t first, const torch::Tensor& w1, const torch::Tensor& w3,
+                  const torch::Tensor& w2);
 
   torch::Tensor w1, w3;  // [E, D, H]
   torch::Tensor w2;      // [E, H, D]
+
+ private:
+  int64_t first_expert_ = 0;
 };
 TORCH_MODULE(ExpertBank);
 

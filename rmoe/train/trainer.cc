@@ -38,6 +38,27 @@ int ChooseThreadCount(const JobSpec& spec) {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, double norm,
+                          double max_norm) {
+  if (max_norm <= 0) return;
+  const double scale = max_norm / (norm + 1e-6);
+  if (scale >= 1.0) return;
+  torch::NoGradGuard no_grad;
+  for (const auto& p : params) {
+    if (p.grad().defined()) p.grad().mul_(scale);
+  }
+}
+
+double ParallelRuntime::ClipGradients(Transformer& model, double max_norm) {
+  double squares = 0;
+  for (const auto& p : model->parameters()) {
+    if (p.grad().defined()) squares += p.grad().pow(2).sum().item<double>();
+  }
+  const double norm = std::sqrt(squares);
+  ScaleGradientsToNorm(model->parameters(), norm, max_norm);
+  return norm;
+}
+
 namespace {
 
 // Decoupled weight decay only for matrices: decaying norms' gains toward zero hurts.
@@ -101,22 +122,30 @@ std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
 }  // namespace
 
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
-                int seq_len, int batches) {
+                int seq_len, int batches, ParallelRuntime& runtime) {
   torch::NoGradGuard no_grad;
   model->eval();
   auto window = torch::empty({micro_batch_size, seq_len + 1}, torch::kLong);
+  // Rank r takes batches r, r + W, ...; every rank runs the same number of forward passes,
+  // because expert parallelism makes each of them a collective.
+  const int world = runtime.world_size();
+  const int per_rank = (batches + world - 1) / world;
   double total = 0;
-  for (int b = 0; b < batches; ++b) {
+  for (int i = 0; i < per_rank; ++i) {
+    const int b = i * world + runtime.rank();
     sampler.FillBatch(b * micro_batch_size, micro_batch_size, window.data_ptr<int64_t>());
     auto [inputs, targets] = SplitInputsTargets(window);
     total += LanguageModelLoss(model->forward(inputs).logits, targets).item<double>();
   }
   model->train();
-  return total / batches;
+  return runtime.Average(total / per_rank);
 }
 
-absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& options) {
+absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& options,
+                                   ParallelRuntime* parallel) {
   const auto wall_start = std::chrono::steady_clock::now();
+  ParallelRuntime single_process;
+  ParallelRuntime& runtime = parallel ? *parallel : single_process;
   JobSpec spec = job;
   auto dataset = Dataset::Open(spec.data().dataset_dir());
   if (!dataset.ok()) return dataset.status();
@@ -125,29 +154,42 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   spec.mutable_model()->set_vocab_size(*vocab);
 
   TrainSummary summary;
-  summary.threads = ChooseThreadCount(spec);
+  // Ranks on one machine share its cores.
+  summary.threads = spec.runtime().num_threads() > 0
+                        ? spec.runtime().num_threads()
+                        : std::max(1, ChooseThreadCount(spec) / runtime.local_size());
   torch::set_num_threads(summary.threads);
   torch::manual_seed(spec.seed());
 
   const fs::path output_dir(spec.output_dir());
-  std::error_code ec;
-  fs::create_directories(output_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create output_dir ", output_dir.string(), ": ", ec.message()));
-  const std::string metrics_path = spec.logging().has_metrics_file()
-                                       ? spec.logging().metrics_file()
-                                       : (output_dir / "metrics.jsonl").string();
-  auto metrics = MetricsWriter::Open(metrics_path);
-  if (!metrics.ok()) return metrics.status();
+  std::optional<MetricsWriter> metrics;  // the main rank's
+  if (runtime.is_main()) {
+    std::error_code ec;
+    fs::create_directories(output_dir, ec);
+    if (ec) {
+      return absl::InternalError(absl::StrCat("cannot create output_dir ", output_dir.string(),
+                                              ": ", ec.message()));
+    }
+    auto writer = MetricsWriter::Open(spec.logging().has_metrics_file()
+                                          ? spec.logging().metrics_file()
+                                          : (output_dir / "metrics.jsonl").string());
+    if (!writer.ok()) return writer.status();
+    metrics.emplace(*std::move(writer));
+  }
 
   Transformer model(spec.model());
   model->train();
   summary.parameters = model->CountParameters();
+  runtime.PrepareModel(model);
   auto optimizer = MakeOptimizer(spec, model);
 
   const auto& schedule = spec.schedule();
   const int batch = schedule.micro_batch_size(), seq_len = schedule.seq_len();
   const int accum = schedule.grad_accum_steps();
-  auto train_sampler = TrainSampler::Create(dataset->train(), seq_len, spec.seed());
+  // Every rank reads its own samples; together they read what one rank would read with a
+  // world_size times larger batch (see TrainSampler).
+  auto train_sampler = TrainSampler::Create(dataset->train(), seq_len, spec.seed(),
+                                            runtime.rank(), runtime.world_size());
   if (!train_sampler.ok()) return train_sampler.status();
   auto eval_sampler = EvalSampler::Create(dataset->val(), seq_len);
   if (!eval_sampler.ok()) return eval_sampler.status();
@@ -159,20 +201,22 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
 
   const bool interactive = isatty(fileno(stderr));
   std::optional<ProgressBar> progress;
-  if (!options.quiet && (interactive || options.progress_to_non_terminal)) {
+  if (runtime.is_main() && !options.quiet && (interactive || options.progress_to_non_terminal)) {
     progress.emplace(schedule.steps(), interactive);
     const auto& p = summary.parameters;
     progress->Print(absl::StrFormat(
-        "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d threads, "
-        "%d tokens/step; train %d tokens, val %d tokens",
-        spec.name(), p.total / 1e6, p.active / 1e6, p.expert / 1e6, summary.threads,
-        batch * seq_len * accum, dataset->train().size(), dataset->val().size()));
+        "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d ranks x %d "
+        "threads, %d tokens/step; train %d tokens, val %d tokens",
+        spec.name(), p.total / 1e6, p.active / 1e6, p.expert / 1e6, runtime.world_size(),
+        summary.threads, batch * seq_len * accum * runtime.world_size(),
+        dataset->train().size(), dataset->val().size()));
   }
 
   double last_val = NAN, best_val = INFINITY, train_seconds = 0;
   int64_t tokens_since_log = 0;
   double seconds_since_log = 0, tokens_per_second = 0;
-  const int64_t tokens_per_step = static_cast<int64_t>(batch) * seq_len * accum;
+  const int64_t tokens_per_step =
+      static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
   for (int step = 0; step < schedule.steps(); ++step) {
     const auto step_start = std::chrono::steady_clock::now();
     const double lr = LearningRate(spec, step);
@@ -186,7 +230,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       auto [inputs, targets] = SplitInputsTargets(window);
       output = model->forward(inputs);
       auto lm_loss = LanguageModelLoss(output.logits, targets);
-      const double lm_value = lm_loss.item<double>();
+      // Averaged over ranks so that every rank sees a divergence and stops together.
+      const double lm_value = runtime.Average(lm_loss.item<double>());
       if (!std::isfinite(lm_value)) {
         return absl::InternalError(absl::StrFormat(
             "the training loss became %f at step %d (micro-batch %d, lr %.3g): training "
@@ -198,9 +243,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       step_loss += lm_value / accum;
       step_router_loss += output.router_loss.item<double>() / accum;
     }
-    const double clip = spec.optimizer().grad_clip();
-    const double grad_norm = torch::nn::utils::clip_grad_norm_(
-        model->parameters(), clip > 0 ? clip : std::numeric_limits<double>::infinity());
+    runtime.SynchronizeGradients(model);
+    const double grad_norm = runtime.ClipGradients(model, spec.optimizer().grad_clip());
     optimizer->step();
 
     const double step_seconds =
@@ -226,13 +270,13 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
           .Add("tokens", static_cast<int64_t>(done) * tokens_per_step)
           .Add("elapsed_s", train_seconds)
           .AddRaw("moe", MoEMetricsJson(output, spec.model()));
-      metrics->Write(record);
+      if (metrics) metrics->Write(record);
     }
     const int eval_interval = schedule.eval_interval();
     if (last || (eval_interval > 0 && done % eval_interval == 0)) {
-      last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches);
+      last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches, runtime);
       best_val = std::min(best_val, last_val);
-      metrics->Write(JsonObject()
+      if (metrics) metrics->Write(JsonObject()
                          .Add("type", std::string("eval"))
                          .Add("step", static_cast<int64_t>(done))
                          .Add("val_loss", last_val)
@@ -255,7 +299,10 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   summary.best_val_loss = best_val;
   summary.tokens_per_second = tokens_per_step * schedule.steps() / train_seconds;
   summary.model_dir = (output_dir / "model").string();
-  if (auto status = SaveModel(summary.model_dir, spec, model); !status.ok()) return status;
+  runtime.PrepareForSave(model);
+  if (runtime.is_main()) {
+    if (auto status = SaveModel(summary.model_dir, spec, model); !status.ok()) return status;
+  }
   summary.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   return summary;

@@ -12,6 +12,7 @@
 #include "proto/job.pb.h"
 #include "rmoe/data/sampler.h"
 #include "rmoe/model/transformer.h"
+#include "rmoe/train/parallel.h"
 
 namespace rmoe {
 
@@ -40,12 +41,14 @@ double LearningRate(const JobSpec& spec, int step);
 // Intra-op threads: runtime.num_threads, or every core this process may run on.
 int ChooseThreadCount(const JobSpec& spec);
 
-// Runs the job described by a validated spec. Errors (missing data, NaN loss, I/O) come
-// back as a status naming what went wrong.
-absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& options = {});
+// Runs the job described by a validated spec, on this rank of `parallel` (null: a world
+// of one). Errors (missing data, NaN loss, I/O) come back as a status naming what went wrong.
+absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& options = {},
+                                   ParallelRuntime* parallel = nullptr);
 
-// Mean next-token cross-entropy over `batches` micro-batches of the validation split.
+// Mean next-token cross-entropy over `batches` micro-batches of the validation split, the
+// batches spread over the ranks of `runtime`.
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
-                int seq_len, int batches);
+                int seq_len, int batches, ParallelRuntime& runtime);
 
 }  // namespace rmoe

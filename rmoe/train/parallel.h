@@ -1,0 +1,40 @@
+// What running on several ranks adds to a training step. The trainer calls these hooks at
+// fixed points; this default is a world of one, and distributed/ implements the real thing
+// (expert sharding, gradient averaging) without rmoe/ knowing about MPI or NCCL.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "rmoe/model/transformer.h"
+
+namespace rmoe {
+
+class ParallelRuntime {
+ public:
+  virtual ~ParallelRuntime() = default;
+
+  virtual int rank() const { return 0; }
+  virtual int world_size() const { return 1; }
+  // Ranks on this machine: the cores are shared among them.
+  virtual int local_size() const { return 1; }
+  // The one rank that prints progress and writes metrics and the model.
+  bool is_main() const { return rank() == 0; }
+
+  // Called once on the freshly built model (the same on every rank: same seed).
+  virtual void PrepareModel(Transformer& model) {}
+  // Called after the backward passes of a step, before clipping.
+  virtual void SynchronizeGradients(Transformer& model) {}
+  // Global L2 norm of all gradients (each parameter counted once across ranks); scales
+  // them so the norm is at most `max_norm` when max_norm > 0. Returns the norm before.
+  virtual double ClipGradients(Transformer& model, double max_norm);
+  // The mean of `value` over all ranks (every rank must call it).
+  virtual double Average(double value) { return value; }
+  // Makes the main rank's `model` whole before it is saved (every rank must call it).
+  virtual void PrepareForSave(Transformer& model) {}
+};
+
+// Scales `grads` by max_norm / (norm + 1e-6) when that is below 1 (as torch's
+// clip_grad_norm_ does), given their global `norm`.
+void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, double norm, double max_norm);
+
+}  // namespace rmoe
