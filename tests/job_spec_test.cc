@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
@@ -51,13 +52,20 @@ void WriteFile(const std::string& path, const std::string& contents) {
 }
 
 // A dataset directory holding only meta.pbtxt, which is all the spec code reads.
+class QuietErrors : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int, int, const std::string&) override {}
+} quiet_;
+
 // A dataset directory whose meta.pbtxt is `meta_text` followed by the counts every
 // readable metadata file has (unless the text sets them); malformed text stays malformed.
 std::string MakeDataset(const std::string& meta_text) {
   const std::string dir = MakeTempDir();
   std::string text = meta_text;
   DatasetMeta parsed;
-  if (google::protobuf::TextFormat::ParseFromString(meta_text, &parsed)) {
+  google::protobuf::TextFormat::Parser parser;
+  parser.RecordErrorsTo(&quiet_);  // malformed text is the point of some tests
+  if (parser.ParseFromString(meta_text, &parsed)) {
     if (!parsed.has_bytes_per_token()) {
       text += absl::StrCat("\nbytes_per_token: ", parsed.vocab_size() <= 65536 ? 2 : 4);
     }
