@@ -7,17 +7,24 @@
 
 #include <absl/strings/str_format.h>
 
+#include "distributed/mpi_communicator.h"
+#include "distributed/parallel_runtime.h"
 #include "launcher/job_spec.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
 
 namespace {
 
-constexpr char kUsage[] = R"(Usage: rmoe_train --job SPEC.pbtxt [--set FIELD=VALUE]... [options]
+constexpr char kUsage[] = R"(Usage: [mpirun -np N] rmoe_train --job SPEC.pbtxt [--set FIELD=VALUE]... [options]
 
 Trains an RMoE language model as the job spec (protobuf text format, see
 proto/job.proto and configs/) describes, evaluates it and saves it to
 <output_dir>/model, where rmoe_generate can load it.
+
+Without mpirun it is a world of one rank. Under mpirun (or srun) every rank reads its own
+data; parallel.expert_parallel_size = P splits each MoE layer's experts over groups of P
+consecutive ranks (N must be a multiple of P, num_experts too). Rank 0 alone prints
+progress and writes metrics and the model; errors name their rank.
 
   --job PATH          the job spec (required)
   --set FIELD=VALUE   override one spec field, e.g. --set model.moe.num_experts=16,
@@ -32,12 +39,63 @@ Metrics go to <output_dir>/metrics.jsonl (one JSON record per logging step).
 Exit status: 0 done, 2 bad arguments or job spec, 1 failure while training.
 )";
 
+// "rank 3: " when there are several ranks, so every error says where it happened.
+std::string RankPrefix() {
+  if (!rmoe::distributed::MpiRuntime::Exists()) return "";
+  auto& world = rmoe::distributed::MpiRuntime::Get().World();
+  return world.size() > 1 ? absl::StrFormat("rank %d: ", world.rank()) : "";
+}
+
 int Fail(int code, const std::string& message) {
-  std::fprintf(stderr, "rmoe_train: %s\n", message.c_str());
+  std::fprintf(stderr, "rmoe_train: %s%s\n", RankPrefix().c_str(), message.c_str());
   return code;
 }
 
-}  // namespace
+// Everything after argument parsing, on every rank.
+int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path,
+                 const std::vector<std::string>& overrides, bool dry_run, bool quiet) {
+  auto world = std::shared_ptr<rmoe::distributed::Communicator>(
+      &mpi.World(), [](rmoe::distributed::Communicator*) {});
+  // Every rank reads the same spec, so every rank reaches the same verdict on it.
+  auto spec = rmoe::LoadJobSpecWithOverrides(job_path, overrides);
+  if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
+  auto groups = rmoe::distributed::ProcessGroups::Create(
+      world, spec->parallel().expert_parallel_size(), spec->model().moe().num_experts());
+  if (!groups.ok()) return Fail(2, std::string(groups.status().message()));
+
+  if (dry_run) {
+    if (world->rank() != 0) return 0;
+    auto vocab = rmoe::ResolveVocabSize(*spec);
+    if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
+    spec->mutable_model()->set_vocab_size(*vocab);
+    rmoe::Transformer model(spec->model());
+    const auto counts = model->CountParameters();
+    std::printf("%s", rmoe::JobSpecToText(*spec).c_str());
+    std::printf("# parameters: %lld total, %lld active per token, %lld in experts\n",
+                static_cast<long long>(counts.total), static_cast<long long>(counts.active),
+                static_cast<long long>(counts.expert));
+    return 0;
+  }
+
+  rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize());
+  rmoe::TrainOptions options;
+  options.quiet = quiet;
+  auto summary = rmoe::Train(*spec, options, &runtime);
+  if (!summary.ok()) {
+    Fail(1, std::string(summary.status().message()));
+    // Other ranks may be waiting in a collective for this one: end the whole job.
+    if (world->size() > 1) mpi.Abort(1);
+    return 1;
+  }
+  if (world->rank() != 0) return 0;
+  std::printf(
+      "done: %d steps in %s, %.0f tokens/s on %d ranks x %d threads; final val loss %.4f "
+      "nats/token (ppl %.2f), best %.4f\nmodel saved to %s\n",
+      summary->steps, rmoe::FormatDuration(summary->wall_seconds).c_str(),
+      summary->tokens_per_second, world->size(), summary->threads, summary->final_val_loss,
+      std::exp(summary->final_val_loss), summary->best_val_loss, summary->model_dir.c_str());
+  return 0;
+}
 
 int Run(int argc, char** argv) {
   std::string job_path;
@@ -67,44 +125,25 @@ int Run(int argc, char** argv) {
   }
   if (job_path.empty()) return Fail(2, "--job SPEC.pbtxt is required (see --help)");
 
-  auto spec = rmoe::LoadJobSpecWithOverrides(job_path, overrides);
-  if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
-
-  if (dry_run) {
-    auto vocab = rmoe::ResolveVocabSize(*spec);
-    if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
-    spec->mutable_model()->set_vocab_size(*vocab);
-    rmoe::Transformer model(spec->model());
-    const auto counts = model->CountParameters();
-    std::printf("%s", rmoe::JobSpecToText(*spec).c_str());
-    std::printf("# parameters: %lld total, %lld active per token, %lld in experts\n",
-                static_cast<long long>(counts.total), static_cast<long long>(counts.active),
-                static_cast<long long>(counts.expert));
-    return 0;
+  rmoe::distributed::MpiRuntime mpi(&argc, &argv);
+  // Exceptions are reported here, while MPI still knows this process's rank.
+  try {
+    return TrainOnRanks(mpi, job_path, overrides, dry_run, quiet);
+  } catch (const c10::Error& e) {
+    Fail(1, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    Fail(1, e.what());
   }
-
-  rmoe::TrainOptions options;
-  options.quiet = quiet;
-  auto summary = rmoe::Train(*spec, options);
-  if (!summary.ok()) return Fail(1, std::string(summary.status().message()));
-  std::printf(
-      "done: %d steps in %s, %.0f tokens/s on %d threads; final val loss %.4f nats/token "
-      "(ppl %.2f), best %.4f\nmodel saved to %s\n",
-      summary->steps, rmoe::FormatDuration(summary->wall_seconds).c_str(),
-      summary->tokens_per_second, summary->threads, summary->final_val_loss,
-      std::exp(summary->final_val_loss), summary->best_val_loss, summary->model_dir.c_str());
-  return 0;
+  if (mpi.World().size() > 1) mpi.Abort(1);
+  return 1;
 }
 
+}  // namespace
+
 int main(int argc, char** argv) {
-  // Torch reports shape and runtime errors as exceptions; turn them into a message and a
-  // non-zero exit instead of an abort with a stack dump.
   try {
     return Run(argc, argv);
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "rmoe_train: %s\n", e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "rmoe_train: %s\n", e.what());
+  } catch (const std::exception& e) {  // before MPI started: argument handling only
+    return Fail(1, e.what());
   }
-  return 1;
 }

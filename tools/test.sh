@@ -8,4 +8,4 @@ BIN=${RMOE_BUILD_DIR:-build}
 tools/setup.sh
 tools/fetch_corpus.sh data/raw/sotu
 cd "$BIN"
-ctest --output-on-failure --timeout 900 "$@"
+ctest --output-on-failure --timeout 900 -j "$(nproc)" "$@"

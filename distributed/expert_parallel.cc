@@ -1,0 +1,134 @@
+#include "distributed/expert_parallel.h"
+
+#include <numeric>
+
+namespace rmoe::distributed {
+namespace {
+
+class AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               Communicator* comm, const std::vector<int64_t>& send_splits,
+                               const std::vector<int64_t>& recv_splits) {
+    ctx->saved_data["comm"] = reinterpret_cast<int64_t>(comm);
+    ctx->saved_data["send_splits"] = send_splits;
+    ctx->saved_data["recv_splits"] = recv_splits;
+    return comm->AllToAll(x, send_splits, recv_splits);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    const auto send_splits = ctx->saved_data["send_splits"].toIntVector();
+    const auto recv_splits = ctx->saved_data["recv_splits"].toIntVector();
+    // What arrived from rank r goes back to rank r.
+    auto grad = comm->AllToAll(grads[0].contiguous(), recv_splits, send_splits);
+    return {grad, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+int64_t Sum(const std::vector<int64_t>& values) {
+  return std::accumulate(values.begin(), values.end(), int64_t{0});
+}
+
+}  // namespace
+
+torch::Tensor AllToAllWithGrad(Communicator& comm, const torch::Tensor& x,
+                               const std::vector<int64_t>& send_splits,
+                               const std::vector<int64_t>& recv_splits) {
+  return AllToAllFunction::apply(x, &comm, send_splits, recv_splits);
+}
+
+ExpertParallelDispatcher::ExpertParallelDispatcher(std::shared_ptr<Communicator> ep_group,
+                                                   int64_t num_experts)
+    : ep_group_(std::move(ep_group)), num_experts_(num_experts) {
+  TORCH_CHECK(num_experts_ % ep_group_->size() == 0, num_experts_,
+              " experts cannot be split evenly over an expert-parallel group of ",
+              ep_group_->size());
+}
+
+torch::Tensor ExpertParallelDispatcher::Dispatch(const torch::Tensor& x,
+                                                 const RoutingDecision& decision,
+                                                 int64_t capacity, ExpertBank& experts,
+                                                 DispatchPlan* plan) {
+  const int ranks = ep_group_->size();
+  const int64_t local_experts = num_experts_ / ranks;
+  TORCH_CHECK(experts->num_experts() == local_experts &&
+                  experts->first_expert() == ep_group_->rank() * local_experts,
+              "this rank holds experts [", experts->first_expert(), ", ",
+              experts->first_expert() + experts->num_experts(), ") but expert parallelism over ",
+              ranks, " ranks gives it ", local_experts, " experts from ",
+              ep_group_->rank() * local_experts);
+
+  // Sorted by global expert is also sorted by destination rank: experts are contiguous.
+  *plan = PlanDispatch(decision, num_experts_, capacity);
+  std::vector<int64_t> send_splits(ranks, 0);
+  for (int64_t e = 0; e < num_experts_; ++e) {
+    send_splits[e / local_experts] += plan->tokens_per_expert[e];
+  }
+  // recv_counts[s * L + e]: tokens rank s sends to local expert e here.
+  const std::vector<int64_t> recv_counts = ep_group_->AllToAllCounts(plan->tokens_per_expert);
+  std::vector<int64_t> recv_splits(ranks, 0);
+  for (int s = 0; s < ranks; ++s) {
+    for (int64_t e = 0; e < local_experts; ++e) recv_splits[s] += recv_counts[s * local_experts + e];
+  }
+
+  auto received = AllToAllWithGrad(*ep_group_, x.index_select(0, plan->token), send_splits,
+                                   recv_splits);
+
+  // Arrivals are ordered (source rank, expert); the experts want (expert, source rank).
+  std::vector<int64_t> order;
+  order.reserve(Sum(recv_splits));
+  std::vector<int64_t> block_start(recv_counts.size());
+  std::partial_sum(recv_counts.begin(), recv_counts.end() - 1, block_start.begin() + 1);
+  std::vector<int64_t> tokens_per_local_expert(local_experts, 0);
+  for (int64_t e = 0; e < local_experts; ++e) {
+    for (int s = 0; s < ranks; ++s) {
+      const int64_t block = s * local_experts + e;
+      for (int64_t i = 0; i < recv_counts[block]; ++i) order.push_back(block_start[block] + i);
+      tokens_per_local_expert[e] += recv_counts[block];
+    }
+  }
+  auto by_expert = torch::tensor(order, torch::kLong).to(x.device());
+  auto expert_out = experts->forward(received.index_select(0, by_expert), tokens_per_local_expert);
+  auto by_source = torch::empty_like(by_expert);
+  by_source.index_put_({by_expert}, torch::arange(by_expert.size(0), by_expert.options()));
+  auto returned = AllToAllWithGrad(*ep_group_, expert_out.index_select(0, by_source),
+                                   recv_splits, send_splits);
+
+  auto weighted = returned * plan->weight.unsqueeze(1).to(returned.scalar_type());
+  return torch::zeros_like(x).index_add(0, plan->token, weighted);
+}
+
+namespace {
+template <typename Fn>
+void ForEachMoELayer(Transformer& model, Fn fn) {
+  for (auto& block : model->blocks()) {
+    if (block->is_moe()) fn(block->moe());
+  }
+}
+}  // namespace
+
+void ShardExperts(Transformer& model, std::shared_ptr<Communicator> ep_group) {
+  const int64_t num_experts = model->spec().moe().num_experts();
+  const int64_t local = num_experts / ep_group->size();
+  ForEachMoELayer(model, [&](MoELayer& layer) {
+    TORCH_CHECK(layer->experts()->num_experts() == num_experts,
+                "ShardExperts needs a model that holds all ", num_experts, " experts");
+    layer->experts()->KeepExperts(ep_group->rank() * local, local);
+    layer->set_dispatcher(std::make_shared<ExpertParallelDispatcher>(ep_group, num_experts));
+  });
+}
+
+void GatherExperts(Transformer& model, Communicator& ep_group) {
+  ForEachMoELayer(model, [&](MoELayer& layer) {
+    auto& bank = layer->experts();
+    torch::NoGradGuard no_grad;
+    // Slices are in rank order, so concatenating them gives experts 0..E-1.
+    bank->SetExperts(0, ep_group.AllGather(bank->w1), ep_group.AllGather(bank->w3),
+                     ep_group.AllGather(bank->w2));
+    layer->set_dispatcher(std::make_shared<LocalDispatcher>());
+  });
+}
+
+}  // namespace rmoe::distributed

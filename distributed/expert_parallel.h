@@ -1,0 +1,46 @@
+// Expert parallelism: the experts of every MoE layer are split evenly over the ranks of an
+// expert-parallel (EP) group, rank r holding global experts [r * E/P, (r + 1) * E/P); tokens
+// travel to the rank of their expert and back with uneven all-to-alls.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "distributed/communicator.h"
+#include "rmoe/model/experts.h"
+#include "rmoe/model/transformer.h"
+
+namespace rmoe::distributed {
+
+// All-to-all that autograd can differentiate: the backward pass sends the gradients back
+// along the reverse splits. Every rank of `comm` must call it, also with zero rows.
+torch::Tensor AllToAllWithGrad(Communicator& comm, const torch::Tensor& x,
+                               const std::vector<int64_t>& send_splits,
+                               const std::vector<int64_t>& recv_splits);
+
+// The expert-parallel twin of LocalDispatcher, behind the same interface:
+//   plan (sort by global expert, capacity) -> exchange per-expert counts -> send tokens to
+//   their experts' ranks -> regroup by local expert -> run the local experts -> undo the
+//   regrouping -> send results back -> weight and combine.
+// Capacity decisions are made before any exchange, so they equal a single rank's.
+class ExpertParallelDispatcher : public Dispatcher {
+ public:
+  ExpertParallelDispatcher(std::shared_ptr<Communicator> ep_group, int64_t num_experts);
+  torch::Tensor Dispatch(const torch::Tensor& x, const RoutingDecision& decision, int64_t capacity,
+                         ExpertBank& experts, DispatchPlan* plan) override;
+
+ private:
+  std::shared_ptr<Communicator> ep_group_;
+  int64_t num_experts_;
+};
+
+// Keeps this rank's slice of every MoE layer's experts and routes through `ep_group`.
+// The model must hold all experts (every rank built it from the same seed).
+void ShardExperts(Transformer& model, std::shared_ptr<Communicator> ep_group);
+
+// The inverse of ShardExperts: every rank gets all experts back (for saving a whole model).
+void GatherExperts(Transformer& model, Communicator& ep_group);
+
+}  // namespace rmoe::distributed

@@ -1,0 +1,503 @@
+#include "distributed/mpi_communicator.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <numeric>
+#include <optional>
+#include <sstream>
+
+namespace rmoe::distributed {
+namespace {
+
+// Tag of the point-to-point messages of the AllToAll fallback. Communicators made here are
+// private (a duplicate of MPI_COMM_WORLD, or Split()); other code sending point-to-point on
+// them must not use this tag.
+constexpr int kFallbackTag = 0x524d;  // "RM"
+
+int WorldRank() {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+std::string ErrorString(int rc) {
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  if (MPI_Error_string(rc, text, &length) != MPI_SUCCESS) return "MPI error " + std::to_string(rc);
+  return std::string(text, length);
+}
+
+int64_t Product(c10::IntArrayRef sizes, size_t from) {
+  int64_t p = 1;
+  for (size_t i = from; i < sizes.size(); ++i) p *= sizes[i];
+  return p;
+}
+
+// Empty if `tensor` can be communicated; otherwise why not, naming the operation.
+std::string TensorProblem(const torch::Tensor& tensor, const char* op, bool needs_rows) {
+  std::ostringstream out;
+  if (!tensor.defined()) {
+    out << "MpiCommunicator::" << op << ": the tensor is undefined";
+  } else if (!tensor.device().is_cpu()) {
+    out << "MpiCommunicator::" << op << ": the tensor is on " << tensor.device()
+        << "; MPI communicates CPU tensors only (CUDA tensors go through the NCCL "
+           "communicator and are never copied to the host)";
+  } else if (needs_rows && tensor.dim() == 0) {
+    out << "MpiCommunicator::" << op << ": needs a tensor with at least one dimension (rows "
+        << "along dim 0), got a scalar";
+  }
+  return out.str();
+}
+
+void CheckTensor(const torch::Tensor& tensor, const char* op) {
+  const std::string problem = TensorProblem(tensor, op, /*needs_rows=*/false);
+  TORCH_CHECK(problem.empty(), problem);
+}
+
+// A hash of the dims after the first, so that ranks can check they agree.
+int64_t TrailingShapeHash(const torch::Tensor& t) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t d = 1; d < t.dim(); ++d) h = (h ^ static_cast<uint64_t>(t.size(d))) * 1099511628211ull;
+  h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
+  return static_cast<int64_t>(h & 0x7fffffffffffffffull);
+}
+
+std::string DescribeRows(int64_t dtype, int64_t row_bytes) {
+  std::ostringstream out;
+  out << c10::toString(static_cast<c10::ScalarType>(dtype)) << " rows of " << row_bytes << " bytes";
+  return out.str();
+}
+
+// What each rank contributes to the argument agreement of AllToAll and AllGather.
+struct Meta {
+  int64_t error = 0;           // 1: this rank's arguments are invalid (it throws its reason)
+  int64_t needs_fallback = 0;  // 1: a count or displacement of this rank exceeds the limit
+  int64_t rows = 0;            // dim 0 (AllGather)
+  int64_t row_bytes = 0;
+  int64_t dtype = 0;
+  int64_t shape_hash = 0;
+};
+constexpr int kMetaFields = sizeof(Meta) / sizeof(int64_t);
+
+// Frees an MPI_Comm on scope exit unless released.
+struct CommGuard {
+  MPI_Comm comm;
+  ~CommGuard() {
+    if (comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
+  }
+};
+
+struct ReduceType {
+  MPI_Datatype type;
+  MPI_Op sum;
+};
+
+// The dtype a tensor is reduced in: half and bfloat16 in float (rounded once at the end);
+// 8- and 16-bit integers in int32, because OpenMPI 4.1's vectorised (op/avx) MPI_SUM
+// saturates them instead of wrapping, and only for the elements it vectorises. Converting back
+// wraps the way torch's own integer arithmetic does.
+c10::ScalarType ReductionDtype(c10::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kHalf:
+    case torch::kBFloat16: return torch::kFloat;
+    case torch::kInt8:
+    case torch::kUInt8:
+    case torch::kInt16: return torch::kInt;
+    default: return dtype;
+  }
+}
+
+// The MPI type and "sum" op for reducing `dtype`; nullopt if unsupported.
+std::optional<ReduceType> NativeReduceType(c10::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat: return ReduceType{MPI_FLOAT, MPI_SUM};
+    case torch::kDouble: return ReduceType{MPI_DOUBLE, MPI_SUM};
+    case torch::kInt32: return ReduceType{MPI_INT32_T, MPI_SUM};
+    case torch::kInt64: return ReduceType{MPI_INT64_T, MPI_SUM};
+    case torch::kBool: return ReduceType{MPI_C_BOOL, MPI_LOR};
+    default: return std::nullopt;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// MpiCommunicator
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool owned)
+    : comm_(comm), owned_(owned), max_message_bytes_(INT_MAX) {
+  TORCH_CHECK(comm != MPI_COMM_NULL, "MpiCommunicator: MPI_COMM_NULL");
+  Check(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MpiCommunicator", "MPI_Comm_set_errhandler");
+  Check(MPI_Comm_rank(comm_, &rank_), "MpiCommunicator", "MPI_Comm_rank");
+  Check(MPI_Comm_size(comm_, &size_), "MpiCommunicator", "MPI_Comm_size");
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  if (!owned_ || comm_ == MPI_COMM_NULL) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Comm_free(&comm_);
+}
+
+void MpiCommunicator::set_max_message_bytes_for_testing(int64_t bytes) {
+  TORCH_CHECK(bytes >= 1 && bytes <= INT_MAX, "max_message_bytes must be in [1, INT_MAX], got ", bytes);
+  max_message_bytes_ = bytes;
+}
+
+void MpiCommunicator::Check(int rc, const char* operation, const char* mpi_call) const {
+  if (rc == MPI_SUCCESS) return;
+  const int world_rank = WorldRank();
+  std::ostringstream message;
+  message << "rank " << world_rank << ": " << operation << ": " << mpi_call
+          << " failed: " << ErrorString(rc);
+  throw MpiError(message.str(), rc, world_rank);
+}
+
+void MpiCommunicator::AllReduce(torch::Tensor& tensor, ReduceOp op) {
+  CheckTensor(tensor, "AllReduce");
+  const c10::ScalarType dtype = tensor.scalar_type();
+  const c10::ScalarType reduce_dtype = ReductionDtype(dtype);
+  std::optional<ReduceType> reduce = NativeReduceType(reduce_dtype);
+  TORCH_CHECK(reduce.has_value(), "MpiCommunicator::AllReduce: unsupported dtype ", dtype);
+  TORCH_CHECK(op == ReduceOp::kSum || at::isFloatingType(dtype),
+              "MpiCommunicator::AllReduce: ReduceOp::kAvg needs a floating-point tensor, got ",
+              dtype, " (use kSum and divide as the caller needs)");
+  if (tensor.numel() == 0) return;
+
+  torch::NoGradGuard no_grad;
+  torch::Tensor work = reduce_dtype != dtype ? tensor.to(reduce_dtype) : tensor.contiguous();
+  char* data = static_cast<char*>(work.data_ptr());
+  const int64_t element_bytes = work.element_size();
+  const int64_t numel = work.numel();
+  const int64_t per_call = std::max<int64_t>(1, max_message_bytes_ / element_bytes);
+  if (numel > per_call) ++chunked_operations_;
+  for (int64_t offset = 0; offset < numel; offset += per_call) {
+    const int count = static_cast<int>(std::min(per_call, numel - offset));
+    Check(MPI_Allreduce(MPI_IN_PLACE, data + offset * element_bytes, count, reduce->type,
+                        reduce->sum, comm_),
+          "AllReduce", "MPI_Allreduce");
+  }
+  if (op == ReduceOp::kAvg) work.div_(size_);
+  if (!work.is_same(tensor)) tensor.copy_(work);
+}
+
+torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
+                                         const std::vector<int64_t>& send_splits,
+                                         const std::vector<int64_t>& recv_splits) {
+  // Local checks first; their outcome is shared with every rank below, so that a bad argument
+  // on one rank makes all of them throw rather than leaving the others in the collective.
+  std::string problem = TensorProblem(send, "AllToAll", /*needs_rows=*/true);
+  if (problem.empty()) {
+    std::ostringstream out;
+    const int64_t send_total = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
+    const bool negative =
+        std::any_of(send_splits.begin(), send_splits.end(), [](int64_t s) { return s < 0; }) ||
+        std::any_of(recv_splits.begin(), recv_splits.end(), [](int64_t s) { return s < 0; });
+    if (static_cast<int>(send_splits.size()) != size_ || static_cast<int>(recv_splits.size()) != size_) {
+      out << "MpiCommunicator::AllToAll: send_splits and recv_splits need one entry per rank ("
+          << size_ << "), got " << send_splits.size() << " and " << recv_splits.size();
+    } else if (negative) {
+      out << "MpiCommunicator::AllToAll: negative split";
+    } else if (send_splits[rank_] != recv_splits[rank_]) {
+      out << "MpiCommunicator::AllToAll: rank " << rank_ << " sends " << send_splits[rank_]
+          << " rows to itself but expects " << recv_splits[rank_];
+    } else if (send_total != send.size(0)) {
+      out << "MpiCommunicator::AllToAll: send_splits sum to " << send_total << " but the tensor has "
+          << send.size(0) << " rows";
+    }
+    problem = out.str();
+  }
+
+  Meta local;
+  std::vector<int64_t> send_bytes(size_), recv_bytes(size_), send_offsets(size_), recv_offsets(size_);
+  int64_t row_bytes = 0;
+  if (!problem.empty()) {
+    local.error = 1;
+  } else {
+    row_bytes = Product(send.sizes(), 1) * send.element_size();
+    int64_t send_total = 0, recv_total = 0;
+    for (int r = 0; r < size_; ++r) {
+      send_offsets[r] = send_total;
+      recv_offsets[r] = recv_total;
+      send_bytes[r] = send_splits[r] * row_bytes;
+      recv_bytes[r] = recv_splits[r] * row_bytes;
+      send_total += send_bytes[r];
+      recv_total += recv_bytes[r];
+    }
+    // Counts and displacements are at most the totals.
+    local.needs_fallback = send_total > max_message_bytes_ || recv_total > max_message_bytes_;
+    local.row_bytes = row_bytes;
+    local.dtype = static_cast<int64_t>(send.scalar_type());
+    local.shape_hash = TrailingShapeHash(send);
+  }
+
+  std::vector<Meta> all(size_);
+  Check(MPI_Allgather(&local, kMetaFields, MPI_INT64_T, all.data(), kMetaFields, MPI_INT64_T, comm_),
+        "AllToAll", "MPI_Allgather");
+  TORCH_CHECK(problem.empty(), problem);
+  bool fallback = false;
+  for (int r = 0; r < size_; ++r) {
+    TORCH_CHECK(!all[r].error, "MpiCommunicator::AllToAll: rank ", r,
+                " of this communicator passed invalid arguments (it reports why)");
+    TORCH_CHECK(all[r].dtype == local.dtype && all[r].shape_hash == local.shape_hash,
+                "MpiCommunicator::AllToAll: the tensors disagree across ranks: rank ", rank_,
+                " has ", DescribeRows(local.dtype, local.row_bytes), ", rank ", r, " has ",
+                DescribeRows(all[r].dtype, all[r].row_bytes),
+                " (the dims after the first and the dtype must agree)");
+    fallback = fallback || all[r].needs_fallback;
+  }
+
+  const torch::Tensor source = send.contiguous();
+  std::vector<int64_t> out_shape = send.sizes().vec();
+  out_shape[0] = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
+  torch::Tensor result = torch::empty(out_shape, send.options());
+  if (row_bytes == 0) return result;  // nothing to move anywhere (the same on every rank)
+  const char* send_data = static_cast<const char*>(source.data_ptr());
+  char* recv_data = static_cast<char*>(result.data_ptr());
+
+  if (!fallback) {
+    auto to_int = [](const std::vector<int64_t>& v) { return std::vector<int>(v.begin(), v.end()); };
+    const std::vector<int> sc = to_int(send_bytes), sd = to_int(send_offsets);
+    const std::vector<int> rc = to_int(recv_bytes), rd = to_int(recv_offsets);
+    Check(MPI_Alltoallv(send_data, sc.data(), sd.data(), MPI_BYTE, recv_data, rc.data(), rd.data(),
+                        MPI_BYTE, comm_),
+          "AllToAll", "MPI_Alltoallv");
+    return result;
+  }
+
+  // Fallback: every message as chunks of at most max_message_bytes_, point to point. Both ends
+  // cut a message the same way (its size is send_splits[dst] * row_bytes on the sender,
+  // recv_splits[src] * row_bytes on the receiver), and messages between two ranks with one tag
+  // are matched in order, so chunk i lands on chunk i.
+  ++chunked_operations_;
+  std::vector<MPI_Request> requests;
+  const int64_t chunk = max_message_bytes_;
+  for (int i = 1; i < size_; ++i) {
+    const int src = (rank_ - i + size_) % size_;
+    for (int64_t off = 0; off < recv_bytes[src]; off += chunk) {
+      requests.emplace_back();
+      Check(MPI_Irecv(recv_data + recv_offsets[src] + off,
+                      static_cast<int>(std::min(chunk, recv_bytes[src] - off)), MPI_BYTE, src,
+                      kFallbackTag, comm_, &requests.back()),
+            "AllToAll", "MPI_Irecv");
+    }
+  }
+  for (int i = 1; i < size_; ++i) {
+    const int dst = (rank_ + i) % size_;
+    for (int64_t off = 0; off < send_bytes[dst]; off += chunk) {
+      requests.emplace_back();
+      Check(MPI_Isend(send_data + send_offsets[dst] + off,
+                      static_cast<int>(std::min(chunk, send_bytes[dst] - off)), MPI_BYTE, dst,
+                      kFallbackTag, comm_, &requests.back()),
+            "AllToAll", "MPI_Isend");
+    }
+  }
+  if (send_bytes[rank_] > 0) {
+    std::memcpy(recv_data + recv_offsets[rank_], send_data + send_offsets[rank_], send_bytes[rank_]);
+  }
+  Check(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
+        "AllToAll", "MPI_Waitall");
+  return result;
+}
+
+std::vector<int64_t> MpiCommunicator::AllToAllCounts(const std::vector<int64_t>& counts) {
+  TORCH_CHECK(!counts.empty() && counts.size() % size_ == 0, "MpiCommunicator::AllToAllCounts: ",
+              "counts.size() = ", counts.size(), " must be a positive multiple of size() = ", size_);
+  const int64_t k = static_cast<int64_t>(counts.size()) / size_;
+  TORCH_CHECK(k <= INT_MAX, "MpiCommunicator::AllToAllCounts: too many counts per rank");
+  std::vector<int64_t> result(counts.size());
+  Check(MPI_Alltoall(counts.data(), static_cast<int>(k), MPI_INT64_T, result.data(),
+                     static_cast<int>(k), MPI_INT64_T, comm_),
+        "AllToAllCounts", "MPI_Alltoall");
+  return result;
+}
+
+torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor) {
+  const std::string problem = TensorProblem(tensor, "AllGather", /*needs_rows=*/true);
+  Meta local;
+  if (!problem.empty()) {
+    local.error = 1;
+  } else {
+    local.rows = tensor.size(0);
+    local.row_bytes = Product(tensor.sizes(), 1) * tensor.element_size();
+    local.dtype = static_cast<int64_t>(tensor.scalar_type());
+    local.shape_hash = TrailingShapeHash(tensor);
+  }
+  std::vector<Meta> all(size_);
+  Check(MPI_Allgather(&local, kMetaFields, MPI_INT64_T, all.data(), kMetaFields, MPI_INT64_T, comm_),
+        "AllGather", "MPI_Allgather");
+  TORCH_CHECK(problem.empty(), problem);
+  int64_t total_rows = 0;
+  for (int r = 0; r < size_; ++r) {
+    TORCH_CHECK(!all[r].error, "MpiCommunicator::AllGather: rank ", r,
+                " of this communicator passed an invalid tensor (it reports why)");
+    TORCH_CHECK(all[r].dtype == local.dtype && all[r].shape_hash == local.shape_hash,
+                "MpiCommunicator::AllGather: the tensors disagree across ranks: rank ", rank_,
+                " has ", DescribeRows(local.dtype, local.row_bytes), ", rank ", r, " has ",
+                DescribeRows(all[r].dtype, all[r].row_bytes),
+                " (the dims after the first and the dtype must agree)");
+    total_rows += all[r].rows;
+  }
+
+  const torch::Tensor source = tensor.contiguous();
+  std::vector<int64_t> out_shape = tensor.sizes().vec();
+  out_shape[0] = total_rows;
+  torch::Tensor result = torch::empty(out_shape, tensor.options());
+  const int64_t row_bytes = local.row_bytes;
+  if (row_bytes == 0 || total_rows == 0) return result;
+  char* out = static_cast<char*>(result.data_ptr());
+  std::vector<int64_t> bytes(size_), offsets(size_);
+  int64_t total_bytes = 0;
+  for (int r = 0; r < size_; ++r) {
+    bytes[r] = all[r].rows * row_bytes;
+    offsets[r] = total_bytes;
+    total_bytes += bytes[r];
+  }
+
+  // Every rank knows every size, so all take the same path without further agreement.
+  if (total_bytes <= max_message_bytes_) {
+    const std::vector<int> counts(bytes.begin(), bytes.end()), displs(offsets.begin(), offsets.end());
+    Check(MPI_Allgatherv(source.data_ptr(), counts[rank_], MPI_BYTE, out, counts.data(),
+                         displs.data(), MPI_BYTE, comm_),
+          "AllGather", "MPI_Allgatherv");
+    return result;
+  }
+  // Fallback: each rank's part is broadcast from it, in chunks of at most max_message_bytes_.
+  ++chunked_operations_;
+  if (bytes[rank_] > 0) std::memcpy(out + offsets[rank_], source.data_ptr(), bytes[rank_]);
+  for (int root = 0; root < size_; ++root) {
+    for (int64_t off = 0; off < bytes[root]; off += max_message_bytes_) {
+      Check(MPI_Bcast(out + offsets[root] + off,
+                      static_cast<int>(std::min(max_message_bytes_, bytes[root] - off)), MPI_BYTE,
+                      root, comm_),
+            "AllGather", "MPI_Bcast");
+    }
+  }
+  return result;
+}
+
+void MpiCommunicator::Broadcast(torch::Tensor& tensor, int root) {
+  CheckTensor(tensor, "Broadcast");
+  TORCH_CHECK(root >= 0 && root < size_, "MpiCommunicator::Broadcast: root ", root,
+              " is not a rank of this communicator (size ", size_, ")");
+  torch::NoGradGuard no_grad;
+  torch::Tensor work = tensor.contiguous();
+  char* data = static_cast<char*>(work.data_ptr());
+  const int64_t total = work.numel() * work.element_size();
+  if (total > max_message_bytes_) ++chunked_operations_;
+  for (int64_t off = 0; off < total; off += max_message_bytes_) {
+    Check(MPI_Bcast(data + off, static_cast<int>(std::min(max_message_bytes_, total - off)), MPI_BYTE,
+                    root, comm_),
+          "Broadcast", "MPI_Bcast");
+  }
+  if (!work.is_same(tensor) && rank_ != root) tensor.copy_(work);
+}
+
+void MpiCommunicator::Barrier() { Check(MPI_Barrier(comm_), "Barrier", "MPI_Barrier"); }
+
+std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key) {
+  MPI_Comm new_comm = MPI_COMM_NULL;
+  Check(MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &new_comm), "Split",
+        "MPI_Comm_split");
+  if (new_comm == MPI_COMM_NULL) return nullptr;
+  CommGuard guard{new_comm};
+  auto result = std::make_unique<MpiCommunicator>(new_comm, /*owned=*/true);
+  guard.comm = MPI_COMM_NULL;
+  result->max_message_bytes_ = max_message_bytes_;
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MpiRuntime
+
+namespace {
+MpiRuntime* g_runtime = nullptr;
+
+bool ReadEnvInt(const char* name, int* value) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return false;
+  char* end = nullptr;
+  const long v = std::strtol(text, &end, 10);
+  if (*end != '\0' || v < 0 || v > INT_MAX) return false;
+  *value = static_cast<int>(v);
+  return true;
+}
+
+void CheckInit(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  throw MpiError(std::string("MpiRuntime: ") + call + " failed: " + ErrorString(rc), rc, -1);
+}
+}  // namespace
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  TORCH_CHECK(g_runtime == nullptr, "MpiRuntime: there is already one in this process");
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  TORCH_CHECK(!finalized, "MpiRuntime: MPI was already finalized and cannot be initialised again");
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  int provided = 0;
+  if (!initialized) {
+    CheckInit(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
+    finalize_ = true;
+    // Errors on MPI_COMM_WORLD come back as codes too (the default aborts without a word
+    // about which call failed). Only when we own MPI.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  } else {
+    MPI_Query_thread(&provided);
+  }
+  TORCH_CHECK(provided >= MPI_THREAD_FUNNELED,
+              "MpiRuntime: the MPI library does not provide MPI_THREAD_FUNNELED (got ", provided, ")");
+
+  MPI_Comm dup = MPI_COMM_NULL;
+  CheckInit(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup");
+  world_ = std::make_unique<MpiCommunicator>(dup, /*owned=*/true);
+
+  int local_rank = 0, local_size = 0;
+  if (ReadEnvInt("OMPI_COMM_WORLD_LOCAL_RANK", &local_rank) &&
+      ReadEnvInt("OMPI_COMM_WORLD_LOCAL_SIZE", &local_size) && local_rank < local_size) {
+    local_rank_ = local_rank;
+    local_size_ = local_size;
+  } else {
+    MPI_Comm node = MPI_COMM_NULL;
+    CheckInit(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_->rank(),
+                                  MPI_INFO_NULL, &node),
+              "MPI_Comm_split_type");
+    CommGuard guard{node};
+    MPI_Comm_rank(node, &local_rank_);
+    MPI_Comm_size(node, &local_size_);
+  }
+  g_runtime = this;
+}
+
+MpiRuntime::~MpiRuntime() {
+  world_.reset();
+  g_runtime = nullptr;
+  if (!finalize_) return;
+  if (std::uncaught_exceptions() > 0) {
+    // Unwinding: other ranks may be waiting in a collective for this one, and MPI_Finalize
+    // would wait for them. End the job instead.
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  MPI_Finalize();
+}
+
+MpiRuntime& MpiRuntime::Get() {
+  TORCH_CHECK(g_runtime != nullptr, "MpiRuntime::Get: no MpiRuntime exists (create one in main)");
+  return *g_runtime;
+}
+
+bool MpiRuntime::Exists() { return g_runtime != nullptr; }
+
+void MpiRuntime::Abort(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);  // MPI_Abort does not return; just in case
+}
+
+}  // namespace rmoe::distributed

@@ -1,0 +1,129 @@
+#include "distributed/parallel_runtime.h"
+
+#include <cmath>
+#include <unordered_set>
+
+#include <absl/strings/str_cat.h>
+
+#include "distributed/expert_parallel.h"
+
+namespace rmoe::distributed {
+
+absl::StatusOr<ProcessGroups> ProcessGroups::Create(std::shared_ptr<Communicator> world,
+                                                    int expert_parallel_size, int num_experts) {
+  const int size = world->size();
+  if (expert_parallel_size < 1 || size % expert_parallel_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "parallel.expert_parallel_size = ", expert_parallel_size, " must divide the ", size,
+        " ranks of the job (world = data-parallel replicas x expert-parallel size)"));
+  }
+  if (num_experts % expert_parallel_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.moe.num_experts = ", num_experts, " cannot be split evenly over "
+        "parallel.expert_parallel_size = ", expert_parallel_size, " ranks"));
+  }
+  ProcessGroups groups;
+  const int rank = world->rank();
+  groups.expert_parallel = world->Split(rank / expert_parallel_size, rank);
+  groups.expert_replicas = world->Split(rank % expert_parallel_size, rank);
+  groups.world = std::move(world);
+  return groups;
+}
+
+void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, ReduceOp op,
+                       size_t bucket_bytes) {
+  size_t begin = 0;
+  while (begin < tensors.size()) {
+    // A bucket: consecutive tensors of one dtype up to bucket_bytes (at least one tensor).
+    size_t end = begin, bytes = 0;
+    while (end < tensors.size() && tensors[end].scalar_type() == tensors[begin].scalar_type() &&
+           (end == begin || bytes + tensors[end].nbytes() <= bucket_bytes)) {
+      bytes += tensors[end].nbytes();
+      ++end;
+    }
+    std::vector<torch::Tensor> flat_parts;
+    for (size_t i = begin; i < end; ++i) flat_parts.push_back(tensors[i].reshape({-1}));
+    auto flat = torch::cat(flat_parts);
+    comm.AllReduce(flat, op);
+    int64_t offset = 0;
+    for (size_t i = begin; i < end; ++i) {
+      const int64_t n = tensors[i].numel();
+      tensors[i].view({-1}).copy_(flat.narrow(0, offset, n));
+      offset += n;
+    }
+    begin = end;
+  }
+}
+
+DistributedRuntime::DistributedRuntime(ProcessGroups groups, int local_size, size_t bucket_bytes)
+    : groups_(std::move(groups)), local_size_(local_size), bucket_bytes_(bucket_bytes) {}
+
+void DistributedRuntime::Classify(Transformer& model) {
+  std::unordered_set<const void*> expert_params;
+  for (auto& block : model->blocks()) {
+    if (!block->is_moe()) continue;
+    for (auto& p : block->moe()->experts()->parameters()) {
+      expert_params.insert(p.unsafeGetTensorImpl());
+    }
+  }
+  replicated_.clear();
+  experts_.clear();
+  for (auto& p : model->parameters()) {
+    (expert_params.count(p.unsafeGetTensorImpl()) ? experts_ : replicated_).push_back(p);
+  }
+}
+
+void DistributedRuntime::PrepareModel(Transformer& model) {
+  if (groups_.expert_parallel->size() > 1) ShardExperts(model, groups_.expert_parallel);
+  Classify(model);
+}
+
+void DistributedRuntime::SynchronizeGradients(Transformer& model) {
+  auto grads = [](const std::vector<torch::Tensor>& params) {
+    std::vector<torch::Tensor> out;
+    for (auto p : params) {
+      // Every rank must contribute every tensor, or the buckets would not line up.
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+      out.push_back(p.grad());
+    }
+    return out;
+  };
+  AllReduceBucketed(*groups_.world, grads(replicated_), ReduceOp::kAvg, bucket_bytes_);
+  // An expert's gradient here already sums the losses of every rank in this EP group (the
+  // all-to-all's backward brought them); summing over the replicas and dividing by the
+  // world gives the world average, as for the replicated parameters.
+  auto expert_grads = grads(experts_);
+  AllReduceBucketed(*groups_.expert_replicas, expert_grads, ReduceOp::kSum, bucket_bytes_);
+  torch::NoGradGuard no_grad;
+  for (auto& g : expert_grads) g.div_(static_cast<double>(world_size()));
+}
+
+double DistributedRuntime::ClipGradients(Transformer& model, double max_norm) {
+  auto squares = [](const std::vector<torch::Tensor>& params) {
+    double sum = 0;
+    for (const auto& p : params) {
+      if (p.grad().defined()) sum += p.grad().pow(2).sum().item<double>();
+    }
+    return sum;
+  };
+  // Replicated gradients are equal everywhere after synchronisation; each expert lives on
+  // exactly one rank of an EP group, so the group's sum counts every expert once.
+  auto expert_squares = torch::tensor({squares(experts_)}, torch::kDouble);
+  groups_.expert_parallel->AllReduce(expert_squares, ReduceOp::kSum);
+  const double norm = std::sqrt(squares(replicated_) + expert_squares.item<double>());
+  ScaleGradientsToNorm(model->parameters(), norm, max_norm);
+  return norm;
+}
+
+double DistributedRuntime::Average(double value) {
+  auto t = torch::tensor({value}, torch::kDouble);
+  groups_.world->AllReduce(t, ReduceOp::kAvg);
+  return t.item<double>();
+}
+
+void DistributedRuntime::PrepareForSave(Transformer& model) {
+  if (groups_.expert_parallel->size() > 1) GatherExperts(model, *groups_.expert_parallel);
+  Classify(model);
+}
+
+}  // namespace rmoe::distributed

@@ -1,0 +1,63 @@
+// Process groups and the multi-rank training runtime.
+//
+// world = data-parallel replicas x expert-parallel size. Every rank reads its own data;
+// everything that is not an expert (embeddings, attention, norms, routers, shared experts)
+// is replicated on every rank and its gradients are averaged over the world. Each MoE
+// layer's experts are split over an expert-parallel (EP) group of consecutive ranks (so the
+// all-to-all stays inside a node), and an expert's gradients are averaged over the ranks
+// that hold a replica of it.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <absl/status/statusor.h>
+#include <torch/torch.h>
+
+#include "distributed/communicator.h"
+#include "rmoe/train/parallel.h"
+
+namespace rmoe::distributed {
+
+struct ProcessGroups {
+  std::shared_ptr<Communicator> world;
+  // Consecutive ranks [g * EP, (g + 1) * EP): together they hold one copy of every expert.
+  std::shared_ptr<Communicator> expert_parallel;
+  // Ranks with the same position in their EP group: they hold the same experts.
+  std::shared_ptr<Communicator> expert_replicas;
+
+  // Errors name the sizes when the world or the experts do not divide by the EP size.
+  static absl::StatusOr<ProcessGroups> Create(std::shared_ptr<Communicator> world,
+                                              int expert_parallel_size, int num_experts);
+};
+
+// All-reduces `tensors` in place through a few flat buffers of at most `bucket_bytes`
+// each (tensors of one dtype per bucket) instead of one call per tensor.
+void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, ReduceOp op,
+                       size_t bucket_bytes);
+
+class DistributedRuntime : public ParallelRuntime {
+ public:
+  DistributedRuntime(ProcessGroups groups, int local_size, size_t bucket_bytes = 16 << 20);
+
+  int rank() const override { return groups_.world->rank(); }
+  int world_size() const override { return groups_.world->size(); }
+  int local_size() const override { return local_size_; }
+
+  void PrepareModel(Transformer& model) override;
+  void SynchronizeGradients(Transformer& model) override;
+  double ClipGradients(Transformer& model, double max_norm) override;
+  double Average(double value) override;
+  void PrepareForSave(Transformer& model) override;
+
+ private:
+  // Splits the model's parameters into replicated ones and this rank's expert shards.
+  void Classify(Transformer& model);
+
+  ProcessGroups groups_;
+  int local_size_;
+  size_t bucket_bytes_;
+  std::vector<torch::Tensor> replicated_, experts_;
+};
+
+}  // namespace rmoe::distributed
