@@ -55,8 +55,13 @@ void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& ten
   }
 }
 
-DistributedRuntime::DistributedRuntime(ProcessGroups groups, int local_size, size_t bucket_bytes)
-    : groups_(std::move(groups)), local_size_(local_size), bucket_bytes_(bucket_bytes) {}
+DistributedRuntime::DistributedRuntime(ProcessGroups groups, int local_size,
+                                       std::shared_ptr<TimedCommunicator> timer,
+                                       size_t bucket_bytes)
+    : groups_(std::move(groups)),
+      local_size_(local_size),
+      timer_(std::move(timer)),
+      bucket_bytes_(bucket_bytes) {}
 
 void DistributedRuntime::Classify(Transformer& model) {
   std::unordered_set<const void*> expert_params;

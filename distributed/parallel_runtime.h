@@ -15,6 +15,7 @@
 #include <torch/torch.h>
 
 #include "distributed/communicator.h"
+#include "distributed/timed_communicator.h"
 #include "rmoe/train/parallel.h"
 
 namespace rmoe::distributed {
@@ -38,7 +39,11 @@ void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& ten
 
 class DistributedRuntime : public ParallelRuntime {
  public:
-  DistributedRuntime(ProcessGroups groups, int local_size, size_t bucket_bytes = 16 << 20);
+  // `timer`, when given, is the communicator the groups were created from: its clock gives
+  // the time spent communicating.
+  DistributedRuntime(ProcessGroups groups, int local_size,
+                     std::shared_ptr<TimedCommunicator> timer = nullptr,
+                     size_t bucket_bytes = 16 << 20);
 
   int rank() const override { return groups_.world->rank(); }
   int world_size() const override { return groups_.world->size(); }
@@ -49,6 +54,7 @@ class DistributedRuntime : public ParallelRuntime {
   double ClipGradients(Transformer& model, double max_norm) override;
   double Average(double value) override;
   void PrepareForSave(Transformer& model) override;
+  double TakeCommunicationSeconds() override { return timer_ ? timer_->TakeSeconds() : 0; }
 
  private:
   // Splits the model's parameters into replicated ones and this rank's expert shards.
@@ -56,6 +62,7 @@ class DistributedRuntime : public ParallelRuntime {
 
   ProcessGroups groups_;
   int local_size_;
+  std::shared_ptr<TimedCommunicator> timer_;
   size_t bucket_bytes_;
   std::vector<torch::Tensor> replicated_, experts_;
 };

@@ -54,8 +54,12 @@ int Fail(int code, const std::string& message) {
 // Everything after argument parsing, on every rank.
 int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path,
                  const std::vector<std::string>& overrides, bool dry_run, bool quiet) {
-  auto world = std::shared_ptr<rmoe::distributed::Communicator>(
-      &mpi.World(), [](rmoe::distributed::Communicator*) {});
+  // Every collective goes through the timer, which splits step time into compute and
+  // communication in the metrics.
+  auto timer = std::make_shared<rmoe::distributed::TimedCommunicator>(
+      std::shared_ptr<rmoe::distributed::Communicator>(&mpi.World(),
+                                                       [](rmoe::distributed::Communicator*) {}));
+  std::shared_ptr<rmoe::distributed::Communicator> world = timer;
   // Every rank reads the same spec, so every rank reaches the same verdict on it.
   auto spec = rmoe::LoadJobSpecWithOverrides(job_path, overrides);
   if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
@@ -77,7 +81,7 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
     return 0;
   }
 
-  rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize());
+  rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
   rmoe::TrainOptions options;
   options.quiet = quiet;
   auto summary = rmoe::Train(*spec, options, &runtime);

@@ -31,6 +31,9 @@ class ParallelRuntime {
   virtual double Average(double value) { return value; }
   // Makes the main rank's `model` whole before it is saved (every rank must call it).
   virtual void PrepareForSave(Transformer& model) {}
+  // Wall time spent in communication since the last call (for the compute/communication
+  // split of a step).
+  virtual double TakeCommunicationSeconds() { return 0; }
 };
 
 // Scales `grads` by max_norm / (norm + 1e-6) when that is below 1 (as torch's

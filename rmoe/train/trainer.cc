@@ -214,7 +214,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
 
   double last_val = NAN, best_val = INFINITY, train_seconds = 0;
   int64_t tokens_since_log = 0;
-  double seconds_since_log = 0, tokens_per_second = 0;
+  double seconds_since_log = 0, comm_seconds_since_log = 0, tokens_per_second = 0;
+  int steps_since_log = 0;
   const int64_t tokens_per_step =
       static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
   for (int step = 0; step < schedule.steps(); ++step) {
@@ -252,13 +253,19 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     train_seconds += step_seconds;
     tokens_since_log += tokens_per_step;
     seconds_since_log += step_seconds;
+    comm_seconds_since_log += runtime.TakeCommunicationSeconds();
+    ++steps_since_log;
     const int done = step + 1;
     const bool last = done == schedule.steps();
     const bool log_step = done % spec.logging().interval() == 0 || last;
     if (log_step) {
       tokens_per_second = tokens_since_log / seconds_since_log;
+      const double step_s = seconds_since_log / steps_since_log;
+      const double comm_s = comm_seconds_since_log / steps_since_log;
       tokens_since_log = 0;
       seconds_since_log = 0;
+      comm_seconds_since_log = 0;
+      steps_since_log = 0;
       JsonObject record;
       record.Add("type", std::string("train"))
           .Add("step", static_cast<int64_t>(done))
@@ -267,6 +274,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
           .Add("router_loss", step_router_loss)
           .Add("grad_norm", grad_norm)
           .Add("tokens_per_s", tokens_per_second)
+          .Add("step_s", step_s)  // mean over the steps since the last record
+          .Add("comm_s", comm_s)  // of which communication (this rank's view)
           .Add("tokens", static_cast<int64_t>(done) * tokens_per_step)
           .Add("elapsed_s", train_seconds)
           .AddRaw("moe", MoEMetricsJson(output, spec.model()));
@@ -275,6 +284,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     const int eval_interval = schedule.eval_interval();
     if (last || (eval_interval > 0 && done % eval_interval == 0)) {
       last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches, runtime);
+      runtime.TakeCommunicationSeconds();  // evaluation's, not a training step's
       best_val = std::min(best_val, last_val);
       if (metrics) metrics->Write(JsonObject()
                          .Add("type", std::string("eval"))
