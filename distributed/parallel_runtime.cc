@@ -1,13 +1,20 @@
 #include "distributed/parallel_runtime.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
 #include <unordered_set>
 
 #include <absl/strings/str_cat.h>
 
 #include "distributed/expert_parallel.h"
+#include "launcher/job_spec.h"
+#include "rmoe/train/trainer.h"
 
 namespace rmoe::distributed {
+namespace fs = std::filesystem;
 
 absl::StatusOr<ProcessGroups> ProcessGroups::Create(std::shared_ptr<Communicator> world,
                                                     int expert_parallel_size, int num_experts) {
@@ -129,6 +136,129 @@ double DistributedRuntime::Average(double value) {
 void DistributedRuntime::PrepareForSave(Transformer& model) {
   if (groups_.expert_parallel->size() > 1) GatherExperts(model, *groups_.expert_parallel);
   Classify(model);
+}
+
+std::vector<ShardedTensor> DistributedRuntime::StateTensors(Transformer& model,
+                                                            torch::optim::Optimizer& optimizer,
+                                                            bool create_optimizer_state) {
+  std::unordered_set<const void*> expert_params;
+  for (const auto& p : experts_) expert_params.insert(p.unsafeGetTensorImpl());
+  const int64_t num_experts = model->spec().moe().num_experts();
+  const int64_t local_experts = num_experts / groups_.expert_parallel->size();
+  const int64_t first_expert = groups_.expert_parallel->rank() * local_experts;
+
+  std::vector<ShardedTensor> tensors;
+  int index = 0;
+  for (auto& item : model->named_parameters()) {
+    const auto& param = item.value();
+    ShardedTensor model_tensor;
+    model_tensor.name = "model/" + item.key();
+    model_tensor.local = param.detach();
+    model_tensor.global_shape = param.sizes().vec();
+    if (expert_params.count(param.unsafeGetTensorImpl())) {
+      // Expert slices: rows are global expert ids; one replica of each writes them.
+      model_tensor.global_shape[0] = num_experts;
+      model_tensor.row_start = first_expert;
+      model_tensor.write = groups_.expert_replicas->rank() == 0;
+    } else {
+      // Replicated: spread the writing over the ranks so the shards fill in parallel.
+      model_tensor.write = index % world_size() == rank();
+    }
+    ++index;
+
+    auto& states = optimizer.state();
+    const std::string key = c10::guts::to_string(param.unsafeGetTensorImpl());
+    if (create_optimizer_state && !states.count(key)) {
+      auto state = std::make_unique<torch::optim::AdamWParamState>();
+      state->exp_avg(torch::zeros_like(param, torch::MemoryFormat::Preserve));
+      state->exp_avg_sq(torch::zeros_like(param, torch::MemoryFormat::Preserve));
+      states[key] = std::move(state);
+    }
+    auto found = states.find(key);
+    TORCH_CHECK(found != states.end(), "no optimizer state for ", item.key(),
+                ": checkpoints are taken after at least one step");
+    auto& adam = static_cast<torch::optim::AdamWParamState&>(*found->second);
+    for (auto [moment, name] : {std::pair{adam.exp_avg(), "exp_avg"},
+                                std::pair{adam.exp_avg_sq(), "exp_avg_sq"}}) {
+      ShardedTensor state_tensor = model_tensor;
+      state_tensor.name = "optimizer/" + item.key() + "/" + name;
+      state_tensor.local = moment;
+      tensors.push_back(std::move(state_tensor));
+    }
+    tensors.push_back(std::move(model_tensor));
+  }
+  return tensors;
+}
+
+absl::StatusOr<std::string> DistributedRuntime::SaveCheckpoint(const JobSpec& job,
+                                                               const TrainingProgress& progress,
+                                                               Transformer& model,
+                                                               torch::optim::Optimizer& optimizer) {
+  CheckpointState state;
+  state.job = job;
+  state.step = progress.step;
+  state.consumed_samples = progress.consumed_samples;
+  state.expert_parallel_size = groups_.expert_parallel->size();
+  state.scalars["best_val_loss"] = progress.best_val_loss;
+  state.scalars["last_val_loss"] = progress.last_val_loss;
+  return distributed::SaveCheckpoint(CheckpointRoot(job), state,
+                                     StateTensors(model, optimizer, false), *groups_.world,
+                                     job.checkpoint().keep_last());
+}
+
+absl::StatusOr<TrainingProgress> DistributedRuntime::LoadCheckpoint(
+    const std::string& path, const JobSpec& job, Transformer& model,
+    torch::optim::Optimizer& optimizer) {
+  auto dir = ResolveCheckpoint(path);
+  if (!dir.ok()) return dir.status();
+  if (is_main()) {
+    // A save that was interrupted leaves a newer directory without a commit marker.
+    const fs::path chosen(*dir);
+    for (const auto& entry : fs::directory_iterator(chosen.parent_path())) {
+      const auto name = entry.path().filename().string();
+      if (entry.is_directory() && name.rfind("step_", 0) == 0 &&
+          name > chosen.filename().string() && !fs::exists(entry.path() / "COMMITTED")) {
+        std::fprintf(stderr, "rmoe: ignoring %s: not committed (a save was interrupted)\n",
+                     entry.path().c_str());
+      }
+    }
+    std::fprintf(stderr, "rmoe: resuming from %s\n", dir->c_str());
+  }
+  auto manifest = ReadManifest(*dir);
+  if (!manifest.ok()) return manifest.status();
+  if (auto status = CheckResumable(manifest->job(), job); !status.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot resume from ", *dir, ": ", status.message()));
+  }
+  auto tensors = StateTensors(model, optimizer, /*create_optimizer_state=*/true);
+  {
+    torch::NoGradGuard no_grad;
+    if (auto status = LoadTensors(*dir, *manifest, tensors); !status.ok()) return status;
+  }
+  // Nothing in training draws random numbers today, but a rank's generator continues where
+  // it stopped when it exists in the saved layout.
+  if (rank() < manifest->rng_states_size()) {
+    const std::string& bytes = manifest->rng_states(rank());
+    auto state = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);
+    std::memcpy(state.data_ptr(), bytes.data(), bytes.size());
+    auto generator = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(state);
+  }
+  // AdamW's bias correction counts the steps each parameter was updated: every step.
+  for (auto& item : optimizer.state()) {
+    static_cast<torch::optim::AdamWParamState&>(*item.second).step(manifest->step());
+  }
+  TrainingProgress progress;
+  progress.step = manifest->step();
+  progress.consumed_samples = manifest->consumed_samples();
+  auto scalar = [&](const char* key, double fallback) {
+    auto found = manifest->scalars().find(key);
+    return found == manifest->scalars().end() ? fallback : found->second;
+  };
+  progress.best_val_loss = scalar("best_val_loss", INFINITY);
+  progress.last_val_loss = scalar("last_val_loss", NAN);
+  return progress;
 }
 
 }  // namespace rmoe::distributed

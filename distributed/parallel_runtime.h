@@ -14,6 +14,7 @@
 #include <absl/status/statusor.h>
 #include <torch/torch.h>
 
+#include "distributed/checkpoint.h"
 #include "distributed/communicator.h"
 #include "distributed/timed_communicator.h"
 #include "rmoe/train/parallel.h"
@@ -55,10 +56,21 @@ class DistributedRuntime : public ParallelRuntime {
   double Average(double value) override;
   void PrepareForSave(Transformer& model) override;
   double TakeCommunicationSeconds() override { return timer_ ? timer_->TakeSeconds() : 0; }
+  absl::StatusOr<std::string> SaveCheckpoint(const JobSpec& job, const TrainingProgress& progress,
+                                             Transformer& model,
+                                             torch::optim::Optimizer& optimizer) override;
+  absl::StatusOr<TrainingProgress> LoadCheckpoint(const std::string& path, const JobSpec& job,
+                                                  Transformer& model,
+                                                  torch::optim::Optimizer& optimizer) override;
 
  private:
   // Splits the model's parameters into replicated ones and this rank's expert shards.
   void Classify(Transformer& model);
+  // The model's parameters and AdamW moments as this rank holds them, each named and placed
+  // in its global tensor, every row marked for exactly one writer in the world. Creates
+  // empty moments first when `create_optimizer_state` (before a load).
+  std::vector<ShardedTensor> StateTensors(Transformer& model, torch::optim::Optimizer& optimizer,
+                                          bool create_optimizer_state);
 
   ProcessGroups groups_;
   int local_size_;

@@ -27,6 +27,7 @@
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/message.h"
 #include "google/protobuf/text_format.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "rmoe/data/dataset.h"
 
 namespace rmoe {
@@ -600,6 +601,22 @@ absl::StatusOr<JobSpec> LoadJobSpecWithOverrides(const std::string& path,
                      ":\n", status.message()));
   }
   return spec;
+}
+
+absl::Status CheckResumable(const JobSpec& saved, const JobSpec& current) {
+  pb::util::MessageDifferencer differencer;
+  // An unset field means its default, so "unset" and "set to the default" are the same model.
+  differencer.set_message_field_comparison(pb::util::MessageDifferencer::EQUIVALENT);
+  // Only initialisation depends on it, and the checkpoint replaces the initial values.
+  differencer.IgnoreField(ModelSpec::descriptor()->FindFieldByName("init_std"));
+  std::string differences;
+  differencer.ReportDifferencesToString(&differences);
+  if (differencer.Compare(saved.model(), current.model())) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "the job's model differs from the checkpoint's, and a model's shape cannot change on "
+      "resume (optimizer, schedule, parallel layout and data may); differences "
+      "(checkpoint -> job), under model.:\n",
+      differences));
 }
 
 absl::StatusOr<int> ResolveVocabSize(const JobSpec& spec) {

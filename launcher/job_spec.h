@@ -55,6 +55,11 @@ absl::StatusOr<JobSpec> LoadJobSpecWithOverrides(const std::string& path,
 // when its metadata cannot be read or has none).
 absl::StatusOr<int> ResolveVocabSize(const JobSpec& spec);
 
+// Whether a run of `current` may continue from a checkpoint of `saved`: the model must be the
+// same (its parameters' shapes and meaning); everything else (optimizer, schedule, layout,
+// data, logging) may change. The error lists every model field that differs, both values.
+absl::Status CheckResumable(const JobSpec& saved, const JobSpec& current);
+
 // Text-format rendering in which every field that has a default is written out explicitly,
 // so a spec saved next to a model still describes it if a default in job.proto changes.
 // Optional strings without a declared default (e.g. checkpoint.directory, meaning "derive it")

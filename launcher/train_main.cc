@@ -1,4 +1,6 @@
 // rmoe_train: trains the model a job spec describes.
+#include <csignal>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -30,14 +32,38 @@ progress and writes metrics and the model; errors name their rank.
   --set FIELD=VALUE   override one spec field, e.g. --set model.moe.num_experts=16,
                       --set model.router.kind=LINEAR, --set model.moe.moe_layers=1,3
                       (repeatable; applied in order, then the spec is validated)
+  --resume [PATH]     continue from a checkpoint: PATH is a checkpoint directory or a
+                      checkpoint root (its latest); without PATH, the latest checkpoint
+                      under checkpoint.directory (default <output_dir>/checkpoints). The
+                      layout may differ from the one that saved it; the model may not.
   --dry-run           print the resolved spec and parameter counts, train nothing
   --quiet             no progress output
   --help              this text
 
 The dataset (data.dataset_dir) must exist: run rmoe_prepare_data --job SPEC first.
 Metrics go to <output_dir>/metrics.jsonl (one JSON record per logging step).
-Exit status: 0 done, 2 bad arguments or job spec, 1 failure while training.
+Checkpoints: every checkpoint.interval steps, and on SIGTERM or SIGINT, which finish the
+step in hand, save a checkpoint and exit 0 (a second signal ends the process at once).
+Exit status: 0 done (or stopped by a signal after saving), 2 bad arguments or job spec,
+1 failure while training.
 )";
+
+// Set by SIGTERM/SIGINT; the trainer stops after the step in hand and checkpoints.
+std::atomic<bool> g_stop_requested{false};
+
+void RequestStop(int) { g_stop_requested.store(true); }
+
+void InstallStopHandlers() {
+  struct sigaction action {};
+  action.sa_handler = RequestStop;
+  // The second signal gets the default action: a stuck save can still be interrupted.
+  action.sa_flags = SA_RESETHAND;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+}
+
+constexpr char kResumeLatest[] = "<latest>";
 
 // "rank 3: " when there are several ranks, so every error says where it happened.
 std::string RankPrefix() {
@@ -53,7 +79,8 @@ int Fail(int code, const std::string& message) {
 
 // Everything after argument parsing, on every rank.
 int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path,
-                 const std::vector<std::string>& overrides, bool dry_run, bool quiet) {
+                 const std::vector<std::string>& overrides, const std::string& resume,
+                 bool dry_run, bool quiet) {
   // Every collective goes through the timer, which splits step time into compute and
   // communication in the metrics.
   auto timer = std::make_shared<rmoe::distributed::TimedCommunicator>(
@@ -84,6 +111,9 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
   rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
   rmoe::TrainOptions options;
   options.quiet = quiet;
+  options.resume = resume == kResumeLatest ? rmoe::CheckpointRoot(*spec) : resume;
+  options.stop_requested = &g_stop_requested;
+  InstallStopHandlers();
   auto summary = rmoe::Train(*spec, options, &runtime);
   if (!summary.ok()) {
     Fail(1, std::string(summary.status().message()));
@@ -92,6 +122,11 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
     return 1;
   }
   if (world->rank() != 0) return 0;
+  if (summary->stopped_early) {
+    std::printf("stopped by a signal after step %d; checkpoint %s\nresume with --resume\n",
+                summary->steps, summary->last_checkpoint.c_str());
+    return 0;
+  }
   std::printf(
       "done: %d steps in %s, %.0f tokens/s on %d ranks x %d threads; final val loss %.4f "
       "nats/token (ppl %.2f), best %.4f\nmodel saved to %s\n",
@@ -104,6 +139,7 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
 int Run(int argc, char** argv) {
   std::string job_path;
   std::vector<std::string> overrides;
+  std::string resume;
   bool dry_run = false, quiet = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -119,6 +155,9 @@ int Run(int argc, char** argv) {
       const char* v = value();
       if (!v) return Fail(2, "--set needs FIELD=VALUE");
       overrides.push_back(v);
+    } else if (arg == "--resume") {
+      const bool has_path = i + 1 < argc && std::strncmp(argv[i + 1], "--", 2) != 0;
+      resume = has_path ? argv[++i] : kResumeLatest;
     } else if (arg == "--dry-run") {
       dry_run = true;
     } else if (arg == "--quiet") {
@@ -132,7 +171,7 @@ int Run(int argc, char** argv) {
   rmoe::distributed::MpiRuntime mpi(&argc, &argv);
   // Exceptions are reported here, while MPI still knows this process's rank.
   try {
-    return TrainOnRanks(mpi, job_path, overrides, dry_run, quiet);
+    return TrainOnRanks(mpi, job_path, overrides, resume, dry_run, quiet);
   } catch (const c10::Error& e) {
     Fail(1, e.what_without_backtrace());
   } catch (const std::exception& e) {

@@ -419,6 +419,30 @@ TEST(TrainSampler, DataParallelRanksPartitionTheSingleRankStream) {
   }
 }
 
+TEST(TrainSampler, ResumingAtTheConsumedSamplesContinuesTheStream) {
+  TempDir dir;
+  const TokenFile file = MakeCountingFile(dir, 60000);
+  const int seq_len = 4, row = seq_len + 1;
+  const uint64_t consumed = 48;  // e.g. 6 steps of 8 samples
+  const TrainSampler uninterrupted(file, seq_len, 7);
+  std::vector<int64_t> expected(16 * row), got(8 * row);
+  uninterrupted.FillBatch(consumed, 16, expected.data());
+  // Same layout: bit-identical continuation.
+  const TrainSampler resumed(file, seq_len, 7, 0, 1, consumed);
+  resumed.FillBatch(0, 8, got.data());
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), expected.begin()));
+  // Two ranks after the resume read the same 16 samples between them.
+  std::multiset<int64_t> want, have;
+  for (int b = 0; b < 16; ++b) want.insert(expected[b * row]);
+  for (int r = 0; r < 2; ++r) {
+    const TrainSampler rank(file, seq_len, 7, r, 2, consumed);
+    rank.FillBatch(0, 8, got.data());
+    for (int b = 0; b < 8; ++b) have.insert(got[b * row]);
+    EXPECT_EQ(rank.GlobalIndex(0), consumed + r);
+  }
+  EXPECT_EQ(have, want);
+}
+
 TEST(TrainSampler, CreateRejectsBadArguments) {
   TempDir dir;
   const TokenFile file = MakeCountingFile(dir, 10);

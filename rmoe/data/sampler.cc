@@ -49,20 +49,24 @@ uint64_t SplitMix64(uint64_t x) {
 
 absl::StatusOr<TrainSampler> TrainSampler::Create(const TokenFile& tokens, int seq_len,
                                                   uint64_t seed, int data_parallel_rank,
-                                                  int data_parallel_size) {
+                                                  int data_parallel_size,
+                                                  uint64_t first_global_sample) {
   absl::Status status = CheckTrain(tokens, seq_len, data_parallel_rank, data_parallel_size);
   if (!status.ok()) return status;
-  return TrainSampler(tokens, seq_len, seed, data_parallel_rank, data_parallel_size);
+  return TrainSampler(tokens, seq_len, seed, data_parallel_rank, data_parallel_size,
+                      first_global_sample);
 }
 
 TrainSampler::TrainSampler(const TokenFile& tokens, int seq_len, uint64_t seed,
-                           int data_parallel_rank, int data_parallel_size)
+                           int data_parallel_rank, int data_parallel_size,
+                           uint64_t first_global_sample)
     : tokens_(&tokens),
       seq_len_(seq_len),
       // Hashing the seed first keeps nearby seeds (1, 2, 3) from giving related streams.
       key_(SplitMix64(seed ^ 0x5851f42d4c957f2dULL)),
       rank_(data_parallel_rank),
-      size_(data_parallel_size) {
+      size_(data_parallel_size),
+      first_(first_global_sample) {
   DieUnlessOk(CheckTrain(tokens, seq_len, data_parallel_rank, data_parallel_size));
 }
 

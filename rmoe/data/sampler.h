@@ -28,23 +28,29 @@ uint64_t SplitMix64(uint64_t x);
 // disjoint and together they are exactly the global samples a single rank would read with a
 // D times larger batch: row b of micro-batch m of step s (grad_accum_steps A, micro_batch_size
 // B) is local index (s * A + m) * B + b and global index ((s * A + m) * B + b) * D + r.
+//
+// Resuming: the global stream starts at `first_global_sample` (the samples a checkpoint says
+// were consumed), and local index i of rank r is global first_global_sample + i * D + r. On
+// the same layout this continues the uninterrupted stream exactly; on another layout (D, B or
+// A changed, global batch kept) every step still reads the same set of global samples.
 class TrainSampler {
  public:
   // Errors: seq_len < 1, a file shorter than seq_len + 1 tokens, or rank not in [0, size).
   static absl::StatusOr<TrainSampler> Create(const TokenFile& tokens, int seq_len, uint64_t seed,
                                              int data_parallel_rank = 0,
-                                             int data_parallel_size = 1);
+                                             int data_parallel_size = 1,
+                                             uint64_t first_global_sample = 0);
   // As Create, for arguments already known to be valid: aborts with Create's message if not.
   // `tokens` must outlive the sampler.
   TrainSampler(const TokenFile& tokens, int seq_len, uint64_t seed, int data_parallel_rank = 0,
-               int data_parallel_size = 1);
+               int data_parallel_size = 1, uint64_t first_global_sample = 0);
 
   // Writes batch_size rows of seq_len + 1 tokens to out (row-major); row b is local sample
   // first_sample_index + b.
   void FillBatch(uint64_t first_sample_index, int batch_size, int64_t* out) const;
 
   uint64_t GlobalIndex(uint64_t local_index) const {
-    return local_index * static_cast<uint64_t>(size_) + static_cast<uint64_t>(rank_);
+    return first_ + local_index * static_cast<uint64_t>(size_) + static_cast<uint64_t>(rank_);
   }
   // First token of global sample `global_index`.
   int64_t WindowStart(uint64_t global_index) const;
@@ -56,6 +62,7 @@ class TrainSampler {
   uint64_t key_;
   int rank_;
   int size_;
+  uint64_t first_;
 };
 
 // Evaluation windows: the file cut into num_windows() = (size - 1) / seq_len consecutive

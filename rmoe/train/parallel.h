@@ -3,11 +3,24 @@
 // (expert sharding, gradient averaging) without rmoe/ knowing about MPI or NCCL.
 #pragma once
 
+#include <cmath>
+#include <string>
+
+#include <absl/status/statusor.h>
 #include <torch/torch.h>
 
+#include "proto/job.pb.h"
 #include "rmoe/model/transformer.h"
 
 namespace rmoe {
+
+// Where a run stands: what a checkpoint holds besides the tensors.
+struct TrainingProgress {
+  int64_t step = 0;              // optimizer steps completed
+  int64_t consumed_samples = 0;  // training samples read, over all ranks
+  double best_val_loss = INFINITY;
+  double last_val_loss = NAN;
+};
 
 class ParallelRuntime {
  public:
@@ -34,6 +47,18 @@ class ParallelRuntime {
   // Wall time spent in communication since the last call (for the compute/communication
   // split of a step).
   virtual double TakeCommunicationSeconds() { return 0; }
+
+  // Sharded checkpoints of the model and optimizer (every rank must call these). Returns
+  // the checkpoint directory written.
+  virtual absl::StatusOr<std::string> SaveCheckpoint(const JobSpec& job,
+                                                     const TrainingProgress& progress,
+                                                     Transformer& model,
+                                                     torch::optim::Optimizer& optimizer);
+  // Restores model and optimizer from `path` (a checkpoint, or a checkpoint root to take its
+  // latest), whatever layout saved it; refuses a checkpoint whose model differs from `job`'s.
+  virtual absl::StatusOr<TrainingProgress> LoadCheckpoint(const std::string& path,
+                                                          const JobSpec& job, Transformer& model,
+                                                          torch::optim::Optimizer& optimizer);
 };
 
 // Scales `grads` by max_norm / (norm + 1e-6) when that is below 1 (as torch's

@@ -11,7 +11,8 @@ namespace rmoe {
 namespace {
 std::string JsonNumber(double value) {
   // JSON has no NaN or infinity; null keeps the file parseable.
-  return std::isfinite(value) ? absl::StrFormat("%.6g", value) : "null";
+  // 17 significant digits round-trip a double exactly: resumed runs compare bit for bit.
+  return std::isfinite(value) ? absl::StrFormat("%.17g", value) : "null";
 }
 std::string JsonString(const std::string& value) {
   std::string out = "\"";
@@ -62,9 +63,9 @@ JsonObject& JsonObject::AddRaw(const std::string& key, const std::string& json) 
   return *this;
 }
 
-absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path) {
+absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, bool append) {
   MetricsWriter writer;
-  writer.out_.open(path, std::ios::out | std::ios::trunc);
+  writer.out_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
   if (!writer.out_) return absl::InternalError(absl::StrCat("cannot open metrics file ", path));
   return writer;
 }
@@ -82,14 +83,15 @@ std::string FormatDuration(double seconds) {
   return absl::StrFormat("%ds", s);
 }
 
-ProgressBar::ProgressBar(int total_steps, bool interactive, FILE* out)
-    : total_(total_steps), interactive_(interactive), out_(out) {}
+ProgressBar::ProgressBar(int total_steps, bool interactive, int first_step, FILE* out)
+    : total_(total_steps), interactive_(interactive), first_step_(first_step), out_(out) {}
 
 void ProgressBar::Update(int step, double loss, double val_loss, double tokens_per_second) {
   const double fraction = total_ > 0 ? static_cast<double>(step) / total_ : 1.0;
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  const double eta = step > 0 ? elapsed * (total_ - step) / step : NAN;
+  const int done_here = step - first_step_;
+  const double eta = done_here > 0 ? elapsed * (total_ - step) / done_here : NAN;
   constexpr int kWidth = 24;
   const int filled = static_cast<int>(fraction * kWidth);
   std::string line = absl::StrFormat("step %d/%d [%s%s] %3.0f%% | loss %.4f", step, total_,

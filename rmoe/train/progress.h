@@ -30,7 +30,8 @@ class JsonObject {
 // Appends one record per line and flushes, so a crash loses at most the line in hand.
 class MetricsWriter {
  public:
-  static absl::StatusOr<MetricsWriter> Open(const std::string& path);
+  // `append` continues an existing file (a resumed run); otherwise it starts afresh.
+  static absl::StatusOr<MetricsWriter> Open(const std::string& path, bool append = false);
   void Write(const JsonObject& record);
 
  private:
@@ -41,7 +42,8 @@ class MetricsWriter {
 // On a terminal it redraws one line; elsewhere (logs, CI) it prints a line per update.
 class ProgressBar {
  public:
-  ProgressBar(int total_steps, bool interactive, FILE* out = stderr);
+  // `first_step` > 0 for a resumed run: the ETA counts only the steps done since.
+  ProgressBar(int total_steps, bool interactive, int first_step = 0, FILE* out = stderr);
   void Update(int step, double loss, double val_loss, double tokens_per_second);
   void Finish();
   void Print(const std::string& line);  // a message that does not tear the bar
@@ -49,6 +51,7 @@ class ProgressBar {
  private:
   int total_;
   bool interactive_;
+  int first_step_;
   FILE* out_;
   bool drawn_ = false;
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();

@@ -59,6 +59,26 @@ double ParallelRuntime::ClipGradients(Transformer& model, double max_norm) {
   return norm;
 }
 
+absl::StatusOr<std::string> ParallelRuntime::SaveCheckpoint(const JobSpec&,
+                                                            const TrainingProgress&,
+                                                            Transformer&,
+                                                            torch::optim::Optimizer&) {
+  return absl::UnimplementedError(
+      "checkpoints are written by rmoe_train's distributed runtime (distributed/)");
+}
+
+absl::StatusOr<TrainingProgress> ParallelRuntime::LoadCheckpoint(const std::string&,
+                                                                 const JobSpec&, Transformer&,
+                                                                 torch::optim::Optimizer&) {
+  return absl::UnimplementedError(
+      "checkpoints are read by rmoe_train's distributed runtime (distributed/)");
+}
+
+std::string CheckpointRoot(const JobSpec& spec) {
+  if (spec.checkpoint().has_directory()) return spec.checkpoint().directory();
+  return (fs::path(spec.output_dir()) / "checkpoints").string();
+}
+
 namespace {
 
 // Decoupled weight decay only for matrices: decaying norms' gains toward zero hurts.
@@ -172,7 +192,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     }
     auto writer = MetricsWriter::Open(spec.logging().has_metrics_file()
                                           ? spec.logging().metrics_file()
-                                          : (output_dir / "metrics.jsonl").string());
+                                          : (output_dir / "metrics.jsonl").string(),
+                                      /*append=*/!options.resume.empty());
     if (!writer.ok()) return writer.status();
     metrics.emplace(*std::move(writer));
   }
@@ -182,14 +203,29 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   summary.parameters = model->CountParameters();
   runtime.PrepareModel(model);
   auto optimizer = MakeOptimizer(spec, model);
+  TrainingProgress position;
+  if (!options.resume.empty()) {
+    auto restored = runtime.LoadCheckpoint(options.resume, spec, model, *optimizer);
+    if (!restored.ok()) return restored.status();
+    position = *restored;
+    if (position.step >= spec.schedule().steps()) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "the checkpoint is at step %d and schedule.steps = %d: nothing left to train "
+          "(raise schedule.steps to continue)",
+          position.step, spec.schedule().steps()));
+    }
+  }
+  const int first_step = static_cast<int>(position.step);
+  summary.first_step = first_step;
 
   const auto& schedule = spec.schedule();
   const int batch = schedule.micro_batch_size(), seq_len = schedule.seq_len();
   const int accum = schedule.grad_accum_steps();
   // Every rank reads its own samples; together they read what one rank would read with a
   // world_size times larger batch (see TrainSampler).
-  auto train_sampler = TrainSampler::Create(dataset->train(), seq_len, spec.seed(),
-                                            runtime.rank(), runtime.world_size());
+  auto train_sampler =
+      TrainSampler::Create(dataset->train(), seq_len, spec.seed(), runtime.rank(),
+                           runtime.world_size(), static_cast<uint64_t>(position.consumed_samples));
   if (!train_sampler.ok()) return train_sampler.status();
   auto eval_sampler = EvalSampler::Create(dataset->val(), seq_len);
   if (!eval_sampler.ok()) return eval_sampler.status();
@@ -202,7 +238,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   const bool interactive = isatty(fileno(stderr));
   std::optional<ProgressBar> progress;
   if (runtime.is_main() && !options.quiet && (interactive || options.progress_to_non_terminal)) {
-    progress.emplace(schedule.steps(), interactive);
+    progress.emplace(schedule.steps(), interactive, first_step);
     const auto& p = summary.parameters;
     progress->Print(absl::StrFormat(
         "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d ranks x %d "
@@ -212,13 +248,16 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
         dataset->train().size(), dataset->val().size()));
   }
 
-  double last_val = NAN, best_val = INFINITY, train_seconds = 0;
+  double last_val = position.last_val_loss, best_val = position.best_val_loss, train_seconds = 0;
   int64_t tokens_since_log = 0;
   double seconds_since_log = 0, comm_seconds_since_log = 0, tokens_per_second = 0;
   int steps_since_log = 0;
   const int64_t tokens_per_step =
       static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
-  for (int step = 0; step < schedule.steps(); ++step) {
+  const int64_t samples_per_step = static_cast<int64_t>(batch) * accum * runtime.world_size();
+  const int64_t consumed_at_start = position.consumed_samples;
+  int step = first_step;
+  for (; step < schedule.steps(); ++step) {
     const auto step_start = std::chrono::steady_clock::now();
     const double lr = LearningRate(spec, step);
     SetLearningRate(*optimizer, lr);
@@ -226,7 +265,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     double step_loss = 0, step_router_loss = 0;
     ModelOutput output;
     for (int micro = 0; micro < accum; ++micro) {
-      const uint64_t first_sample = (static_cast<uint64_t>(step) * accum + micro) * batch;
+      const uint64_t first_sample =
+          (static_cast<uint64_t>(step - first_step) * accum + micro) * batch;
       train_sampler->FillBatch(first_sample, batch, window.data_ptr<int64_t>());
       auto [inputs, targets] = SplitInputsTargets(window);
       output = model->forward(inputs);
@@ -301,13 +341,37 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       progress->Update(done, step_loss, last_val, tokens_per_second);
     }
     summary.final_train_loss = step_loss;
+
+    // Every rank must agree to stop (a signal may reach them at different times).
+    const bool stop = options.stop_requested &&
+                      runtime.Average(options.stop_requested->load() ? 1.0 : 0.0) > 0;
+    const int interval = spec.checkpoint().interval();
+    if (stop || (interval > 0 && (done % interval == 0 || last))) {
+      position.step = done;
+      position.consumed_samples = consumed_at_start + (done - first_step) * samples_per_step;
+      position.best_val_loss = best_val;
+      position.last_val_loss = last_val;
+      auto saved = runtime.SaveCheckpoint(spec, position, model, *optimizer);
+      if (!saved.ok()) return saved.status();
+      summary.last_checkpoint = *saved;
+      runtime.TakeCommunicationSeconds();  // the save's, not a training step's
+      if (progress) progress->Print("checkpoint saved to " + *saved);
+    }
+    if (stop) {
+      summary.stopped_early = true;
+      ++step;
+      break;
+    }
   }
   if (progress) progress->Finish();
 
-  summary.steps = schedule.steps();
+  summary.steps = step;
   summary.final_val_loss = last_val;
   summary.best_val_loss = best_val;
-  summary.tokens_per_second = tokens_per_step * schedule.steps() / train_seconds;
+  summary.tokens_per_second = tokens_per_step * (step - first_step) / train_seconds;
+  summary.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  if (summary.stopped_early) return summary;  // the checkpoint holds it; the run continues later
   summary.model_dir = (output_dir / "model").string();
   runtime.PrepareForSave(model);
   if (runtime.is_main()) {

@@ -4,6 +4,7 @@
 // expert-parallel issue only has to add gradient synchronisation and sharded data.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include <absl/status/statusor.h>
@@ -20,10 +21,17 @@ struct TrainOptions {
   // Draw the bar even when stderr is not a terminal (one line per update).
   bool progress_to_non_terminal = true;
   bool quiet = false;  // no progress output at all (tests)
+  // Continue from this checkpoint (or checkpoint root: its latest); empty = start afresh.
+  std::string resume;
+  // Set (e.g. by a SIGTERM handler) to stop after the step in hand, saving a checkpoint.
+  const std::atomic<bool>* stop_requested = nullptr;
 };
 
 struct TrainSummary {
-  int steps = 0;
+  int steps = 0;                 // the step training stopped at
+  int first_step = 0;            // the step it started from (a resumed run's checkpoint)
+  bool stopped_early = false;    // a stop request ended it (a checkpoint was saved)
+  std::string last_checkpoint;   // the newest checkpoint this run wrote
   double final_train_loss = 0;   // mean LM loss (nats/token) of the last step
   double final_val_loss = 0;     // nats/token
   double best_val_loss = 0;
@@ -40,6 +48,9 @@ double LearningRate(const JobSpec& spec, int step);
 
 // Intra-op threads: runtime.num_threads, or every core this process may run on.
 int ChooseThreadCount(const JobSpec& spec);
+
+// Where checkpoints go: checkpoint.directory, or <output_dir>/checkpoints.
+std::string CheckpointRoot(const JobSpec& spec);
 
 // Runs the job described by a validated spec, on this rank of `parallel` (null: a world
 // of one). Errors (missing data, NaN loss, I/O) come back as a status naming what went wrong.

@@ -1,0 +1,1062 @@
+#include "distributed/nccl_communicator.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#if NCCL_VERSION_CODE < NCCL_VERSION(2, 7, 0)
+#error "NcclCommunicator needs NCCL 2.7 or newer (ncclSend / ncclRecv)"
+#endif
+// Non-blocking communicators (ncclConfig_t::blocking = 0, ncclInProgress).
+#define RMOE_NCCL_NONBLOCKING (NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0))
+#define RMOE_NCCL_HAS_AVG (NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0))
+#define RMOE_NCCL_HAS_LAST_ERROR (NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0))
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0) && defined(__CUDA_BF16_TYPES_EXIST__)
+#define RMOE_NCCL_HAS_BF16 1
+#else
+#define RMOE_NCCL_HAS_BF16 0
+#endif
+
+// Every NCCL and CUDA call goes through one of these (inside NcclCommunicator::Impl): a failure
+// throws NcclError naming the call, the rank and the operation `op`.
+#define RMOE_NCCL_CHECK(op, call) CheckNccl((call), #call, (op))
+#define RMOE_CUDA_CHECK(op, call) CheckCuda((call), #call, (op))
+
+namespace rmoe::distributed {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr std::chrono::milliseconds kWatchdogPeriod{100};
+constexpr std::chrono::seconds kAbortGrace{10};  // how long the watchdog waits for ncclCommAbort
+
+// "ncclSend(buffer, count, ...)" -> "ncclSend".
+std::string CallName(const char* call) {
+  const char* paren = std::strchr(call, '(');
+  return paren == nullptr ? std::string(call) : std::string(call, paren - call);
+}
+
+std::string MpiErrorString(int rc) {
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  if (MPI_Error_string(rc, text, &length) != MPI_SUCCESS) return "MPI error " + std::to_string(rc);
+  return std::string(text, length);
+}
+
+std::string CudaErrorString(cudaError_t rc) {
+  return std::string(cudaGetErrorName(rc)) + ": " + cudaGetErrorString(rc);
+}
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+double TimeoutFromEnv() {
+  const char* text = std::getenv("RMOE_NCCL_TIMEOUT_S");
+  if (text == nullptr || *text == '\0') return 600;
+  char* end = nullptr;
+  const double value = std::strtod(text, &end);
+  TORCH_CHECK(*end == '\0' && std::isfinite(value) && value >= 0,
+              "RMOE_NCCL_TIMEOUT_S must be a number of seconds >= 0 (0: no timeout), got \"", text,
+              "\"");
+  return value;
+}
+
+int64_t Product(c10::IntArrayRef sizes, size_t from) {
+  int64_t p = 1;
+  for (size_t i = from; i < sizes.size(); ++i) p *= sizes[i];
+  return p;
+}
+
+// A hash of the dims after the first, so that ranks can check they agree.
+int64_t TrailingShapeHash(const torch::Tensor& t) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t d = 1; d < t.dim(); ++d) h = (h ^ static_cast<uint64_t>(t.size(d))) * 1099511628211ull;
+  h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
+  return static_cast<int64_t>(h & 0x7fffffffffffffffull);
+}
+
+std::string DescribeRows(int64_t dtype, int64_t row_bytes) {
+  std::ostringstream out;
+  out << c10::toString(static_cast<c10::ScalarType>(dtype)) << " rows of " << row_bytes << " bytes";
+  return out.str();
+}
+
+// What each rank contributes to AllGather's agreement on sizes and arguments.
+struct Meta {
+  int64_t error = 0;  // 1: this rank's tensor is invalid (it throws its reason)
+  int64_t rows = 0;
+  int64_t row_bytes = 0;
+  int64_t dtype = 0;
+  int64_t shape_hash = 0;
+};
+constexpr int kMetaFields = sizeof(Meta) / sizeof(int64_t);
+
+// How AllReduce reduces a dtype: the NCCL type and "sum" op, and the dtype the data is
+// reduced in (the tensor's own, or a wider one it is converted to and back).
+struct Reduction {
+  ncclDataType_t type;
+  ncclRedOp_t sum;
+  c10::ScalarType work_dtype;
+};
+
+std::optional<Reduction> ReductionFor(c10::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat: return Reduction{ncclFloat32, ncclSum, dtype};
+    case torch::kDouble: return Reduction{ncclFloat64, ncclSum, dtype};
+    case torch::kHalf: return Reduction{ncclFloat16, ncclSum, dtype};
+#if RMOE_NCCL_HAS_BF16
+    case torch::kBFloat16: return Reduction{ncclBfloat16, ncclSum, dtype};
+#else
+    case torch::kBFloat16: return Reduction{ncclFloat32, ncclSum, torch::kFloat};
+#endif
+    case torch::kInt32: return Reduction{ncclInt32, ncclSum, dtype};
+    case torch::kInt64: return Reduction{ncclInt64, ncclSum, dtype};
+    case torch::kInt8: return Reduction{ncclInt8, ncclSum, dtype};
+    case torch::kUInt8: return Reduction{ncclUint8, ncclSum, dtype};
+    case torch::kInt16: return Reduction{ncclInt32, ncclSum, torch::kInt32};
+    // One byte per bool; the maximum of 0/1 bytes is the logical or.
+    case torch::kBool: return Reduction{ncclUint8, ncclMax, dtype};
+    default: return std::nullopt;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// NcclCommunicator::Impl
+
+class NcclCommunicator::Impl {
+ public:
+  Impl(MpiCommunicator& mpi, std::unique_ptr<MpiCommunicator> owned_mpi, int device, double timeout)
+      : mpi_(&mpi), owned_mpi_(std::move(owned_mpi)), rank_(mpi.rank()), size_(mpi.size()),
+        device_(device), timeout_seconds_(timeout) {
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
+  }
+  ~Impl();
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+
+  // Everything that can fail; the destructor cleans up whatever it got to.
+  void Init();
+
+  void AllReduce(torch::Tensor& tensor, ReduceOp op);
+  torch::Tensor AllToAll(const torch::Tensor& send, const std::vector<int64_t>& send_splits,
+                         const std::vector<int64_t>& recv_splits);
+  std::vector<int64_t> AllToAllCounts(const std::vector<int64_t>& counts);
+  torch::Tensor AllGather(const torch::Tensor& tensor);
+  void Broadcast(torch::Tensor& tensor, int root);
+  void Barrier();
+  void Synchronize();
+  // The MPI half of Split(): this rank's MPI sub-communicator, or nullptr.
+  std::unique_ptr<MpiCommunicator> SplitMpi(int color, int key);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int device() const { return device_; }
+  double timeout_seconds() const { return timeout_seconds_.load(); }
+  void set_timeout_seconds(double s) {
+    TORCH_CHECK(std::isfinite(s) && s >= 0, "NcclCommunicator: timeout must be >= 0, got ", s);
+    timeout_seconds_ = s;
+  }
+
+ private:
+  // ncclGroupStart on construction; End() ends the group and checks; the destructor ends a
+  // group left open by an exception, so this thread's NCCL group depth stays right.
+  class Group {
+   public:
+    Group(Impl& impl, const char* op) : impl_(impl), op_(op) {
+      impl_.RMOE_NCCL_CHECK(op_, ncclGroupStart());
+      open_ = true;
+      impl_.in_group_ = true;
+    }
+    void End() {
+      open_ = false;
+      impl_.in_group_ = false;
+      impl_.RMOE_NCCL_CHECK(op_, ncclGroupEnd());
+    }
+    ~Group() {
+      if (!open_) return;
+      impl_.in_group_ = false;
+      (void)ncclGroupEnd();
+    }
+
+   private:
+    Impl& impl_;
+    const char* op_;
+    bool open_ = false;
+  };
+
+  struct Pending {
+    cudaEvent_t event;
+    const char* op;
+    Clock::time_point queued;
+  };
+
+  cudaStream_t stream() const { return stream_->stream(); }
+  cudaStream_t current_stream() const {
+    return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
+  }
+
+  [[noreturn]] void Throw(const char* op, const std::string& what, int code) const;
+  void CheckNccl(ncclResult_t rc, const char* call, const char* op);
+  void CheckCuda(cudaError_t rc, const char* call, const char* op);
+  std::string NcclDetail(ncclResult_t rc) const;
+
+  // ncclCommAbort, once; records why, for later calls.
+  void AbortComm(const std::string& message);
+  // Aborts the communicator and throws, for an asynchronous error or a timeout.
+  [[noreturn]] void Fail(const char* op, const std::string& what, int code);
+  // Throws if the communicator was aborted or NCCL holds an asynchronous error.
+  void CheckAlive(const char* op);
+  // One poll of ncclCommGetAsyncError: true when the queued NCCL work is in flight (ncclSuccess),
+  // false while NCCL is still queueing it (ncclInProgress); fails on anything else.
+  bool PollNccl(const char* op);
+  void CheckDeadline(const char* op, Clock::time_point start, const char* waiting);
+  static void Backoff(int spins);
+  // Polls until NCCL has queued the last call (non-blocking communicators; a no-op otherwise).
+  void WaitQueued(const char* op);
+  // Polls until `event` has completed on the GPU.
+  void WaitEvent(const char* op, cudaEvent_t event, const char* waiting);
+
+  void CheckTensor(const torch::Tensor& tensor, const char* op) const;
+  std::string TensorProblem(const torch::Tensor& tensor, const char* op, bool needs_rows) const;
+
+  // Our stream waits for the work queued so far on the current stream.
+  void OrderAfterCurrent(const char* op);
+  // The current stream waits for the work queued so far on ours.
+  void OrderBeforeCurrent(const char* op);
+  // The caching allocator will not reuse `t`'s memory before our stream is done with it.
+  void KeepAlive(const torch::Tensor& t) const;
+  // Hands work queued on our stream to the watchdog.
+  void Watch(const char* op);
+
+  // Pinned host and device int64 buffers of at least `elements` each.
+  void EnsureBuffers(const char* op, size_t elements);
+  // AllToAll (`gather` false: values.size() = k * size(), the k values for rank r go to rank r)
+  // or AllGather (`gather` true: every rank's values, in rank order) of host int64 values, through
+  // the device; waits for the result.
+  std::vector<int64_t> HostExchange(const char* op, const std::vector<int64_t>& values, bool gather);
+
+  void WatchdogLoop();
+  [[noreturn]] void Die(const char* op, const std::string& what);
+
+  MpiCommunicator* mpi_;
+  std::unique_ptr<MpiCommunicator> owned_mpi_;
+  int rank_;
+  int size_;
+  int world_rank_ = -1;
+  int device_;
+  std::atomic<double> timeout_seconds_;
+
+  ncclComm_t comm_ = nullptr;
+  // A stream from torch's pool: pool streams live as long as the process, which the caching
+  // allocator's recorded streams need (a stream of our own, destroyed with the communicator,
+  // could still be named by blocks freed later).
+  std::optional<c10::cuda::CUDAStream> stream_;
+  cudaEvent_t ready_ = nullptr;  // recorded on the current stream, waited on by ours
+  cudaEvent_t done_ = nullptr;   // recorded on ours, waited on by the current stream
+  cudaEvent_t host_ = nullptr;   // what the host waits for
+  int64_t* pinned_ = nullptr;
+  size_t pinned_elements_ = 0;
+  torch::Tensor scratch_;  // int64, on device_, allocated on our stream
+
+  bool in_group_ = false;   // between ncclGroupStart and ncclGroupEnd (see CheckNccl)
+  std::mutex abort_mutex_;  // ncclCommAbort vs the watchdog's ncclCommGetAsyncError
+  std::atomic<bool> aborted_{false};
+  std::string failure_;  // why it was aborted (under abort_mutex_)
+
+  std::mutex watch_mutex_;
+  std::condition_variable watch_cv_;
+  std::deque<Pending> pending_;
+  std::vector<cudaEvent_t> spare_events_;
+  bool stop_ = false;
+  std::thread watchdog_;
+};
+
+// ---- errors ---------------------------------------------------------------------------------
+
+void NcclCommunicator::Impl::Throw(const char* op, const std::string& what, int code) const {
+  std::ostringstream message;
+  message << "rank " << world_rank_ << ": NcclCommunicator::" << op << ": " << what;
+  throw NcclError(message.str(), code, world_rank_);
+}
+
+std::string NcclCommunicator::Impl::NcclDetail(ncclResult_t rc) const {
+  std::string detail = ncclGetErrorString(rc);
+#if RMOE_NCCL_HAS_LAST_ERROR
+  const char* last = ncclGetLastError(comm_);
+  if (last != nullptr && *last != '\0') detail += std::string(" (") + last + ")";
+#endif
+  return detail;
+}
+
+void NcclCommunicator::Impl::CheckNccl(ncclResult_t rc, const char* call, const char* op) {
+  if (rc == ncclSuccess) return;
+#if RMOE_NCCL_NONBLOCKING
+  if (rc == ncclInProgress) return;  // non-blocking: WaitQueued polls for the outcome
+#endif
+  const std::string what = CallName(call) + " failed: " + NcclDetail(rc);
+  // A bad argument leaves the communicator usable; anything else (system, internal, remote
+  // errors) does not. Inside a group it is not aborted here: Group's destructor still ends the
+  // group, which must not touch an aborted communicator; the next call's ncclCommGetAsyncError
+  // poll aborts it.
+  if (rc != ncclInvalidArgument && rc != ncclInvalidUsage && !in_group_) Fail(op, what, rc);
+  Throw(op, what, rc);
+}
+
+void NcclCommunicator::Impl::CheckCuda(cudaError_t rc, const char* call, const char* op) {
+  if (rc == cudaSuccess) return;
+  Throw(op, CallName(call) + " failed: " + CudaErrorString(rc), rc);
+}
+
+void NcclCommunicator::Impl::AbortComm(const std::string& message) {
+  std::lock_guard<std::mutex> lock(abort_mutex_);
+  if (aborted_) return;
+  failure_ = message;
+  aborted_ = true;
+  if (comm_ != nullptr) (void)ncclCommAbort(comm_);
+}
+
+void NcclCommunicator::Impl::Fail(const char* op, const std::string& what, int code) {
+  std::ostringstream message;
+  message << "rank " << world_rank_ << ": NcclCommunicator::" << op << ": " << what;
+  AbortComm(message.str());
+  Throw(op, what + " (the NCCL communicator was aborted)", code);
+}
+
+void NcclCommunicator::Impl::CheckAlive(const char* op) {
+  if (aborted_) {
+    std::string failure;
+    {
+      std::lock_guard<std::mutex> lock(abort_mutex_);
+      failure = failure_;
+    }
+    Throw(op, "the communicator was aborted after an earlier error: " + failure, ncclInvalidUsage);
+  }
+  (void)PollNccl(op);
+}
+
+bool NcclCommunicator::Impl::PollNccl(const char* op) {
+  ncclResult_t state = ncclSuccess;
+  RMOE_NCCL_CHECK(op, ncclCommGetAsyncError(comm_, &state));
+  if (state == ncclSuccess) return true;
+#if RMOE_NCCL_NONBLOCKING
+  if (state == ncclInProgress) return false;
+#endif
+  Fail(op, std::string("NCCL reported an asynchronous error (a peer may have died, or the network ") +
+               "failed): " + NcclDetail(state),
+       state);
+}
+
+void NcclCommunicator::Impl::CheckDeadline(const char* op, Clock::time_point start,
+                                           const char* waiting) {
+  const double timeout = timeout_seconds_.load();
+  if (timeout <= 0) return;
+  const double elapsed = Seconds(Clock::now() - start);
+  if (elapsed <= timeout) return;
+  std::ostringstream what;
+  what << "timed out after " << elapsed << " s " << waiting
+       << " (RMOE_NCCL_TIMEOUT_S = " << timeout
+       << "; a peer may have died, or not called the same collective)";
+  Fail(op, what.str(), 0);
+}
+
+void NcclCommunicator::Impl::Backoff(int spins) {
+  // Spin briefly (host round trips on the MoE path take microseconds), then sleep a little.
+  if (spins < 2000) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+void NcclCommunicator::Impl::WaitQueued(const char* op) {
+#if RMOE_NCCL_NONBLOCKING
+  const auto start = Clock::now();
+  for (int spins = 0; !PollNccl(op); ++spins) {
+    CheckDeadline(op, start, "waiting for NCCL to queue the operation");
+    Backoff(spins);
+  }
+#else
+  (void)op;
+#endif
+}
+
+void NcclCommunicator::Impl::WaitEvent(const char* op, cudaEvent_t event, const char* waiting) {
+  const auto start = Clock::now();
+  for (int spins = 0;; ++spins) {
+    const cudaError_t q = cudaEventQuery(event);
+    if (q == cudaSuccess) return;
+    if (q != cudaErrorNotReady) CheckCuda(q, "cudaEventQuery", op);
+    (void)cudaGetLastError();  // not ready is not an error: clear it
+    (void)PollNccl(op);
+    CheckDeadline(op, start, waiting);
+    Backoff(spins);
+  }
+}
+
+// ---- set-up and tear-down -------------------------------------------------------------------
+
+void NcclCommunicator::Impl::Init() {
+  constexpr const char* kOp = "Create";
+  int count = 0;
+  RMOE_CUDA_CHECK(kOp, cudaGetDeviceCount(&count));
+  TORCH_CHECK(device_ >= 0 && device_ < count, "NcclCommunicator: CUDA device ", device_,
+              " does not exist (", count, " visible)");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true,
+                                         static_cast<c10::DeviceIndex>(device_));
+  RMOE_CUDA_CHECK(kOp, cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+  RMOE_CUDA_CHECK(kOp, cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  RMOE_CUDA_CHECK(kOp, cudaEventCreateWithFlags(&host_, cudaEventDisableTiming));
+
+  // Rank 0 makes the unique id and broadcasts it over MPI, with a flag saying whether it could,
+  // so that a failure there makes every rank throw instead of waiting in ncclCommInitRank.
+  struct {
+    int64_t ok = 0;
+    ncclUniqueId id;
+  } boot;
+  std::memset(&boot.id, 0, sizeof(boot.id));
+  ncclResult_t id_rc = ncclSuccess;
+  if (rank_ == 0) {
+    id_rc = ncclGetUniqueId(&boot.id);
+    boot.ok = id_rc == ncclSuccess;
+  }
+  const int mpi_rc = MPI_Bcast(&boot, static_cast<int>(sizeof(boot)), MPI_BYTE, 0, mpi_->comm());
+  if (mpi_rc != MPI_SUCCESS) {
+    throw MpiError("rank " + std::to_string(world_rank_) +
+                       ": NcclCommunicator::Create: MPI_Bcast failed: " + MpiErrorString(mpi_rc),
+                   mpi_rc, world_rank_);
+  }
+  if (!boot.ok) {
+    if (rank_ == 0) Throw(kOp, std::string("ncclGetUniqueId failed: ") + ncclGetErrorString(id_rc), id_rc);
+    Throw(kOp, "rank 0 of this communicator could not create the NCCL unique id (it reports why)",
+          ncclSystemError);
+  }
+
+#if RMOE_NCCL_NONBLOCKING
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // every wait is a poll with a deadline: see the header
+  RMOE_NCCL_CHECK(kOp, ncclCommInitRankConfig(&comm_, size_, boot.id, rank_, &config));
+  WaitQueued(kOp);
+#else
+  RMOE_NCCL_CHECK(kOp, ncclCommInitRank(&comm_, size_, boot.id, rank_));
+#endif
+  watchdog_ = std::thread([this] { WatchdogLoop(); });
+}
+
+NcclCommunicator::Impl::~Impl() {
+  {
+    std::lock_guard<std::mutex> lock(watch_mutex_);
+    stop_ = true;
+  }
+  watch_cv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+  if (!stream_) return;  // Init() failed before it created anything on the device
+
+  // cudaSetDevice, not CUDAGuard: nothing here may throw.
+  int previous_device = -1;
+  (void)cudaGetDevice(&previous_device);
+  (void)cudaSetDevice(device_);
+  if (comm_ != nullptr && !aborted_) {
+    constexpr const char* kOp = "~NcclCommunicator";
+    try {
+      // Let the queued work finish (a dead peer: the wait times out and aborts).
+      if (stream_) {
+        RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
+        WaitEvent(kOp, host_, "waiting for the queued work before destroying the communicator");
+      }
+#if RMOE_NCCL_NONBLOCKING
+      RMOE_NCCL_CHECK(kOp, ncclCommFinalize(comm_));
+      WaitQueued(kOp);
+#endif
+      (void)ncclCommDestroy(comm_);
+      comm_ = nullptr;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      AbortComm(e.what());
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(watch_mutex_);
+    for (const Pending& p : pending_) (void)cudaEventDestroy(p.event);
+    for (cudaEvent_t e : spare_events_) (void)cudaEventDestroy(e);
+    pending_.clear();
+    spare_events_.clear();
+  }
+  for (cudaEvent_t e : {ready_, done_, host_}) {
+    if (e != nullptr) (void)cudaEventDestroy(e);
+  }
+  if (pinned_ != nullptr) (void)cudaFreeHost(pinned_);
+  scratch_.reset();
+  if (previous_device >= 0) (void)cudaSetDevice(previous_device);
+}
+
+// ---- streams, buffers, watchdog -------------------------------------------------------------
+
+void NcclCommunicator::Impl::OrderAfterCurrent(const char* op) {
+  RMOE_CUDA_CHECK(op, cudaEventRecord(ready_, current_stream()));
+  RMOE_CUDA_CHECK(op, cudaStreamWaitEvent(stream(), ready_, 0));
+}
+
+void NcclCommunicator::Impl::OrderBeforeCurrent(const char* op) {
+  RMOE_CUDA_CHECK(op, cudaEventRecord(done_, stream()));
+  RMOE_CUDA_CHECK(op, cudaStreamWaitEvent(current_stream(), done_, 0));
+}
+
+void NcclCommunicator::Impl::KeepAlive(const torch::Tensor& t) const {
+  if (!t.defined() || !t.has_storage()) return;
+  c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *stream_);
+}
+
+void NcclCommunicator::Impl::Watch(const char* op) {
+  cudaEvent_t event = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(watch_mutex_);
+    if (!spare_events_.empty()) {
+      event = spare_events_.back();
+      spare_events_.pop_back();
+    }
+  }
+  if (event == nullptr) RMOE_CUDA_CHECK(op, cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  const cudaError_t rc = cudaEventRecord(event, stream());
+  std::lock_guard<std::mutex> lock(watch_mutex_);
+  if (rc != cudaSuccess) {
+    spare_events_.push_back(event);
+    RMOE_CUDA_CHECK(op, rc);
+  }
+  pending_.push_back(Pending{event, op, Clock::now()});
+}
+
+void NcclCommunicator::Impl::EnsureBuffers(const char* op, size_t elements) {
+  if (pinned_elements_ < elements) {
+    const size_t capacity = std::max<size_t>(256, 2 * elements);
+    if (pinned_ != nullptr) RMOE_CUDA_CHECK(op, cudaFreeHost(pinned_));
+    pinned_ = nullptr;
+    pinned_elements_ = 0;
+    void* p = nullptr;
+    RMOE_CUDA_CHECK(op, cudaHostAlloc(&p, capacity * sizeof(int64_t), cudaHostAllocDefault));
+    pinned_ = static_cast<int64_t*>(p);
+    pinned_elements_ = capacity;
+  }
+  if (!scratch_.defined() || scratch_.numel() < static_cast<int64_t>(elements)) {
+    // Allocated while our stream is current, so the block belongs to it.
+    c10::cuda::CUDAStreamGuard on_ours(*stream_);
+    scratch_ = torch::empty({static_cast<int64_t>(std::max<size_t>(256, 2 * elements))},
+                            torch::TensorOptions(torch::kLong).device(torch::kCUDA, device_));
+  }
+}
+
+void NcclCommunicator::Impl::WatchdogLoop() {
+  // cudaEventQuery needs this thread to use the communicator's device.
+  const cudaError_t rc = cudaSetDevice(device_);
+  if (rc != cudaSuccess) {
+    std::fprintf(stderr, "rank %d: NcclCommunicator: watchdog: cudaSetDevice failed: %s; no watchdog\n",
+                 world_rank_, CudaErrorString(rc).c_str());
+    return;
+  }
+  std::unique_lock<std::mutex> lock(watch_mutex_);
+  while (!stop_) {
+    watch_cv_.wait_for(lock, kWatchdogPeriod);
+    if (stop_) break;
+    if (aborted_) return;  // the calling thread aborted it and reports why
+    // Work on one stream completes in order: drop what has finished from the front.
+    while (!pending_.empty()) {
+      const cudaError_t q = cudaEventQuery(pending_.front().event);
+      if (q == cudaErrorNotReady) {
+        (void)cudaGetLastError();
+        break;
+      }
+      if (q != cudaSuccess) Die(pending_.front().op, "cudaEventQuery failed: " + CudaErrorString(q));
+      spare_events_.push_back(pending_.front().event);
+      pending_.pop_front();
+    }
+    if (pending_.empty()) continue;
+    const Pending oldest = pending_.front();
+    lock.unlock();
+    std::string problem;
+    {
+      std::lock_guard<std::mutex> abort_lock(abort_mutex_);
+      if (!aborted_) {
+        ncclResult_t state = ncclSuccess;
+        const ncclResult_t qrc = ncclCommGetAsyncError(comm_, &state);
+        if (qrc != ncclSuccess) {
+          problem = std::string("ncclCommGetAsyncError failed: ") + ncclGetErrorString(qrc);
+        } else if (state != ncclSuccess
+#if RMOE_NCCL_NONBLOCKING
+                   && state != ncclInProgress
+#endif
+        ) {
+          problem = "NCCL reported an asynchronous error (a peer may have died, or the network "
+                    "failed): " + NcclDetail(state);
+        }
+      }
+    }
+    const double timeout = timeout_seconds_.load();
+    const double age = Seconds(Clock::now() - oldest.queued);
+    if (problem.empty() && timeout > 0 && age > timeout) {
+      std::ostringstream what;
+      what << "not finished " << age << " s after it was queued (RMOE_NCCL_TIMEOUT_S = " << timeout
+           << "; a peer may have died, or not called the same collective)";
+      problem = what.str();
+    }
+    if (!problem.empty() && !aborted_) Die(oldest.op, problem);
+    lock.lock();
+  }
+}
+
+void NcclCommunicator::Impl::Die(const char* op, const std::string& what) {
+  std::fprintf(stderr,
+               "rank %d: NcclCommunicator::%s: %s; watchdog: aborting the NCCL communicator and "
+               "ending this process\n",
+               world_rank_, op, what.c_str());
+  std::fflush(stderr);
+  // ncclCommAbort can itself block on a broken network: give it kAbortGrace, then exit anyway.
+  auto finished = std::make_shared<std::atomic<bool>>(false);
+  std::thread([this, finished, message = std::string(op) + ": " + what] {
+    AbortComm("rank " + std::to_string(world_rank_) + ": NcclCommunicator::" + message);
+    *finished = true;
+  }).detach();
+  const auto deadline = Clock::now() + kAbortGrace;
+  while (!*finished && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  std::fflush(stdout);
+  // Not MPI_Abort: only the main thread may call MPI. mpirun ends the job when a rank exits
+  // without MPI_Finalize.
+  std::_Exit(1);
+}
+
+// ---- argument checks ------------------------------------------------------------------------
+
+std::string NcclCommunicator::Impl::TensorProblem(const torch::Tensor& tensor, const char* op,
+                                                  bool needs_rows) const {
+  std::ostringstream out;
+  if (!tensor.defined()) {
+    out << "NcclCommunicator::" << op << ": the tensor is undefined";
+  } else if (!tensor.is_cuda() || tensor.device().index() != device_) {
+    out << "NcclCommunicator::" << op << ": the tensor is on " << tensor.device()
+        << "; this communicator communicates tensors on cuda:" << device_
+        << " (CPU tensors go through the MPI communicator)";
+  } else if (needs_rows && tensor.dim() == 0) {
+    out << "NcclCommunicator::" << op << ": needs a tensor with at least one dimension (rows "
+        << "along dim 0), got a scalar";
+  }
+  return out.str();
+}
+
+void NcclCommunicator::Impl::CheckTensor(const torch::Tensor& tensor, const char* op) const {
+  const std::string problem = TensorProblem(tensor, op, /*needs_rows=*/false);
+  TORCH_CHECK(problem.empty(), problem);
+}
+
+// ---- collectives ----------------------------------------------------------------------------
+
+void NcclCommunicator::Impl::AllReduce(torch::Tensor& tensor, ReduceOp op) {
+  constexpr const char* kOp = "AllReduce";
+  CheckTensor(tensor, kOp);
+  const c10::ScalarType dtype = tensor.scalar_type();
+  const std::optional<Reduction> reduction = ReductionFor(dtype);
+  TORCH_CHECK(reduction.has_value(), "NcclCommunicator::AllReduce: unsupported dtype ", dtype);
+  TORCH_CHECK(op == ReduceOp::kSum || at::isFloatingType(dtype),
+              "NcclCommunicator::AllReduce: ReduceOp::kAvg needs a floating-point tensor, got ",
+              dtype, " (use kSum and divide as the caller needs)");
+  CheckAlive(kOp);
+  if (tensor.numel() == 0) return;
+
+  torch::NoGradGuard no_grad;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  torch::Tensor work = reduction->work_dtype != dtype ? tensor.to(reduction->work_dtype)
+                                                      : tensor.contiguous();
+  ncclRedOp_t nccl_op = reduction->sum;
+  bool divide = op == ReduceOp::kAvg;
+#if RMOE_NCCL_HAS_AVG
+  if (op == ReduceOp::kAvg) {
+    nccl_op = ncclAvg;
+    divide = false;
+  }
+#endif
+  OrderAfterCurrent(kOp);
+  KeepAlive(work);
+  RMOE_NCCL_CHECK(kOp, ncclAllReduce(work.data_ptr(), work.data_ptr(), static_cast<size_t>(work.numel()),
+                                     reduction->type, nccl_op, comm_, stream()));
+  WaitQueued(kOp);
+  Watch(kOp);
+  OrderBeforeCurrent(kOp);
+  if (divide) work.div_(size_);
+  if (!work.is_same(tensor)) tensor.copy_(work);
+}
+
+torch::Tensor NcclCommunicator::Impl::AllToAll(const torch::Tensor& send,
+                                               const std::vector<int64_t>& send_splits,
+                                               const std::vector<int64_t>& recv_splits) {
+  constexpr const char* kOp = "AllToAll";
+  std::string problem = TensorProblem(send, kOp, /*needs_rows=*/true);
+  if (problem.empty()) {
+    std::ostringstream out;
+    const int64_t send_total = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
+    const bool negative =
+        std::any_of(send_splits.begin(), send_splits.end(), [](int64_t s) { return s < 0; }) ||
+        std::any_of(recv_splits.begin(), recv_splits.end(), [](int64_t s) { return s < 0; });
+    if (static_cast<int>(send_splits.size()) != size_ || static_cast<int>(recv_splits.size()) != size_) {
+      out << "NcclCommunicator::AllToAll: send_splits and recv_splits need one entry per rank ("
+          << size_ << "), got " << send_splits.size() << " and " << recv_splits.size();
+    } else if (negative) {
+      out << "NcclCommunicator::AllToAll: negative split";
+    } else if (send_splits[rank_] != recv_splits[rank_]) {
+      out << "NcclCommunicator::AllToAll: rank " << rank_ << " sends " << send_splits[rank_]
+          << " rows to itself but expects " << recv_splits[rank_];
+    } else if (send_total != send.size(0)) {
+      out << "NcclCommunicator::AllToAll: send_splits sum to " << send_total
+          << " but the tensor has " << send.size(0) << " rows";
+    }
+    problem = out.str();
+  }
+  // Checked on this rank only (see the header): no extra round trip on the hot path.
+  TORCH_CHECK(problem.empty(), problem);
+  CheckAlive(kOp);
+
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  std::vector<int64_t> out_shape = send.sizes().vec();
+  out_shape[0] = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
+  torch::Tensor result = torch::empty(out_shape, send.options());
+  const int64_t row_bytes = Product(send.sizes(), 1) * static_cast<int64_t>(send.element_size());
+  if (row_bytes == 0) return result;
+
+  std::vector<int64_t> send_bytes(size_), recv_bytes(size_), send_offsets(size_), recv_offsets(size_);
+  int64_t send_total = 0, recv_total = 0;
+  bool peers = false;  // anything to or from another rank
+  for (int r = 0; r < size_; ++r) {
+    send_offsets[r] = send_total;
+    recv_offsets[r] = recv_total;
+    send_bytes[r] = send_splits[r] * row_bytes;
+    recv_bytes[r] = recv_splits[r] * row_bytes;
+    send_total += send_bytes[r];
+    recv_total += recv_bytes[r];
+    if (r != rank_ && (send_bytes[r] > 0 || recv_bytes[r] > 0)) peers = true;
+  }
+  if (send_total == 0 && recv_total == 0) return result;
+
+  const torch::Tensor source = send.contiguous();
+  const char* src = static_cast<const char*>(source.data_ptr());
+  char* dst = static_cast<char*>(result.data_ptr());
+  OrderAfterCurrent(kOp);
+  KeepAlive(source);
+  KeepAlive(result);
+  if (peers) {
+    Group group(*this, kOp);
+    for (int i = 1; i < size_; ++i) {
+      const int to = (rank_ + i) % size_;
+      const int from = (rank_ - i + size_) % size_;
+      if (send_bytes[to] > 0) {
+        RMOE_NCCL_CHECK(kOp, ncclSend(src + send_offsets[to], static_cast<size_t>(send_bytes[to]),
+                                      ncclUint8, to, comm_, stream()));
+      }
+      if (recv_bytes[from] > 0) {
+        RMOE_NCCL_CHECK(kOp, ncclRecv(dst + recv_offsets[from], static_cast<size_t>(recv_bytes[from]),
+                                      ncclUint8, from, comm_, stream()));
+      }
+    }
+    group.End();
+    WaitQueued(kOp);
+  }
+  if (send_bytes[rank_] > 0) {
+    RMOE_CUDA_CHECK(kOp, cudaMemcpyAsync(dst + recv_offsets[rank_], src + send_offsets[rank_],
+                                         static_cast<size_t>(send_bytes[rank_]),
+                                         cudaMemcpyDeviceToDevice, stream()));
+  }
+  Watch(kOp);
+  OrderBeforeCurrent(kOp);
+  return result;
+}
+
+std::vector<int64_t> NcclCommunicator::Impl::HostExchange(const char* op,
+                                                          const std::vector<int64_t>& values,
+                                                          bool gather) {
+  const size_t n_in = values.size();
+  const size_t k = gather ? n_in : n_in / static_cast<size_t>(size_);
+  const size_t n_out = gather ? n_in * static_cast<size_t>(size_) : n_in;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  EnsureBuffers(op, n_in + n_out);
+  std::memcpy(pinned_, values.data(), n_in * sizeof(int64_t));
+  int64_t* in = scratch_.data_ptr<int64_t>();
+  int64_t* out = in + n_in;
+  RMOE_CUDA_CHECK(op, cudaMemcpyAsync(in, pinned_, n_in * sizeof(int64_t), cudaMemcpyHostToDevice,
+                                      stream()));
+  if (gather) {
+    RMOE_NCCL_CHECK(op, ncclAllGather(in, out, k, ncclInt64, comm_, stream()));
+    WaitQueued(op);
+  } else {
+    if (size_ > 1) {
+      Group group(*this, op);
+      for (int i = 1; i < size_; ++i) {
+        const int to = (rank_ + i) % size_;
+        const int from = (rank_ - i + size_) % size_;
+        RMOE_NCCL_CHECK(op, ncclSend(in + to * k, k, ncclInt64, to, comm_, stream()));
+        RMOE_NCCL_CHECK(op, ncclRecv(out + from * k, k, ncclInt64, from, comm_, stream()));
+      }
+      group.End();
+      WaitQueued(op);
+    }
+    RMOE_CUDA_CHECK(op, cudaMemcpyAsync(out + rank_ * k, in + rank_ * k, k * sizeof(int64_t),
+                                        cudaMemcpyDeviceToDevice, stream()));
+  }
+  RMOE_CUDA_CHECK(op, cudaMemcpyAsync(pinned_ + n_in, out, n_out * sizeof(int64_t),
+                                      cudaMemcpyDeviceToHost, stream()));
+  RMOE_CUDA_CHECK(op, cudaEventRecord(host_, stream()));
+  WaitEvent(op, host_, "waiting for the exchanged sizes");
+  return std::vector<int64_t>(pinned_ + n_in, pinned_ + n_in + n_out);
+}
+
+std::vector<int64_t> NcclCommunicator::Impl::AllToAllCounts(const std::vector<int64_t>& counts) {
+  constexpr const char* kOp = "AllToAllCounts";
+  TORCH_CHECK(!counts.empty() && counts.size() % static_cast<size_t>(size_) == 0,
+              "NcclCommunicator::AllToAllCounts: counts.size() = ", counts.size(),
+              " must be a positive multiple of size() = ", size_);
+  CheckAlive(kOp);
+  return HostExchange(kOp, counts, /*gather=*/false);
+}
+
+torch::Tensor NcclCommunicator::Impl::AllGather(const torch::Tensor& tensor) {
+  constexpr const char* kOp = "AllGather";
+  const std::string problem = TensorProblem(tensor, kOp, /*needs_rows=*/true);
+  Meta local;
+  if (!problem.empty()) {
+    local.error = 1;
+  } else {
+    local.rows = tensor.size(0);
+    local.row_bytes = Product(tensor.sizes(), 1) * static_cast<int64_t>(tensor.element_size());
+    local.dtype = static_cast<int64_t>(tensor.scalar_type());
+    local.shape_hash = TrailingShapeHash(tensor);
+  }
+  CheckAlive(kOp);
+  const std::vector<int64_t> raw = HostExchange(
+      kOp, {local.error, local.rows, local.row_bytes, local.dtype, local.shape_hash}, /*gather=*/true);
+  TORCH_CHECK(problem.empty(), problem);
+  std::vector<Meta> all(size_);
+  int64_t total_rows = 0;
+  bool even = true;
+  for (int r = 0; r < size_; ++r) {
+    const int64_t* m = raw.data() + r * kMetaFields;
+    all[r] = Meta{m[0], m[1], m[2], m[3], m[4]};
+    TORCH_CHECK(!all[r].error, "NcclCommunicator::AllGather: rank ", r,
+                " of this communicator passed an invalid tensor (it reports why)");
+    TORCH_CHECK(all[r].dtype == local.dtype && all[r].shape_hash == local.shape_hash,
+                "NcclCommunicator::AllGather: the tensors disagree across ranks: rank ", rank_,
+                " has ", DescribeRows(local.dtype, local.row_bytes), ", rank ", r, " has ",
+                DescribeRows(all[r].dtype, all[r].row_bytes),
+                " (the dims after the first and the dtype must agree)");
+    total_rows += all[r].rows;
+    even = even && all[r].rows == local.rows;
+  }
+
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  std::vector<int64_t> out_shape = tensor.sizes().vec();
+  out_shape[0] = total_rows;
+  torch::Tensor result = torch::empty(out_shape, tensor.options());
+  const int64_t row_bytes = local.row_bytes;
+  if (row_bytes == 0 || total_rows == 0) return result;
+
+  const torch::Tensor source = tensor.contiguous();
+  const char* src = static_cast<const char*>(source.data_ptr());
+  char* dst = static_cast<char*>(result.data_ptr());
+  OrderAfterCurrent(kOp);
+  KeepAlive(source);
+  KeepAlive(result);
+  std::vector<int64_t> bytes(size_), offsets(size_);
+  int64_t total_bytes = 0;
+  for (int r = 0; r < size_; ++r) {
+    bytes[r] = all[r].rows * row_bytes;
+    offsets[r] = total_bytes;
+    total_bytes += bytes[r];
+  }
+  if (even) {
+    // Every rank knows every size, so all take the same path.
+    RMOE_NCCL_CHECK(kOp, ncclAllGather(src, dst, static_cast<size_t>(bytes[rank_]), ncclUint8, comm_,
+                                       stream()));
+    WaitQueued(kOp);
+  } else {
+    if (size_ > 1) {
+      Group group(*this, kOp);
+      for (int i = 1; i < size_; ++i) {
+        const int to = (rank_ + i) % size_;
+        const int from = (rank_ - i + size_) % size_;
+        if (bytes[rank_] > 0) {
+          RMOE_NCCL_CHECK(kOp, ncclSend(src, static_cast<size_t>(bytes[rank_]), ncclUint8, to, comm_,
+                                        stream()));
+        }
+        if (bytes[from] > 0) {
+          RMOE_NCCL_CHECK(kOp, ncclRecv(dst + offsets[from], static_cast<size_t>(bytes[from]),
+                                        ncclUint8, from, comm_, stream()));
+        }
+      }
+      group.End();
+      WaitQueued(kOp);
+    }
+    if (bytes[rank_] > 0) {
+      RMOE_CUDA_CHECK(kOp, cudaMemcpyAsync(dst + offsets[rank_], src, static_cast<size_t>(bytes[rank_]),
+                                           cudaMemcpyDeviceToDevice, stream()));
+    }
+  }
+  Watch(kOp);
+  OrderBeforeCurrent(kOp);
+  return result;
+}
+
+void NcclCommunicator::Impl::Broadcast(torch::Tensor& tensor, int root) {
+  constexpr const char* kOp = "Broadcast";
+  CheckTensor(tensor, kOp);
+  TORCH_CHECK(root >= 0 && root < size_, "NcclCommunicator::Broadcast: root ", root,
+              " is not a rank of this communicator (size ", size_, ")");
+  CheckAlive(kOp);
+  if (tensor.numel() == 0) return;
+  torch::NoGradGuard no_grad;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  torch::Tensor work = tensor.contiguous();
+  OrderAfterCurrent(kOp);
+  KeepAlive(work);
+  const size_t bytes = static_cast<size_t>(work.numel()) * work.element_size();
+  RMOE_NCCL_CHECK(kOp, ncclBroadcast(work.data_ptr(), work.data_ptr(), bytes, ncclUint8, root, comm_,
+                                     stream()));
+  WaitQueued(kOp);
+  Watch(kOp);
+  OrderBeforeCurrent(kOp);
+  if (!work.is_same(tensor) && rank_ != root) tensor.copy_(work);
+}
+
+void NcclCommunicator::Impl::Barrier() {
+  constexpr const char* kOp = "Barrier";
+  CheckAlive(kOp);
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  EnsureBuffers(kOp, 1);
+  int64_t* one = scratch_.data_ptr<int64_t>();  // its value does not matter
+  OrderAfterCurrent(kOp);
+  RMOE_NCCL_CHECK(kOp, ncclAllReduce(one, one, 1, ncclInt64, ncclSum, comm_, stream()));
+  WaitQueued(kOp);
+  RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
+  WaitEvent(kOp, host_, "waiting for every rank to reach the barrier");
+}
+
+void NcclCommunicator::Impl::Synchronize() {
+  constexpr const char* kOp = "Synchronize";
+  CheckAlive(kOp);
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
+  WaitEvent(kOp, host_, "waiting for the queued collectives");
+}
+
+std::unique_ptr<MpiCommunicator> NcclCommunicator::Impl::SplitMpi(int color, int key) {
+  CheckAlive("Split");
+  MPI_Comm part = MPI_COMM_NULL;
+  const int rc = MPI_Comm_split(mpi_->comm(), color < 0 ? MPI_UNDEFINED : color, key, &part);
+  if (rc != MPI_SUCCESS) {
+    throw MpiError("rank " + std::to_string(world_rank_) +
+                       ": NcclCommunicator::Split: MPI_Comm_split failed: " + MpiErrorString(rc),
+                   rc, world_rank_);
+  }
+  if (part == MPI_COMM_NULL) return nullptr;
+  try {
+    return std::make_unique<MpiCommunicator>(part, /*owned=*/true);
+  } catch (...) {
+    MPI_Comm_free(&part);
+    throw;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NcclCommunicator
+
+NcclCommunicator::NcclCommunicator(MpiCommunicator& mpi, int device)
+    : impl_(std::make_unique<Impl>(mpi, nullptr, device, TimeoutFromEnv())) {
+  impl_->Init();
+}
+
+NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> owned_mpi, int device,
+                                   double timeout_seconds) {
+  MpiCommunicator& mpi = *owned_mpi;
+  impl_ = std::make_unique<Impl>(mpi, std::move(owned_mpi), device, timeout_seconds);
+  impl_->Init();
+}
+
+NcclCommunicator::~NcclCommunicator() = default;
+
+int NcclCommunicator::rank() const { return impl_->rank(); }
+int NcclCommunicator::size() const { return impl_->size(); }
+int NcclCommunicator::device() const { return impl_->device(); }
+double NcclCommunicator::timeout_seconds() const { return impl_->timeout_seconds(); }
+void NcclCommunicator::set_timeout_seconds(double seconds) { impl_->set_timeout_seconds(seconds); }
+
+void NcclCommunicator::AllReduce(torch::Tensor& tensor, ReduceOp op) { impl_->AllReduce(tensor, op); }
+
+torch::Tensor NcclCommunicator::AllToAll(const torch::Tensor& send,
+                                         const std::vector<int64_t>& send_splits,
+                                         const std::vector<int64_t>& recv_splits) {
+  return impl_->AllToAll(send, send_splits, recv_splits);
+}
+
+std::vector<int64_t> NcclCommunicator::AllToAllCounts(const std::vector<int64_t>& counts) {
+  return impl_->AllToAllCounts(counts);
+}
+
+torch::Tensor NcclCommunicator::AllGather(const torch::Tensor& tensor) {
+  return impl_->AllGather(tensor);
+}
+
+void NcclCommunicator::Broadcast(torch::Tensor& tensor, int root) { impl_->Broadcast(tensor, root); }
+void NcclCommunicator::Barrier() { impl_->Barrier(); }
+void NcclCommunicator::Synchronize() { impl_->Synchronize(); }
+
+std::unique_ptr<Communicator> NcclCommunicator::Split(int color, int key) {
+  std::unique_ptr<MpiCommunicator> part = impl_->SplitMpi(color, key);
+  if (!part) return nullptr;
+  return std::unique_ptr<NcclCommunicator>(
+      new NcclCommunicator(std::move(part), impl_->device(), impl_->timeout_seconds()));
+}
+
+int NcclCommunicator::CompiledNcclVersion() { return NCCL_VERSION_CODE; }
+
+int NcclCommunicator::RuntimeNcclVersion() {
+  int version = 0;
+  if (ncclGetVersion(&version) != ncclSuccess) return 0;
+  return version;
+}
+
+std::unique_ptr<NcclCommunicator> MakeNcclCommunicator(MpiCommunicator& mpi, int local_rank) {
+  int world_rank = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  auto fail = [&](const std::string& what, int code) {
+    throw NcclError("rank " + std::to_string(world_rank) + ": MakeNcclCommunicator: " + what, code,
+                    world_rank);
+  };
+  TORCH_CHECK(local_rank >= 0, "MakeNcclCommunicator: local_rank must be >= 0, got ", local_rank);
+  int count = 0;
+  cudaError_t rc = cudaGetDeviceCount(&count);
+  if (rc != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail("no usable CUDA device: cudaGetDeviceCount failed: " + CudaErrorString(rc), rc);
+  }
+  if (count == 0) fail("no CUDA device is visible to this process", 0);
+  const int device = local_rank % count;
+  rc = cudaSetDevice(device);
+  if (rc != cudaSuccess) {
+    fail("cudaSetDevice(" + std::to_string(device) + ") failed: " + CudaErrorString(rc), rc);
+  }
+  return std::make_unique<NcclCommunicator>(mpi, device);
+}
+
+}  // namespace rmoe::distributed

@@ -1,0 +1,371 @@
+// rmoe_bench: micro- and macro-benchmarks of the expert-parallel all-to-all, whole training
+// steps and the matrix-product ceiling. Subcommands live in tools/bench_<name>.cc; this file
+// has the entry point and what they share (tools/bench_common.h).
+#include <dlfcn.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_split.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include "tools/bench_common.h"
+
+// OpenBLAS's own query. Declared only for its type: the symbol is looked up at run time
+// (dlsym), so rmoe_bench links and runs with any BLAS.
+extern "C" char* openblas_get_corename();
+extern "C" char* openblas_get_config();
+
+namespace rmoe::bench {
+namespace {
+
+constexpr char kUsage[] = R"(Usage: [mpirun -np N] rmoe_bench SUBCOMMAND [options]
+
+Benchmarks of RMoE's moving parts. Every subcommand prints a table on stdout (rank 0) and,
+with --json PATH, writes the same numbers as JSON. Every report starts with its context:
+torch version, intra-op threads per rank, MPI world size, the BLAS core in use
+(openblas_get_corename()) and $OPENBLAS_CORETYPE, which pins OpenBLAS to a core's kernels
+(an older core than the CPU's runs slower: compare numbers as ratios within one run).
+
+Subcommands (each has --help):
+  alltoall   expert-parallel dispatch all-to-all vs raw MPI_Alltoallv of the same splits,
+             and one MoE layer's forward+backward, expert-parallel vs all experts local
+             (run under mpirun, np >= 2)
+  step       training steps of a job spec's model on random tokens: step time, tokens/s,
+             communication vs computation, model FLOP/s (with or without mpirun)
+  matmul     fp32 (and bf16) square matrix-product GFLOP/s: the ceiling the others are a
+             ratio of
+
+Options every subcommand takes:
+  --json PATH      also write the results as JSON (rank 0)
+  --threads T      intra-op threads per rank (default: this process's cores / ranks on
+                   this node, as rmoe_train; `step` defaults to the job's runtime.num_threads)
+
+Under mpirun as root OpenMPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,
+and more ranks than cores need --oversubscribe. See docs/benchmarks.md.
+Exit status: 0 done, 2 bad arguments, 1 failure.
+)";
+
+std::string ReadCpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      auto colon = line.find(':');
+      if (colon != std::string::npos) {
+        auto value = line.substr(colon + 1);
+        value.erase(0, value.find_first_not_of(" \t"));
+        return value;
+      }
+    }
+  }
+  return "unknown";
+}
+
+std::string ReadLoadAverage() {
+  std::ifstream in("/proc/loadavg");
+  double one = 0, five = 0, fifteen = 0;
+  if (!(in >> one >> five >> fifteen)) return "unknown";
+  return absl::StrFormat("%.2f %.2f %.2f", one, five, fifteen);
+}
+
+std::string TrimRight(std::string s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- options
+
+Options::Options(const std::vector<std::string>& args, const std::vector<std::string>& known,
+                 const std::vector<std::string>& repeatable) {
+  std::set<std::string> names(known.begin(), known.end());
+  names.insert("--json");
+  names.insert("--threads");
+  const std::set<std::string> multi(repeatable.begin(), repeatable.end());
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (!names.count(arg)) throw UsageError("unknown argument \"" + arg + "\" (see --help)");
+    if (i + 1 >= args.size()) throw UsageError(arg + " needs a value");
+    if (values_.count(arg) && !multi.count(arg)) throw UsageError(arg + " given twice");
+    values_[arg].push_back(args[++i]);
+  }
+}
+
+std::string Options::String(const std::string& name, const std::string& fallback) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? fallback : it->second.back();
+}
+
+int64_t Options::Int(const std::string& name, int64_t fallback, int64_t min_value) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  int64_t value;
+  if (!absl::SimpleAtoi(it->second.back(), &value) || value < min_value) {
+    throw UsageError(absl::StrFormat("%s %s: expected an integer >= %d", name, it->second.back(),
+                                     min_value));
+  }
+  return value;
+}
+
+double Options::Double(const std::string& name, double fallback) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  double value;
+  if (!absl::SimpleAtod(it->second.back(), &value) || !(value > 0)) {
+    throw UsageError(name + " " + it->second.back() + ": expected a positive number");
+  }
+  return value;
+}
+
+std::vector<int64_t> Options::IntList(const std::string& name,
+                                      const std::vector<int64_t>& fallback) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(it->second.back(), ',', absl::SkipEmpty())) {
+    int64_t value;
+    if (!absl::SimpleAtoi(part, &value) || value < 1) {
+      throw UsageError(name + " " + it->second.back() + ": expected positive integers, comma-separated");
+    }
+    out.push_back(value);
+  }
+  if (out.empty()) throw UsageError(name + " needs at least one value");
+  return out;
+}
+
+std::vector<std::string> Options::All(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
+}
+
+// ---------------------------------------------------------------- context
+
+int AvailableCores() {
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+int SetThreads(int requested, int local_size) {
+  const int threads = requested > 0 ? requested : std::max(1, AvailableCores() / std::max(1, local_size));
+  torch::set_num_threads(threads);
+  return threads;
+}
+
+Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommunicator& world) {
+  Context c;
+  c.torch_version = TORCH_VERSION;
+  c.threads = torch::get_num_threads();
+  c.world_size = world.size();
+  c.local_size = mpi.LocalSize();
+  c.cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  c.usable_cores = AvailableCores();
+  c.load_average = ReadLoadAverage();
+  c.cpu_model = ReadCpuModel();
+  c.mkldnn = at::hasMKLDNN();
+  // Both queries exist in every OpenBLAS since 0.2.x; another BLAS has neither.
+  auto corename = reinterpret_cast<decltype(&openblas_get_corename)>(
+      dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  auto config = reinterpret_cast<decltype(&openblas_get_config)>(
+      dlsym(RTLD_DEFAULT, "openblas_get_config"));
+  c.blas_core = corename ? TrimRight(corename())
+                         : "unknown (no openblas_get_corename: not OpenBLAS)";
+  c.blas_config = config ? TrimRight(config()) : "";
+  const char* coretype = std::getenv("OPENBLAS_CORETYPE");
+  c.openblas_coretype_env = coretype ? coretype : "(unset)";
+  return c;
+}
+
+void PrintContext(const Context& c) {
+  std::printf("torch %s | %d intra-op thread%s per rank | MPI world %d (%d on this node) | %d "
+              "cores (%d usable by rank 0) | %s | load average %s\n",
+              c.torch_version.c_str(), c.threads, c.threads == 1 ? "" : "s", c.world_size,
+              c.local_size, c.cores, c.usable_cores, c.cpu_model.c_str(), c.load_average.c_str());
+  std::printf("BLAS core: %s | OPENBLAS_CORETYPE=%s | oneDNN: %s%s%s\n", c.blas_core.c_str(),
+              c.openblas_coretype_env.c_str(), c.mkldnn ? "yes" : "no",
+              c.blas_config.empty() ? "" : " | ", c.blas_config.c_str());
+  if (c.local_size * c.threads > c.cores) {
+    std::printf("note: %d ranks x %d threads on %d cores: oversubscribed, ranks time-share the "
+                "cores\n",
+                c.local_size, c.threads, c.cores);
+  }
+  std::printf("\n");
+}
+
+JsonObject ContextJson(const Context& c) {
+  JsonObject o;
+  o.Add("torch_version", c.torch_version)
+      .Add("threads_per_rank", static_cast<int64_t>(c.threads))
+      .Add("world_size", static_cast<int64_t>(c.world_size))
+      .Add("local_size", static_cast<int64_t>(c.local_size))
+      .Add("cores", static_cast<int64_t>(c.cores))
+      .Add("usable_cores_rank0", static_cast<int64_t>(c.usable_cores))
+      .Add("load_average", c.load_average)
+      .Add("cpu_model", c.cpu_model)
+      .Add("blas_core", c.blas_core)
+      .Add("blas_config", c.blas_config)
+      .Add("openblas_coretype_env", c.openblas_coretype_env)
+      .Add("mkldnn", std::string(c.mkldnn ? "yes" : "no"));
+  return o;
+}
+
+// ---------------------------------------------------------------- statistics
+
+namespace {
+std::vector<double> Reduce(distributed::MpiCommunicator& comm, std::vector<double> values,
+                           MPI_Op op) {
+  if (comm.size() > 1 && !values.empty()) {
+    const int rc = MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()),
+                                 MPI_DOUBLE, op, comm.comm());
+    if (rc != MPI_SUCCESS) throw std::runtime_error("MPI_Allreduce of benchmark timings failed");
+  }
+  return values;
+}
+}  // namespace
+
+std::vector<double> MaxOverRanks(distributed::MpiCommunicator& comm, std::vector<double> values) {
+  return Reduce(comm, std::move(values), MPI_MAX);
+}
+std::vector<double> SumOverRanks(distributed::MpiCommunicator& comm, std::vector<double> values) {
+  return Reduce(comm, std::move(values), MPI_SUM);
+}
+
+std::vector<double> MeanOverRanks(distributed::MpiCommunicator& comm, std::vector<double> values) {
+  values = SumOverRanks(comm, std::move(values));
+  for (double& v : values) v /= comm.size();
+  return values;
+}
+
+double Mean(const std::vector<double>& values) {
+  if (values.empty()) return 0;
+  double sum = 0;
+  for (double v : values) sum += v;
+  return sum / values.size();
+}
+
+double Median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// ---------------------------------------------------------------- output
+
+void Table::Print() const {
+  std::vector<size_t> width(header_.size(), 0);
+  auto measure = [&](const std::vector<std::string>& row) {
+    for (size_t i = 0; i < row.size() && i < width.size(); ++i) width[i] = std::max(width[i], row[i].size());
+  };
+  measure(header_);
+  for (const auto& row : rows_) measure(row);
+  auto print = [&](const std::vector<std::string>& row) {
+    std::string line;
+    for (size_t i = 0; i < width.size(); ++i) {
+      const std::string cell = i < row.size() ? row[i] : "";
+      const std::string pad(width[i] - cell.size(), ' ');
+      line += i == 0 ? cell + pad : "  " + pad + cell;
+    }
+    std::printf("%s\n", TrimRight(line).c_str());
+  };
+  print(header_);
+  size_t total = 0;
+  for (size_t w : width) total += w + 2;
+  std::printf("%s\n", std::string(total - 2, '-').c_str());
+  for (const auto& row : rows_) print(row);
+}
+
+std::string JsonArray(const std::vector<JsonObject>& items) {
+  std::string out = "[";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + items[i].str();
+  return out + "]";
+}
+
+void WriteJson(const std::string& path, const std::string& benchmark, const Context& context,
+               const JsonObject& result) {
+  if (path.empty()) return;
+  std::ofstream out(path, std::ios::out | std::ios::trunc);
+  if (!out) throw std::runtime_error("cannot open --json " + path);
+  JsonObject record;
+  record.Add("benchmark", benchmark)
+      .AddRaw("context", ContextJson(context).str())
+      .AddRaw("result", result.str());
+  out << record.str() << "\n";
+  if (!out.flush()) throw std::runtime_error("cannot write --json " + path);
+  std::printf("JSON written to %s\n", path.c_str());
+}
+
+std::string Human(double value) {
+  const double a = std::fabs(value);
+  if (a >= 1e9) return absl::StrFormat("%.2fG", value / 1e9);
+  if (a >= 1e6) return absl::StrFormat("%.2fM", value / 1e6);
+  if (a >= 1e3) return absl::StrFormat("%.2fk", value / 1e3);
+  return absl::StrFormat("%.2f", value);
+}
+
+}  // namespace rmoe::bench
+
+int main(int argc, char** argv) {
+  using namespace rmoe::bench;
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? 2 : 0;
+  }
+  const std::string sub = args[0];
+  args.erase(args.begin());
+  int (*run)(const std::vector<std::string>&, rmoe::distributed::MpiRuntime&) = nullptr;
+  const char* usage = nullptr;
+  if (sub == "alltoall") {
+    run = RunAllToAll;
+    usage = kAllToAllUsage;
+  } else if (sub == "step") {
+    run = RunStep;
+    usage = kStepUsage;
+  } else if (sub == "matmul") {
+    run = RunMatmul;
+    usage = kMatmulUsage;
+  } else {
+    std::fprintf(stderr, "rmoe_bench: unknown subcommand \"%s\" (alltoall, step, matmul; see --help)\n",
+                 sub.c_str());
+    return 2;
+  }
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+  }
+
+  rmoe::distributed::MpiRuntime mpi(&argc, &argv);
+  auto& world = mpi.World();
+  const std::string where = world.size() > 1 ? absl::StrFormat("rank %d: ", world.rank()) : "";
+  try {
+    const int rc = run(args, mpi);
+    std::fflush(stdout);
+    return rc;
+  } catch (const UsageError& e) {
+    // Every rank parsed the same arguments and throws the same error: no abort needed.
+    if (world.rank() == 0) std::fprintf(stderr, "rmoe_bench %s: %s\n", sub.c_str(), e.what());
+    return 2;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "rmoe_bench %s: %s%s\n", sub.c_str(), where.c_str(), e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rmoe_bench %s: %s%s\n", sub.c_str(), where.c_str(), e.what());
+  }
+  std::fflush(stdout);
+  if (world.size() > 1) mpi.Abort(1);
+  return 1;
+}

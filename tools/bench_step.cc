@@ -1,0 +1,217 @@
+// rmoe_bench step: whole training steps of a job's model on random tokens, wired like
+// rmoe_train (DistributedRuntime over a TimedCommunicator), split into communication and
+// computation, with the model's FLOPs per token and the FLOP rate achieved.
+#include <chrono>
+#include <cstdio>
+
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
+#include <torch/torch.h>
+
+#include "distributed/parallel_runtime.h"
+#include "distributed/timed_communicator.h"
+#include "launcher/job_spec.h"
+#include "rmoe/model/transformer.h"
+#include "tools/bench_common.h"
+
+namespace rmoe::bench {
+
+const char kStepUsage[] = R"(Usage: [mpirun -np N] rmoe_bench step --job SPEC.pbtxt [--set FIELD=VALUE]... [options]
+
+Runs training steps of the job's model exactly as rmoe_train does (same DistributedRuntime:
+expert sharding over parallel.expert_parallel_size, bucketed gradient all-reduce, global
+norm clipping, AdamW; every collective through one TimedCommunicator), on uniformly random
+tokens instead of the dataset (none is needed). The vocabulary is model.vocab_size, or 2048
+when that is 0 (set --set model.vocab_size=N to match a dataset). Each rank draws its own
+micro-batches of schedule.micro_batch_size x schedule.seq_len, grad_accum_steps per step.
+
+Reported (means over the timed steps, then over ranks; "median" is the median over steps of
+the rank-mean step time): step time, communication time (time
+inside the communicator: all-to-alls, gradient all-reduce, loss averaging, the clipping
+norm; it includes waiting for slower ranks) and computation (the rest), tokens/s over all
+ranks, and the model FLOPs:
+  FLOPs/token = 6 * N + 12 * num_layers * d_model * seq_len
+where N is the parameters one token uses in matrix products: the active parameters
+(ParameterCounts::active: every parameter except the E - k routed experts a token skips in
+each MoE layer), minus the input embedding table when it is not tied to the LM head (a
+lookup, not a product). 6 N is forward (2 N) + backward (4 N); the second term is the
+attention scores and weighted values (2 * 2 * seq_len * d_model per layer forward, times 3),
+without discounting the causal mask (the PaLM convention). GFLOP/s = FLOPs/token x tokens/s.
+
+Options:
+  --job PATH          the job spec (required); not checked against a dataset
+  --set FIELD=VALUE   override a spec field (repeatable), as rmoe_train
+  --steps N           timed steps (default 10)
+  --warmup W          untimed steps first (default 2)
+  --threads T         intra-op threads per rank (default: runtime.num_threads, or the
+                      cores divided among the ranks of this node, as rmoe_train)
+  --json PATH         also write the results as JSON
+)";
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// As the trainer: decoupled weight decay for matrices only.
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  const auto& opt = spec.optimizer();
+  auto options = [&](double weight_decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(opt.lr())
+                                                            .betas({opt.beta1(), opt.beta2()})
+                                                            .eps(opt.eps())
+                                                            .weight_decay(weight_decay));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, options(opt.weight_decay()));
+  groups.emplace_back(no_decay, options(0.0));
+  return std::make_unique<torch::optim::AdamW>(std::move(groups),
+                                               torch::optim::AdamWOptions(opt.lr()));
+}
+
+}  // namespace
+
+int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
+  const Options o(args, {"--job", "--set", "--steps", "--warmup"}, {"--set"});
+  if (!o.Has("--job")) throw UsageError("--job SPEC.pbtxt is required (see --help)");
+  const int steps = static_cast<int>(o.Int("--steps", 10));
+  const int warmup = static_cast<int>(o.Int("--warmup", 2, 0));
+  ValidationOptions validation;
+  validation.check_data_files = false;
+  auto loaded = LoadJobSpecWithOverrides(o.String("--job", ""), o.All("--set"), validation);
+  if (!loaded.ok()) throw UsageError(std::string(loaded.status().message()));
+  JobSpec spec = *std::move(loaded);
+  if (spec.model().vocab_size() <= 0) spec.mutable_model()->set_vocab_size(2048);
+
+  auto& world = mpi.World();
+  // As rmoe_train: every collective goes through the timer.
+  auto timer = std::make_shared<distributed::TimedCommunicator>(
+      std::shared_ptr<distributed::Communicator>(&world, [](distributed::Communicator*) {}));
+  auto groups = distributed::ProcessGroups::Create(timer, spec.parallel().expert_parallel_size(),
+                                                   spec.model().moe().num_experts());
+  if (!groups.ok()) throw UsageError(std::string(groups.status().message()));
+  distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
+  const int threads = static_cast<int>(o.Int("--threads", spec.runtime().num_threads() > 0
+                                                              ? spec.runtime().num_threads()
+                                                              : 0));
+  SetThreads(threads, mpi.LocalSize());
+  const Context context = GatherContext(mpi, world);
+  const bool is_main = world.rank() == 0;
+
+  torch::manual_seed(spec.seed());  // every rank builds the same model
+  Transformer model(spec.model());
+  model->train();
+  const ParameterCounts counts = model->CountParameters();
+  runtime.PrepareModel(model);
+  auto optimizer = MakeOptimizer(spec, model);
+
+  const auto& m = spec.model();
+  const int64_t batch = spec.schedule().micro_batch_size(), seq_len = spec.schedule().seq_len();
+  const int accum = spec.schedule().grad_accum_steps();
+  const int ranks = world.size(), ep = spec.parallel().expert_parallel_size();
+  const int64_t tokens_per_step = batch * seq_len * accum * ranks;
+  const int64_t matmul_params =
+      counts.active - (m.tie_embeddings() ? 0 : static_cast<int64_t>(m.vocab_size()) * m.d_model());
+  const double flops_per_token =
+      6.0 * matmul_params + 12.0 * m.num_layers() * m.d_model() * static_cast<double>(seq_len);
+  if (is_main) {
+    PrintContext(context);
+    std::printf("step: %s (%s) | d_model %d, %d layers, %d experts top-%d (hidden %d), router %s, "
+                "vocab %d\n",
+                spec.name().c_str(), o.String("--job", "").c_str(), m.d_model(), m.num_layers(),
+                m.moe().num_experts(), m.moe().top_k(), m.moe().expert_hidden_dim(),
+                RouterSpec::Kind_Name(m.router().kind()).c_str(), m.vocab_size());
+    std::printf("      %.2fM parameters, %.2fM active per token | %d ranks = DP %d x EP %d | "
+                "%lld x %lld tokens x %d accum per rank = %lld tokens/step | %d steps after %d "
+                "warm-up\n\n",
+                counts.total / 1e6, counts.active / 1e6, ranks, ranks / ep, ep,
+                static_cast<long long>(batch), static_cast<long long>(seq_len), accum,
+                static_cast<long long>(tokens_per_step), steps, warmup);
+  }
+
+  torch::manual_seed(spec.seed() * 7919 + 17 + world.rank());  // this rank's random tokens
+  std::vector<double> step_seconds, comm_seconds;
+  for (int step = 0; step < warmup + steps; ++step) {
+    std::vector<torch::Tensor> windows;
+    for (int micro = 0; micro < accum; ++micro) {
+      windows.push_back(torch::randint(0, m.vocab_size(), {batch, seq_len + 1}, torch::kLong));
+    }
+    runtime.TakeCommunicationSeconds();
+    const auto start = Clock::now();
+    optimizer->zero_grad();
+    for (const auto& window : windows) {
+      auto inputs = window.narrow(1, 0, seq_len), targets = window.narrow(1, 1, seq_len);
+      auto output = model->forward(inputs);
+      auto lm_loss = torch::nn::functional::cross_entropy(
+          output.logits.reshape({-1, output.logits.size(-1)}), targets.reshape({-1}));
+      runtime.Average(lm_loss.item<double>());  // the trainer's divergence check
+      ((lm_loss + output.router_loss) / accum).backward();
+    }
+    runtime.SynchronizeGradients(model);
+    runtime.ClipGradients(model, spec.optimizer().grad_clip());
+    optimizer->step();
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    const double comm = runtime.TakeCommunicationSeconds();
+    if (step >= warmup) {
+      step_seconds.push_back(seconds);
+      comm_seconds.push_back(comm);
+    }
+  }
+
+  const double my_step = Mean(step_seconds), my_comm = Mean(comm_seconds);
+  const auto sums = SumOverRanks(world, {my_step, my_comm});
+  const auto maxima = MaxOverRanks(world, {my_step, my_comm, -my_comm});
+  const double step_s = sums[0] / ranks, comm_s = sums[1] / ranks, compute_s = step_s - comm_s;
+  const double tokens_per_s = tokens_per_step / step_s;
+  const double gflops = flops_per_token * tokens_per_s / 1e9;
+  const double median_step = Median(MeanOverRanks(world, step_seconds));
+
+  Table table({"ranks", "DP x EP", "step ms", "median ms", "comm ms", "compute ms", "comm %",
+               "comm ms min..max", "tokens/s", "GFLOP/s", "GFLOP/s/rank"});
+  table.Add({absl::StrCat(ranks), absl::StrFormat("%d x %d", ranks / ep, ep),
+             absl::StrFormat("%.1f", step_s * 1e3), absl::StrFormat("%.1f", median_step * 1e3),
+             absl::StrFormat("%.1f", comm_s * 1e3), absl::StrFormat("%.1f", compute_s * 1e3),
+             absl::StrFormat("%.0f%%", 100 * comm_s / step_s),
+             absl::StrFormat("%.1f..%.1f", -maxima[2] * 1e3, maxima[1] * 1e3),
+             Human(tokens_per_s), absl::StrFormat("%.2f", gflops),
+             absl::StrFormat("%.2f", gflops / ranks)});
+  if (is_main) {
+    std::printf("FLOPs/token = 6 x %lld + 12 x %d x %d x %lld = %s\n",
+                static_cast<long long>(matmul_params), m.num_layers(), m.d_model(),
+                static_cast<long long>(seq_len), Human(flops_per_token).c_str());
+    table.Print();
+    std::printf("\n");
+  }
+  JsonObject result;
+  result.Add("job", o.String("--job", ""))
+      .Add("overrides", absl::StrJoin(o.All("--set"), " "))
+      .Add("name", spec.name())
+      .Add("ranks", static_cast<int64_t>(ranks))
+      .Add("expert_parallel_size", static_cast<int64_t>(ep))
+      .Add("data_parallel_size", static_cast<int64_t>(ranks / ep))
+      .Add("vocab_size", static_cast<int64_t>(m.vocab_size()))
+      .Add("parameters_total", counts.total)
+      .Add("parameters_active", counts.active)
+      .Add("matmul_parameters_per_token", matmul_params)
+      .Add("tokens_per_step", tokens_per_step)
+      .Add("steps", static_cast<int64_t>(steps))
+      .Add("warmup", static_cast<int64_t>(warmup))
+      .Add("step_s", step_s)
+      .Add("median_step_s", median_step)
+      .Add("comm_s", comm_s)
+      .Add("comm_s_min", -maxima[2])
+      .Add("comm_s_max", maxima[1])
+      .Add("compute_s", compute_s)
+      .Add("tokens_per_s", tokens_per_s)
+      .Add("flops_per_token", flops_per_token)
+      .Add("gflops_per_s", gflops)
+      .Add("gflops_per_s_per_rank", gflops / ranks)
+      .Add("rank0_step_seconds", step_seconds)
+      .Add("rank0_comm_seconds", comm_seconds);
+  if (is_main) WriteJson(o.String("--json", ""), "step", context, result);
+  return 0;
+}
+
+}  // namespace rmoe::bench

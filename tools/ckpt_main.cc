@@ -1,0 +1,444 @@
+// rmoe_ckpt: looks into, checks and exports sharded checkpoints (distributed/checkpoint.h).
+// No MPI: it reads the files of any layout from one process.
+#include <google/protobuf/util/json_util.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "distributed/checkpoint.h"
+#include "launcher/job_spec.h"
+
+namespace {
+
+using rmoe::CheckpointManifest;
+using rmoe::TensorRecord;
+
+constexpr char kUsage[] = R"(Usage: rmoe_ckpt COMMAND PATH [options]
+
+Looks into, checks and exports the sharded checkpoints rmoe_train writes
+(<output_dir>/checkpoints/step_<N>/). PATH is a step directory, or the checkpoint root:
+then the checkpoint that `latest` names (the newest committed one when there is no
+`latest`). A directory without a COMMITTED marker (a save that did not finish) is refused.
+
+Commands:
+  inspect PATH [--tensors]
+      Step, consumed samples, the layout it was saved with (world size, expert-parallel
+      size), the job name, scalars, the number and total size of model and optimizer
+      tensors, and the largest tensors (name, dtype, shape, pieces, bytes). A step
+      directory named explicitly is shown even when it is not committed (with a warning).
+      --tensors    list every tensor instead of the largest ones
+  verify PATH
+      Reads every piece of every tensor and checks its CRC-32C, and the manifest's framing.
+      Exit status 0 when everything matches, 1 otherwise (the message names the shard file
+      and the tensor).
+  export PATH --out FILE.safetensors [--config FILE.json]
+      Gathers every model tensor ("model/<name>") from all shards into one safetensors
+      file, named <name> (without "model/"); optimizer state is left out. Checksums are
+      verified on the way. --config also writes the job spec as JSON (every default
+      explicit).
+
+Exit status: 0 success, 1 failure (bad or missing checkpoint, I/O error), 2 usage error.
+  --help       this text
+)";
+
+int Usage(const std::string& message) {
+  std::fprintf(stderr, "rmoe_ckpt: %s (see rmoe_ckpt --help)\n", message.c_str());
+  return 2;
+}
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "rmoe_ckpt: %s\n", message.c_str());
+  return 1;
+}
+
+std::string HumanBytes(int64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024 && unit < 4) {
+    value /= 1024;
+    ++unit;
+  }
+  char text[64];
+  if (unit == 0) {
+    std::snprintf(text, sizeof(text), "%lld B", static_cast<long long>(bytes));
+  } else {
+    std::snprintf(text, sizeof(text), "%.1f %s", value, units[unit]);
+  }
+  return text;
+}
+
+struct Dtype {
+  const char* name;  // as the manifest writes it
+  torch::ScalarType type;
+  const char* safetensors;  // nullptr: no safetensors equivalent
+};
+constexpr Dtype kDtypes[] = {
+    {"float32", torch::kFloat, "F32"},
+    {"float64", torch::kDouble, "F64"},
+    {"float16", torch::kHalf, "F16"},
+    {"bfloat16", torch::kBFloat16, "BF16"},
+    {"int64", torch::kLong, "I64"},
+    {"int32", torch::kInt, "I32"},
+    {"int16", torch::kShort, "I16"},
+    {"int8", torch::kChar, "I8"},
+    {"uint8", torch::kByte, "U8"},
+    {"bool", torch::kBool, "BOOL"},
+    {"complex64", torch::kComplexFloat, nullptr},
+    {"complex128", torch::kComplexDouble, nullptr},
+};
+
+const Dtype* FindDtype(const std::string& name) {
+  for (const auto& d : kDtypes) {
+    if (name == d.name) return &d;
+  }
+  return nullptr;
+}
+
+int64_t TensorBytes(const TensorRecord& t) {
+  int64_t bytes = 0;
+  for (const auto& p : t.pieces()) bytes += p.length();
+  return bytes;
+}
+
+std::string ShapeString(const TensorRecord& t) {
+  std::string out = "[";
+  for (int i = 0; i < t.shape_size(); ++i) out += (i ? ", " : "") + std::to_string(t.shape(i));
+  return out + "]";
+}
+
+bool StartsWith(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+std::set<std::string> ShardFiles(const CheckpointManifest& m) {
+  std::set<std::string> files;
+  for (const auto& t : m.tensors()) {
+    for (const auto& p : t.pieces()) files.insert(p.file());
+  }
+  return files;
+}
+
+struct Loaded {
+  std::string dir;
+  CheckpointManifest manifest;
+};
+
+// Resolves PATH and reads its manifest; prints the error and returns false on failure.
+bool Load(const std::string& path, Loaded* out) {
+  auto dir = rmoe::distributed::ResolveCheckpoint(path);
+  if (!dir.ok()) {
+    Fail(std::string(dir.status().message()));
+    return false;
+  }
+  auto manifest = rmoe::distributed::ReadManifest(*dir);
+  if (!manifest.ok()) {
+    Fail(std::string(manifest.status().message()));
+    return false;
+  }
+  out->dir = *dir;
+  out->manifest = std::move(*manifest);
+  return true;
+}
+
+void PrintLine(const char* label, const std::string& value) {
+  std::printf("%-18s%s\n", label, value.c_str());
+}
+
+int Inspect(const std::string& path, bool all_tensors) {
+  Loaded c;
+  bool committed = true;
+  auto resolved = rmoe::distributed::ResolveCheckpoint(path);
+  if (!resolved.ok() && absl::IsFailedPrecondition(resolved.status()) &&
+      rmoe::distributed::ReadManifest(path).ok()) {
+    // An unfinished save named explicitly: show what its manifest says, marked as such.
+    std::fprintf(stderr, "rmoe_ckpt: warning: %s\n",
+                 std::string(resolved.status().message()).c_str());
+    committed = false;
+    c.dir = path;
+    c.manifest = *rmoe::distributed::ReadManifest(path);
+  } else if (!Load(path, &c)) {
+    return 1;
+  }
+  const CheckpointManifest& m = c.manifest;
+  PrintLine("checkpoint",
+            c.dir + (committed ? " (committed)" : " (NOT committed: the save did not finish)"));
+  PrintLine("job", m.job().name());
+  PrintLine("step", std::to_string(m.step()));
+  PrintLine("consumed samples", std::to_string(m.consumed_samples()));
+  PrintLine("layout", "saved by " + std::to_string(m.world_size()) +
+                          (m.world_size() == 1 ? " rank" : " ranks") + ", expert-parallel size " +
+                          std::to_string(m.expert_parallel_size()));
+  if (!m.scalars().empty()) {
+    std::map<std::string, double> sorted(m.scalars().begin(), m.scalars().end());
+    std::string text;
+    for (const auto& [key, value] : sorted) {
+      char number[64];
+      std::snprintf(number, sizeof(number), "%.10g", value);
+      text += (text.empty() ? "" : ", ") + key + "=" + number;
+    }
+    PrintLine("scalars", text);
+  }
+  struct Group {
+    int count = 0;
+    int64_t bytes = 0;
+  } model, optimizer, other;
+  for (const auto& t : m.tensors()) {
+    Group& g = StartsWith(t.name(), "model/")       ? model
+               : StartsWith(t.name(), "optimizer/") ? optimizer
+                                                    : other;
+    ++g.count;
+    g.bytes += TensorBytes(t);
+  }
+  auto group = [](const Group& g) {
+    std::string text = std::to_string(g.count) + ", " + HumanBytes(g.bytes);
+    if (g.bytes >= 1024) text += " (" + std::to_string(g.bytes) + " bytes)";
+    return text;
+  };
+  PrintLine("model tensors", group(model));
+  PrintLine("optimizer tensors", group(optimizer));
+  if (other.count > 0) PrintLine("other tensors", group(other));
+  const auto files = ShardFiles(m);
+  PrintLine("shard files", std::to_string(files.size()));
+  PrintLine("rng states", std::to_string(m.rng_states_size()));
+  PrintLine("format", std::to_string(m.format_version()));
+
+  std::vector<const TensorRecord*> shown;
+  for (const auto& t : m.tensors()) shown.push_back(&t);
+  const size_t total = shown.size();
+  constexpr size_t kSummary = 10;
+  if (!all_tensors && shown.size() > kSummary) {
+    std::stable_sort(shown.begin(), shown.end(), [](const TensorRecord* a, const TensorRecord* b) {
+      return TensorBytes(*a) > TensorBytes(*b);
+    });
+    shown.resize(kSummary);
+  }
+  size_t width = 4;
+  for (const auto* t : shown) width = std::max(width, t->name().size());
+  std::printf("\n%s\n", all_tensors || total <= kSummary
+                            ? "tensors:"
+                            : ("the " + std::to_string(kSummary) + " largest of " +
+                               std::to_string(total) + " tensors (--tensors lists all):")
+                                  .c_str());
+  std::printf("  %-*s  %-8s  %-16s  %6s  %s\n", static_cast<int>(width), "name", "dtype", "shape",
+              "pieces", "bytes");
+  for (const auto* t : shown) {
+    std::printf("  %-*s  %-8s  %-16s  %6d  %lld\n", static_cast<int>(width), t->name().c_str(),
+                t->dtype().c_str(), ShapeString(*t).c_str(), t->pieces_size(),
+                static_cast<long long>(TensorBytes(*t)));
+  }
+  return 0;
+}
+
+int Verify(const std::string& path) {
+  Loaded c;
+  auto dir = rmoe::distributed::ResolveCheckpoint(path);
+  if (!dir.ok()) return Fail(std::string(dir.status().message()));
+  const absl::Status status = rmoe::distributed::VerifyCheckpoint(*dir);
+  if (!status.ok()) {
+    std::fprintf(stderr, "FAILED: %s\n", std::string(status.message()).c_str());
+    return 1;
+  }
+  if (!Load(*dir, &c)) return 1;
+  int64_t pieces = 0, bytes = 0;
+  for (const auto& t : c.manifest.tensors()) {
+    pieces += t.pieces_size();
+    bytes += TensorBytes(t);
+  }
+  std::printf("OK: %s (step %lld): %d tensors, %lld pieces in %zu shard files, %s checked\n",
+              c.dir.c_str(), static_cast<long long>(c.manifest.step()), c.manifest.tensors_size(),
+              static_cast<long long>(pieces), ShardFiles(c.manifest).size(),
+              HumanBytes(bytes).c_str());
+  return 0;
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char ch : s) {
+    switch (ch) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      default:
+        if (ch < 0x20) {
+          char escaped[8];
+          std::snprintf(escaped, sizeof(escaped), "\\u%04x", ch);
+          out += escaped;
+        } else {
+          out += static_cast<char>(ch);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+bool WriteAll(std::FILE* f, const void* data, size_t n) {
+  return n == 0 || std::fwrite(data, 1, n, f) == n;
+}
+
+int Export(const std::string& path, const std::string& out, const std::string& config) {
+  Loaded c;
+  if (!Load(path, &c)) return 1;
+  const CheckpointManifest& m = c.manifest;
+
+  struct Item {
+    const TensorRecord* record;
+    const Dtype* dtype;
+    std::string name;
+    int64_t bytes;
+    uint64_t begin = 0;
+  };
+  std::vector<Item> items;
+  for (const auto& t : m.tensors()) {
+    if (!StartsWith(t.name(), "model/")) continue;
+    const Dtype* d = FindDtype(t.dtype());
+    if (d == nullptr || d->safetensors == nullptr) {
+      return Fail("tensor '" + t.name() + "' has dtype " + t.dtype() +
+                  ", which safetensors cannot hold");
+    }
+    const std::string name = t.name().substr(6);
+    if (name.empty() || name == "__metadata__")
+      return Fail("tensor '" + t.name() + "' has no usable name");
+    int64_t elements = 1;
+    for (int64_t dim : t.shape()) elements *= dim;
+    items.push_back({&t, d, name, elements * static_cast<int64_t>(c10::elementSize(d->type))});
+  }
+  if (items.empty()) return Fail(c.dir + " holds no model tensors (\"model/...\")");
+  // Largest elements first, so every tensor starts at a multiple of its element size (the
+  // header is padded to 8 bytes), as the reference writer does for zero-copy readers.
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return c10::elementSize(a.dtype->type) > c10::elementSize(b.dtype->type);
+  });
+  uint64_t at = 0;
+  std::string header =
+      "{\"__metadata__\":{\"format\":\"pt\",\"step\":" + JsonString(std::to_string(m.step())) +
+      ",\"consumed_samples\":" + JsonString(std::to_string(m.consumed_samples())) +
+      ",\"job\":" + JsonString(m.job().name()) + "}";
+  for (auto& item : items) {
+    item.begin = at;
+    at += static_cast<uint64_t>(item.bytes);
+    std::string shape;
+    for (int i = 0; i < item.record->shape_size(); ++i)
+      shape += (i ? "," : "") + std::to_string(item.record->shape(i));
+    header += "," + JsonString(item.name) + ":{\"dtype\":\"" + item.dtype->safetensors +
+              "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(item.begin) + "," +
+              std::to_string(at) + "]}";
+  }
+  header += "}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+
+  const std::string tmp = out + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) return Fail("cannot create " + tmp + ": " + std::strerror(errno));
+  auto abandon = [&](const std::string& message) {
+    std::fclose(f);
+    std::remove(tmp.c_str());
+    return Fail(message);
+  };
+  unsigned char size_bytes[8];
+  for (int i = 0; i < 8; ++i)
+    size_bytes[i] = static_cast<unsigned char>((header.size() >> (8 * i)) & 0xFF);
+  if (!WriteAll(f, size_bytes, 8) || !WriteAll(f, header.data(), header.size())) {
+    return abandon("cannot write " + tmp + ": " + std::strerror(errno));
+  }
+  for (const auto& item : items) {
+    rmoe::distributed::ShardedTensor t;
+    t.name = item.record->name();
+    t.global_shape.assign(item.record->shape().begin(), item.record->shape().end());
+    t.local = torch::empty(t.global_shape, torch::TensorOptions().dtype(item.dtype->type));
+    std::vector<rmoe::distributed::ShardedTensor> one = {t};
+    const absl::Status status = rmoe::distributed::LoadTensors(c.dir, m, one);
+    if (!status.ok()) return abandon(std::string(status.message()));
+    if (!WriteAll(f, one[0].local.data_ptr(), static_cast<size_t>(item.bytes))) {
+      return abandon("cannot write " + tmp + ": " + std::strerror(errno));
+    }
+  }
+  if (std::fflush(f) != 0 || std::fclose(f) != 0) {
+    std::remove(tmp.c_str());
+    return Fail("cannot write " + tmp + ": " + std::strerror(errno));
+  }
+  if (std::rename(tmp.c_str(), out.c_str()) != 0)
+    return Fail("cannot rename " + tmp + " to " + out + ": " + std::strerror(errno));
+  std::printf("exported %zu model tensors (%s) of %s, step %lld, to %s\n", items.size(),
+              HumanBytes(static_cast<int64_t>(at)).c_str(), c.dir.c_str(),
+              static_cast<long long>(m.step()), out.c_str());
+
+  if (!config.empty()) {
+    auto spec = rmoe::ParseJobSpec(rmoe::JobSpecToText(m.job()), "the checkpoint's job spec");
+    if (!spec.ok()) return Fail(std::string(spec.status().message()));
+    google::protobuf::util::JsonPrintOptions options;
+    options.add_whitespace = true;
+    options.preserve_proto_field_names = true;
+    std::string json;
+    const auto status = google::protobuf::util::MessageToJsonString(*spec, &json, options);
+    if (!status.ok()) return Fail("cannot convert the job spec to JSON: " + status.ToString());
+    std::FILE* cf = std::fopen(config.c_str(), "wb");
+    if (cf == nullptr) return Fail("cannot create " + config + ": " + std::strerror(errno));
+    const bool ok = WriteAll(cf, json.data(), json.size());
+    if (std::fclose(cf) != 0 || !ok)
+      return Fail("cannot write " + config + ": " + std::strerror(errno));
+    std::printf("job spec written to %s\n", config.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+  }
+  if (args.empty()) return Usage("no command given");
+  const std::string command = args[0];
+  std::string path, out, config;
+  bool tensors = false;
+  for (size_t i = 1; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--tensors" && command == "inspect") {
+      tensors = true;
+    } else if ((a == "--out" || a == "--config") && command == "export") {
+      if (i + 1 >= args.size()) return Usage(a + " needs a file name");
+      (a == "--out" ? out : config) = args[++i];
+    } else if (!a.empty() && a[0] == '-') {
+      return Usage("unknown option \"" + a + "\" for " + command);
+    } else if (path.empty()) {
+      path = a;
+    } else {
+      return Usage("unexpected argument \"" + a + "\"");
+    }
+  }
+  if (command != "inspect" && command != "verify" && command != "export") {
+    return Usage("unknown command \"" + command +
+                 "\"; the commands are inspect, verify and export");
+  }
+  if (path.empty()) return Usage(command + " needs a checkpoint PATH");
+  try {
+    if (command == "inspect") return Inspect(path, tensors);
+    if (command == "verify") return Verify(path);
+    if (out.empty()) return Usage("export needs --out FILE.safetensors");
+    return Export(path, out, config);
+  } catch (const std::exception& e) {
+    return Fail(e.what());
+  }
+}
