@@ -21,13 +21,19 @@
 //   <root>/latest
 //       The name of the newest committed step directory plus "\n", replaced atomically.
 //
-// Commit protocol (SaveCheckpoint; every numbered step is collective):
-//   1. Rank 0 prepares the step directory (removes the remains of an earlier, unfinished
-//      save of the same step). Everyone learns whether that worked.
-//   2. Every rank writes and fsyncs its shard file, computing one CRC-32C per piece. Every
-//      rank's piece records, tensor declarations and torch CPU generator state are gathered
-//      on every rank (one AllGather, which doubles as the error flag exchange).
+// Commit protocol (SaveCheckpoint = BeginCheckpoint + FinishCheckpoint; every numbered
+// step is collective and runs on the caller's (MPI) thread, except the shard write):
+//   1. [Begin] Rank 0 prepares the step directory (removes the remains of an earlier,
+//      unfinished save of the same step). Everyone learns whether that worked. Every rank
+//      then takes what it writes and its torch CPU generator state; for a background save
+//      it copies the rows it writes and a thread writes the shard (2a) while the caller
+//      trains on.
+//   2. [2a] Every rank writes and fsyncs its shard file, computing one CRC-32C per piece.
+//      [2b, Finish, after joining the writer] Every rank's piece records, tensor
+//      declarations and generator state are gathered on every rank (one AllGather, which
+//      doubles as the error flag exchange).
 //   3. Rank 0 merges the records, checks that every tensor's rows are covered exactly once,
+//      copies CheckpointState::extra_files into the directory (fsynced; not checksummed),
 //      writes and fsyncs manifest.pb and the directory. [Test hook: with
 //      RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S=<seconds> in the environment rank 0 sleeps here.]
 //      Everyone learns whether that worked (the barrier before the commit).
@@ -49,6 +55,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
@@ -58,6 +65,7 @@
 #include <filesystem>
 #include <set>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -80,6 +88,7 @@ constexpr char kManifestName[] = "manifest.pb";
 constexpr char kCommittedName[] = "COMMITTED";
 constexpr char kLatestName[] = "latest";
 constexpr char kPauseEnv[] = "RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S";
+constexpr char kWriteDelayEnv[] = "RMOE_CKPT_TEST_DELAY_BACKGROUND_WRITE_S";
 constexpr size_t kIoChunk = size_t{8} << 20;  // streamed reads and writes
 
 // ------------------------------------------------------------------------------------------
@@ -567,11 +576,28 @@ std::string RngStateBytes() {
                      static_cast<size_t>(state.nbytes()));
 }
 
-// Writes this rank's shard and describes what it holds (and which tensors it knows of) as
-// a partial manifest: tensors with their declarations and this rank's pieces, and this
-// rank's generator state.
-absl::Status WriteShard(const std::string& dir, int rank, const std::vector<ShardedTensor>& tensors,
-                        CheckpointManifest* partial) {
+// What this rank writes into its shard, taken on the calling thread: the tensors are
+// validated, their declarations and this rank's generator state recorded in a partial
+// manifest, and the data to write held (or copied). The write itself (WriteShardFile) may
+// then run on another thread; it touches nothing but this struct and the file.
+struct ShardJob {
+  struct Piece {
+    int record;           // index into partial.tensors()
+    torch::Tensor data;   // CPU, contiguous: the rows to write
+    int64_t row_start = 0;
+    int64_t rows = 0;
+  };
+  std::string name;  // shard file name
+  std::string path;
+  std::vector<Piece> pieces;
+  int64_t bytes = 0;
+  // Tensors with their declarations and (after the write) this rank's pieces, and this
+  // rank's generator state.
+  CheckpointManifest partial;
+};
+
+absl::Status PrepareShard(const std::string& dir, int rank,
+                          const std::vector<ShardedTensor>& tensors, bool copy, ShardJob* job) {
   std::set<std::string> seen;
   for (const auto& t : tensors) {
     if (auto s = CheckLocal(t); !s.ok()) return s;
@@ -579,18 +605,34 @@ absl::Status WriteShard(const std::string& dir, int rank, const std::vector<Shar
       return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' is passed twice"));
     }
   }
-  const std::string name = ShardName(rank);
-  const std::string path = JoinPath(dir, name);
-  Fd fd;
-  int64_t offset = 0;
+  job->name = ShardName(rank);
+  job->path = JoinPath(dir, job->name);
   for (const auto& t : tensors) {
-    TensorRecord* record = partial->add_tensors();
+    TensorRecord* record = job->partial.add_tensors();
     record->set_name(t.name);
     record->set_dtype(DtypeName(t.local.scalar_type()));
     for (int64_t d : t.global_shape) record->add_shape(d);
     if (!t.write) continue;
     const int64_t rows = t.global_shape.empty() ? 1 : t.local.size(0);
     if (rows == 0) continue;
+    torch::Tensor data = t.local.detach().to(torch::kCPU);
+    // A snapshot for a background write: the caller goes on changing its tensors.
+    data = copy ? data.clone(at::MemoryFormat::Contiguous) : data.contiguous();
+    job->bytes += static_cast<int64_t>(data.nbytes());
+    job->pieces.push_back({job->partial.tensors_size() - 1, std::move(data), t.row_start, rows});
+  }
+  job->partial.add_rng_states(RngStateBytes());
+  return absl::OkStatus();
+}
+
+// Writes the shard file of `job` (none when it has no pieces), one CRC-32C per piece,
+// fsyncs and closes it, and adds the piece records to job->partial.
+absl::Status WriteShardFile(ShardJob* job) {
+  const std::string& path = job->path;
+  Fd fd;
+  int64_t offset = 0;
+  for (auto& piece : job->pieces) {
+    TensorRecord* record = job->partial.mutable_tensors(piece.record);
     if (!fd.ok()) {
       fd = Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
       if (!fd.ok()) {
@@ -603,26 +645,57 @@ absl::Status WriteShard(const std::string& dir, int rank, const std::vector<Shar
         return s;
       }
     }
-    const torch::Tensor data = t.local.detach().to(torch::kCPU).contiguous();
-    const size_t bytes = static_cast<size_t>(data.nbytes());
-    const uint32_t crc = Crc32c(data.data_ptr(), bytes);
-    if (auto s = WriteAll(fd.get(), data.data_ptr(), bytes, path); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat(s.message(), " (writing tensor '", t.name, "')"));
+    const size_t bytes = static_cast<size_t>(piece.data.nbytes());
+    const uint32_t crc = Crc32c(piece.data.data_ptr(), bytes);
+    if (auto s = WriteAll(fd.get(), piece.data.data_ptr(), bytes, path); !s.ok()) {
+      return absl::Status(s.code(),
+                          absl::StrCat(s.message(), " (writing tensor '", record->name(), "')"));
     }
-    TensorPiece* piece = record->add_pieces();
-    piece->set_file(name);
-    piece->set_offset(offset);
-    piece->set_length(static_cast<int64_t>(bytes));
-    piece->set_row_start(t.row_start);
-    piece->set_rows(rows);
-    piece->set_crc32c(crc);
+    TensorPiece* p = record->add_pieces();
+    p->set_file(job->name);
+    p->set_offset(offset);
+    p->set_length(static_cast<int64_t>(bytes));
+    p->set_row_start(piece.row_start);
+    p->set_rows(piece.rows);
+    p->set_crc32c(crc);
     offset += static_cast<int64_t>(bytes);
+    piece.data = torch::Tensor();  // a snapshot's memory goes as soon as it is on disk
   }
   if (fd.ok()) {
     if (::fsync(fd.get()) != 0) return ErrnoStatus(errno, "cannot fsync shard file", path);
     if (fd.Close() != 0) return ErrnoStatus(errno, "cannot close shard file", path);
   }
-  partial->add_rng_states(RngStateBytes());
+  return absl::OkStatus();
+}
+
+// Names a checkpoint directory uses itself: an extra file may not take them.
+bool IsReservedName(const std::string& name) {
+  return name == kManifestName || name == kCommittedName || name == kLatestName ||
+         name.rfind("shard_", 0) == 0;
+}
+
+// Rank 0, before the manifest: copies CheckpointState::extra_files into `dir`, each fsynced
+// (the directory is fsynced with the manifest).
+absl::Status CopyExtraFiles(const std::string& dir, const std::vector<std::string>& files) {
+  std::set<std::string> names;
+  for (const auto& source : files) {
+    const std::string name = BaseName(source);
+    if (!IsPlainFileName(name) || IsReservedName(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "extra file ", source, ": the name \"", name, "\" is taken by the checkpoint itself"));
+    }
+    if (!names.insert(name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("extra file ", source, ": another extra file is also named \"", name, "\""));
+    }
+    auto bytes = ReadWholeFile(source);
+    if (!bytes.ok()) {
+      return absl::Status(bytes.status().code(), absl::StrCat("cannot copy extra file into the "
+                                                              "checkpoint: ",
+                                                              bytes.status().message()));
+    }
+    if (auto s = WriteFileDurably(JoinPath(dir, name), *bytes); !s.ok()) return s;
+  }
   return absl::OkStatus();
 }
 
@@ -709,13 +782,15 @@ absl::Status MergeManifests(const std::vector<std::string>& partials, Checkpoint
   return absl::OkStatus();
 }
 
-double PauseSeconds() {
-  const char* value = std::getenv(kPauseEnv);
+double EnvSeconds(const char* name) {
+  const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return 0;
   char* end = nullptr;
   const double seconds = std::strtod(value, &end);
   return (end != value && seconds > 0) ? seconds : 0;
 }
+
+double PauseSeconds() { return EnvSeconds(kPauseEnv); }
 
 // The step directory `root`'s resolution currently returns, if any.
 std::string CurrentCheckpointName(const std::string& root) {
@@ -910,12 +985,59 @@ absl::Status ReadPiece(ShardFiles& files, const std::string& tensor, const Tenso
 // ------------------------------------------------------------------------------------------
 // public API
 
-absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
-                                           const std::vector<ShardedTensor>& tensors,
-                                           Communicator& world, int keep_last) {
+struct PendingCheckpoint::Impl {
+  std::string root, dir, what;
+  CheckpointState state;
+  int keep_last = 0;
+  ShardJob shard;
+  // Written by the writer before `done` is set; read by the owner after joining it.
+  absl::Status status;
+  std::atomic<bool> done{false};
+  std::thread writer;
+  double test_delay_seconds = 0;  // kWriteDelayEnv, read on the caller's thread
+  bool finished = false;
+  int64_t total_bytes = 0;
+
+  // The shard write, on whichever thread runs it: no collective calls.
+  void Write() {
+    if (test_delay_seconds > 0)
+      std::this_thread::sleep_for(std::chrono::duration<double>(test_delay_seconds));
+    try {
+      status = WriteShardFile(&shard);
+    } catch (const std::exception& e) {  // c10::Error, std::bad_alloc
+      status = absl::InternalError(absl::StrCat("writing ", shard.path, ": ", e.what()));
+    }
+    done.store(true, std::memory_order_release);
+  }
+
+  void Join() {
+    if (writer.joinable()) writer.join();
+  }
+};
+
+PendingCheckpoint::PendingCheckpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+PendingCheckpoint::~PendingCheckpoint() {
+  if (impl_) impl_->Join();
+}
+const std::string& PendingCheckpoint::dir() const { return impl_->dir; }
+int64_t PendingCheckpoint::step() const { return impl_->state.step; }
+bool PendingCheckpoint::WriteDone() const {
+  return impl_->done.load(std::memory_order_acquire);
+}
+int64_t PendingCheckpoint::local_bytes() const { return impl_->shard.bytes; }
+int64_t PendingCheckpoint::total_bytes() const { return impl_->total_bytes; }
+
+absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
+    const std::string& root, const CheckpointState& state,
+    const std::vector<ShardedTensor>& tensors, Communicator& world, int keep_last,
+    bool background) {
   const int rank = world.rank();
-  const std::string dir = JoinPath(root, StepDirName(state.step));
-  const std::string what = absl::StrCat("saving checkpoint ", dir);
+  auto impl = std::make_unique<PendingCheckpoint::Impl>();
+  impl->root = root;
+  impl->dir = JoinPath(root, StepDirName(state.step));
+  impl->what = absl::StrCat("saving checkpoint ", impl->dir);
+  impl->state = state;
+  impl->keep_last = keep_last;
 
   // 1. The step directory.
   absl::Status status = absl::OkStatus();
@@ -924,76 +1046,121 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const Checkp
     status = absl::InvalidArgumentError(absl::StrCat("step ", state.step, " < 0"));
   if (status.ok() && rank == 0) {
     try {
-      status = PrepareStepDir(root, dir, state.step);
+      status = PrepareStepDir(root, impl->dir, state.step);
     } catch (const std::exception& e) {
       status = absl::InternalError(e.what());
     }
   }
-  if (auto agreed = Agree(world, status, "", what); !agreed.ok()) return agreed.status();
+  if (auto agreed = Agree(world, status, "", impl->what); !agreed.ok()) return agreed.status();
 
-  // 2. Shards, and everyone's piece records.
-  CheckpointManifest partial;
+  // 2a. What this rank writes, taken here; the write may go on in the background.
   try {
-    status = WriteShard(dir, rank, tensors, &partial);
-  } catch (const std::exception& e) {  // c10::Error from a tensor conversion
-    status = absl::InternalError(e.what());
+    impl->status = PrepareShard(impl->dir, rank, tensors, background, &impl->shard);
+  } catch (const std::exception& e) {  // c10::Error from a tensor conversion or the copy
+    impl->status = absl::InternalError(e.what());
   }
-  auto partials = Agree(world, status, status.ok() ? partial.SerializeAsString() : "", what);
+  if (!impl->status.ok()) {
+    impl->shard.pieces.clear();
+    impl->done.store(true);
+  } else if (background) {
+    // Test hook: the background write starts this much later (training goes on meanwhile).
+    impl->test_delay_seconds = EnvSeconds(kWriteDelayEnv);
+    try {
+      impl->writer = std::thread([p = impl.get()] { p->Write(); });
+    } catch (const std::system_error&) {
+      impl->Write();  // no thread to be had: write it here
+    }
+  } else {
+    impl->Write();
+  }
+  return std::unique_ptr<PendingCheckpoint>(new PendingCheckpoint(std::move(impl)));
+}
+
+absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint& pending, Communicator& world) {
+  PendingCheckpoint::Impl& c = *pending.impl_;
+  const int rank = world.rank();
+  if (c.finished) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the save of ", c.dir, " was already finished"));
+  }
+  c.finished = true;
+  c.Join();
+
+  // 2b. Everyone's piece records (the error exchange).
+  auto partials =
+      Agree(world, c.status, c.status.ok() ? c.shard.partial.SerializeAsString() : "", c.what);
   if (!partials.ok()) {
-    if (rank == 0) (void)RemoveStepDir(dir);
+    if (rank == 0) (void)RemoveStepDir(c.dir);
     return partials.status();
   }
 
-  // 3. The manifest.
-  status = absl::OkStatus();
+  // 3. The extra files, then the manifest.
+  absl::Status status = absl::OkStatus();
   if (rank == 0) {
     CheckpointManifest manifest;
     manifest.set_format_version(kCheckpointFormatVersion);
-    *manifest.mutable_job() = state.job;
-    manifest.set_step(state.step);
-    manifest.set_consumed_samples(state.consumed_samples);
+    *manifest.mutable_job() = c.state.job;
+    manifest.set_step(c.state.step);
+    manifest.set_consumed_samples(c.state.consumed_samples);
     manifest.set_world_size(world.size());
-    manifest.set_expert_parallel_size(state.expert_parallel_size);
-    for (const auto& [key, value] : state.scalars) (*manifest.mutable_scalars())[key] = value;
+    manifest.set_expert_parallel_size(c.state.expert_parallel_size);
+    for (const auto& [key, value] : c.state.scalars) (*manifest.mutable_scalars())[key] = value;
     status = MergeManifests(*partials, &manifest);
-    if (status.ok()) status = WriteManifest(dir, manifest);
+    if (status.ok()) status = CopyExtraFiles(c.dir, c.state.extra_files);
+    if (status.ok()) status = WriteManifest(c.dir, manifest);
     if (status.ok()) {
       if (const double pause = PauseSeconds(); pause > 0) {
         std::fprintf(stderr,
                      "rmoe checkpoint: test hook %s: manifest of %s written, pausing %g s before "
                      "the commit\n",
-                     kPauseEnv, dir.c_str(), pause);
+                     kPauseEnv, c.dir.c_str(), pause);
         std::fflush(stderr);
         std::this_thread::sleep_for(std::chrono::duration<double>(pause));
       }
     }
   }
-  if (auto agreed = Agree(world, status, "", what); !agreed.ok()) {
-    if (rank == 0) (void)RemoveStepDir(dir);
+  if (auto agreed = Agree(world, status, "", c.what); !agreed.ok()) {
+    if (rank == 0) (void)RemoveStepDir(c.dir);
     return agreed.status();
   }
 
   // 4. Commit, then prune.
   status = absl::OkStatus();
   if (rank == 0) {
-    status = Commit(root, dir, state.step);
+    status = Commit(c.root, c.dir, c.state.step);
     if (status.ok()) {
       try {
-        Prune(root, state.step, keep_last);
+        Prune(c.root, c.state.step, c.keep_last);
       } catch (const std::exception& e) {
-        std::fprintf(stderr, "rmoe checkpoint: warning: pruning %s: %s\n", root.c_str(), e.what());
+        std::fprintf(stderr, "rmoe checkpoint: warning: pruning %s: %s\n", c.root.c_str(),
+                     e.what());
       }
     }
   }
   // COMMITTED may exist while `latest` could not be replaced: readers that follow `latest`
   // still get the previous checkpoint.
-  if (auto agreed = Agree(world, status, "", what,
+  if (auto agreed = Agree(world, status, "", c.what,
                           "the commit did not complete: `latest` still names the previous "
                           "checkpoint");
       !agreed.ok()) {
     return agreed.status();
   }
-  return dir;
+  c.total_bytes = 0;
+  for (const auto& bytes : *partials) {
+    CheckpointManifest partial;
+    if (!partial.ParseFromString(bytes)) continue;
+    for (const auto& t : partial.tensors())
+      for (const auto& p : t.pieces()) c.total_bytes += p.length();
+  }
+  return c.dir;
+}
+
+absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
+                                           const std::vector<ShardedTensor>& tensors,
+                                           Communicator& world, int keep_last) {
+  auto pending = BeginCheckpoint(root, state, tensors, world, keep_last, /*background=*/false);
+  if (!pending.ok()) return pending.status();
+  return FinishCheckpoint(**pending, world);
 }
 
 absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path) {

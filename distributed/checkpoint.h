@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,16 +45,73 @@ struct CheckpointState {
   int64_t consumed_samples = 0;
   int expert_parallel_size = 1;
   std::map<std::string, double> scalars;
+  // Files rank 0 copies (by base name, fsynced) into the step directory before the manifest
+  // and the COMMITTED marker, e.g. the dataset's meta.pbtxt and tokenizer.model so that a
+  // checkpoint is enough to generate text. They are not in the manifest and not checksummed.
+  // A missing file, or a base name that a checkpoint uses itself (manifest.pb, COMMITTED,
+  // shard_*), fails the save. Only rank 0's list is used.
+  std::vector<std::string> extra_files;
 };
 
 // Collective over `world`. Each rank writes and fsyncs its shard file; if every rank
 // succeeded, rank 0 writes the manifest, and after a barrier the COMMITTED marker and the
 // `latest` pointer; then committed checkpoints beyond the newest `keep_last` are deleted.
 // An error on any rank makes every rank return an error and nothing is committed.
-// Returns the checkpoint directory.
+// Returns the checkpoint directory. (BeginCheckpoint + FinishCheckpoint.)
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
                                            const std::vector<ShardedTensor>& tensors,
                                            Communicator& world, int keep_last);
+
+// A save in flight: its step directory is prepared, this rank's shard is being (or has
+// been) written; nothing collective has happened since. Destroying it without
+// FinishCheckpoint waits for the writer and commits nothing (an uncommitted directory is
+// left, which readers ignore and the next save of that step removes).
+class PendingCheckpoint {
+ public:
+  ~PendingCheckpoint();
+  PendingCheckpoint(const PendingCheckpoint&) = delete;
+  PendingCheckpoint& operator=(const PendingCheckpoint&) = delete;
+
+  const std::string& dir() const;
+  int64_t step() const;
+  // Whether this rank's shard write has ended (successfully or not); never blocks. Always
+  // true for a synchronous save. Not collective: ranks agree on it before finishing.
+  bool WriteDone() const;
+  // Bytes this rank writes into its shard file (what a background save holds in memory).
+  int64_t local_bytes() const;
+  // After a successful FinishCheckpoint: the shard bytes of all ranks together.
+  int64_t total_bytes() const;
+
+  struct Impl;
+
+ private:
+  friend absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
+      const std::string&, const CheckpointState&, const std::vector<ShardedTensor>&,
+      Communicator&, int, bool);
+  friend absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint&, Communicator&);
+  explicit PendingCheckpoint(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The first half of SaveCheckpoint, collective over `world`, on the thread that makes MPI
+// calls: rank 0 prepares the step directory (everyone learns whether that worked), then
+// every rank takes what it writes and this rank's generator state. With `background`, the
+// rows this rank writes are copied (cloned) first, so the caller may change its tensors as
+// soon as this returns, and a background thread writes and fsyncs the shard file; this
+// thread calls nothing collective. Without it, the shard is written before this returns and
+// the tensors must stay unchanged until then. Errors of the shard write (including invalid
+// tensors) surface in FinishCheckpoint, on every rank; an error here is the same on every
+// rank and leaves nothing in flight.
+absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
+    const std::string& root, const CheckpointState& state,
+    const std::vector<ShardedTensor>& tensors, Communicator& world, int keep_last,
+    bool background);
+
+// The second half, collective over the same `world` and on the MPI thread: waits for this
+// rank's writer, then gathers every rank's piece records (the error exchange), rank 0 copies
+// the extra files and writes the manifest, a barrier, COMMITTED, `latest`, pruning. Returns
+// the checkpoint directory. Call it once per pending checkpoint.
+absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint& pending, Communicator& world);
 
 // A checkpoint directory from `path`: a step directory, or a root whose `latest` it follows.
 // Refuses a directory without COMMITTED, naming it. NotFound when there is none.

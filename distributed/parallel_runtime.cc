@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <mutex>
 #include <unordered_set>
+#include <utility>
 
 #include <absl/strings/str_cat.h>
 
@@ -190,10 +191,21 @@ std::vector<ShardedTensor> DistributedRuntime::StateTensors(Transformer& model,
   return tensors;
 }
 
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
 absl::StatusOr<std::string> DistributedRuntime::SaveCheckpoint(const JobSpec& job,
                                                                const TrainingProgress& progress,
                                                                Transformer& model,
                                                                torch::optim::Optimizer& optimizer) {
+  if (auto status = FinishCheckpoints(); !status.ok()) return status;
+  const auto start = std::chrono::steady_clock::now();
+  const bool async = job.checkpoint().async_save();
   CheckpointState state;
   state.job = job;
   state.step = progress.step;
@@ -201,14 +213,66 @@ absl::StatusOr<std::string> DistributedRuntime::SaveCheckpoint(const JobSpec& jo
   state.expert_parallel_size = groups_.expert_parallel->size();
   state.scalars["best_val_loss"] = progress.best_val_loss;
   state.scalars["last_val_loss"] = progress.last_val_loss;
-  return distributed::SaveCheckpoint(CheckpointRoot(job), state,
-                                     StateTensors(model, optimizer, false), *groups_.world,
-                                     job.checkpoint().keep_last());
+  if (rank() == 0) {
+    // What generation needs besides the weights: the checkpoint is then enough on its own.
+    for (const char* name : {"meta.pbtxt", "tokenizer.model"}) {
+      const fs::path file = fs::path(job.data().dataset_dir()) / name;
+      std::error_code ec;
+      if (fs::is_regular_file(file, ec)) state.extra_files.push_back(file.string());
+    }
+  }
+  auto pending = BeginCheckpoint(CheckpointRoot(job), state, StateTensors(model, optimizer, false),
+                                 *groups_.world, job.checkpoint().keep_last(), async);
+  if (!pending.ok()) return pending.status();
+  const std::string dir = (*pending)->dir();
+  in_flight_ = InFlight{*std::move(pending), start, SecondsSince(start), async};
+  if (!async) {
+    if (auto status = FinishInFlight(); !status.ok()) return status;
+  }
+  return dir;
+}
+
+absl::Status DistributedRuntime::FinishInFlight() {
+  if (!in_flight_) return absl::OkStatus();
+  const auto finish_start = std::chrono::steady_clock::now();
+  InFlight saving = std::move(*in_flight_);
+  in_flight_.reset();
+  auto dir = FinishCheckpoint(*saving.pending, *groups_.world);
+  if (!dir.ok()) return dir.status();
+  CheckpointReport report;
+  report.dir = *dir;
+  report.step = saving.pending->step();
+  report.seconds = SecondsSince(saving.start);
+  report.stall_seconds = saving.stall_seconds + SecondsSince(finish_start);
+  report.bytes = saving.pending->total_bytes();
+  report.async = saving.async;
+  reports_.push_back(std::move(report));
+  return absl::OkStatus();
+}
+
+absl::Status DistributedRuntime::PollCheckpoint() {
+  if (!in_flight_) return absl::OkStatus();
+  // Every rank has the same save in flight (they began it together); the commit is
+  // collective, so they finish it together: once every rank's writer is done.
+  const auto start = std::chrono::steady_clock::now();
+  auto done = torch::tensor({in_flight_->pending->WriteDone() ? int64_t{1} : int64_t{0}},
+                            torch::kInt64);
+  groups_.world->AllReduce(done, ReduceOp::kSum);
+  in_flight_->stall_seconds += SecondsSince(start);
+  if (done.item<int64_t>() < world_size()) return absl::OkStatus();
+  return FinishInFlight();
+}
+
+absl::Status DistributedRuntime::FinishCheckpoints() { return FinishInFlight(); }
+
+std::vector<CheckpointReport> DistributedRuntime::TakeCheckpointReports() {
+  return std::exchange(reports_, {});
 }
 
 absl::StatusOr<TrainingProgress> DistributedRuntime::LoadCheckpoint(
     const std::string& path, const JobSpec& job, Transformer& model,
     torch::optim::Optimizer& optimizer) {
+  if (auto status = FinishCheckpoints(); !status.ok()) return status;
   auto dir = ResolveCheckpoint(path);
   if (!dir.ok()) return dir.status();
   if (is_main()) {
@@ -230,10 +294,18 @@ absl::StatusOr<TrainingProgress> DistributedRuntime::LoadCheckpoint(
     return absl::FailedPreconditionError(
         absl::StrCat("cannot resume from ", *dir, ": ", status.message()));
   }
+  const auto load_start = std::chrono::steady_clock::now();
   auto tensors = StateTensors(model, optimizer, /*create_optimizer_state=*/true);
   {
     torch::NoGradGuard no_grad;
     if (auto status = LoadTensors(*dir, *manifest, tensors); !status.ok()) return status;
+  }
+  if (is_main()) {
+    int64_t bytes = 0;
+    for (const auto& t : tensors) bytes += static_cast<int64_t>(t.local.nbytes());
+    std::fprintf(stderr, "rmoe: loaded step %lld: %.1f MiB on rank 0 in %.3f s\n",
+                 static_cast<long long>(manifest->step()), bytes / 1048576.0,
+                 SecondsSince(load_start));
   }
   // Nothing in training draws random numbers today, but a rank's generator continues where
   // it stopped when it exists in the saved layout.

@@ -8,7 +8,9 @@
 // that hold a replica of it.
 #pragma once
 
+#include <chrono>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <absl/status/statusor.h>
@@ -59,6 +61,9 @@ class DistributedRuntime : public ParallelRuntime {
   absl::StatusOr<std::string> SaveCheckpoint(const JobSpec& job, const TrainingProgress& progress,
                                              Transformer& model,
                                              torch::optim::Optimizer& optimizer) override;
+  absl::Status PollCheckpoint() override;
+  absl::Status FinishCheckpoints() override;
+  std::vector<CheckpointReport> TakeCheckpointReports() override;
   absl::StatusOr<TrainingProgress> LoadCheckpoint(const std::string& path, const JobSpec& job,
                                                   Transformer& model,
                                                   torch::optim::Optimizer& optimizer) override;
@@ -77,6 +82,18 @@ class DistributedRuntime : public ParallelRuntime {
   std::shared_ptr<TimedCommunicator> timer_;
   size_t bucket_bytes_;
   std::vector<torch::Tensor> replicated_, experts_;
+
+  // The save in flight (checkpoint.async_save): begun, not yet committed.
+  struct InFlight {
+    std::unique_ptr<PendingCheckpoint> pending;
+    std::chrono::steady_clock::time_point start;
+    double stall_seconds = 0;  // the training loop's share so far
+    bool async = false;
+  };
+  // Commits the save in flight (waiting for this rank's writer) and reports it.
+  absl::Status FinishInFlight();
+  std::optional<InFlight> in_flight_;
+  std::vector<CheckpointReport> reports_;
 };
 
 }  // namespace rmoe::distributed

@@ -36,18 +36,21 @@ before each timed call and each iteration's time taken as the slowest rank's:
                 ranks and AllToAllWithGrad of the same rows back (an identity expert: the
                 expert computation, the regrouping by local expert and the combine are
                 not timed here; part 2 has them)
-The round trip is checked to return every row unchanged. Reported: median and mean time
-per round trip, tokens/s (tokens routed per second over all ranks), GB/s (bytes sent +
+The round trip is checked to return every row unchanged. Reported: min, median and mean
+time per round trip (on a shared machine the min is the cost without interference), and
+from the median: tokens/s (tokens routed per second over all ranks), GB/s (bytes sent +
 received per rank, both directions, including the rows a rank keeps for itself; remote =
-excluding them), and the ratio dispatcher / raw.
+excluding them); and every variant's ratio to raw, of medians and of minima.
 
 Part 2, one MoE layer (linear router, SwiGLU experts of --hidden) forward + backward on
 the same --tokens per rank: ExpertParallelDispatcher (this rank holds E/P experts; its EP
 group is wrapped in a TimedCommunicator) vs LocalDispatcher (every rank holds all E
-experts and runs its own tokens). Each iteration's time, communication (time inside the
-communicator, including waiting for other ranks) and compute (the rest) are averaged over
-the ranks; reported are their medians over iterations, the median of the slowest rank's
-time, and tokens/s over all ranks (P x tokens / median time).
+experts and runs its own tokens). Each iteration starts and ends with a barrier; reported
+are the best (min) time and medians over iterations of: time (wall time from the first barrier to the end of the
+second, slowest rank: with more ranks than cores, ranks that do not run at once still all
+count), and, averaged over ranks, compute (the rank's own work outside the communicator),
+comm (time inside the communicator, including waiting for other ranks) and idle (waiting
+at the closing barrier for the slowest rank); tokens/s = P x tokens / time.
 
 Options:
   --tokens N      tokens per rank (default 2048: configs/quickstart's 16 x 128)
@@ -258,37 +261,45 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
   const auto totals = SumOverRanks(world, {bytes, remote_bytes});
   const double mean_bytes = totals[0] / ranks, mean_remote = totals[1] / ranks;
 
-  Table table({"variant", "median ms", "mean ms", "tokens/s", "GB/s", "remote GB/s", "x raw"});
+  Table table({"variant", "min ms", "median ms", "mean ms", "tokens/s", "GB/s", "remote GB/s",
+               "x raw", "x raw (min)"});
   std::vector<JsonObject> rows;
-  double raw_median = 0, dispatcher_median = 0;
+  double raw_median = 0, raw_min = 0, dispatcher_median = 0, dispatcher_min = 0;
   for (auto& v : variants) {
     v.seconds = MaxOverRanks(world, v.seconds);
-    if (std::string(v.name) == "raw") raw_median = Median(v.seconds);
-    if (std::string(v.name) == "dispatcher") dispatcher_median = Median(v.seconds);
+    if (std::string(v.name) == "raw") raw_median = Median(v.seconds), raw_min = Min(v.seconds);
+    if (std::string(v.name) == "dispatcher") {
+      dispatcher_median = Median(v.seconds);
+      dispatcher_min = Min(v.seconds);
+    }
   }
   for (const auto& v : variants) {
-    const double median = Median(v.seconds), mean = Mean(v.seconds);
+    const double median = Median(v.seconds), mean = Mean(v.seconds), min = Min(v.seconds);
     const double tokens_per_s = tokens * ranks / median;
-    table.Add({v.name, absl::StrFormat("%.3f", median * 1e3), absl::StrFormat("%.3f", mean * 1e3),
-               Human(tokens_per_s), absl::StrFormat("%.3f", mean_bytes / median / 1e9),
-               absl::StrFormat("%.3f", mean_remote / median / 1e9),
-               absl::StrFormat("%.2f", median / raw_median)});
+    table.Add({v.name, absl::StrFormat("%.3f", min * 1e3), absl::StrFormat("%.3f", median * 1e3),
+               absl::StrFormat("%.3f", mean * 1e3), Human(tokens_per_s),
+               absl::StrFormat("%.2f", mean_bytes / median / 1e9),
+               absl::StrFormat("%.2f", mean_remote / median / 1e9),
+               absl::StrFormat("%.2f", median / raw_median), absl::StrFormat("%.2f", min / raw_min)});
     rows.push_back(JsonObject()
                        .Add("variant", std::string(v.name))
+                       .Add("min_s", min)
                        .Add("median_s", median)
                        .Add("mean_s", mean)
                        .Add("tokens_per_s", tokens_per_s)
                        .Add("gb_per_s", mean_bytes / median / 1e9)
                        .Add("remote_gb_per_s", mean_remote / median / 1e9)
                        .Add("ratio_to_raw", median / raw_median)
+                       .Add("min_ratio_to_raw", min / raw_min)
                        .Add("seconds", v.seconds));
   }
   if (is_main) {
     std::printf("exchange: one dispatch round trip (%.2f MB sent+received per rank, %.0f%% of it "
-                "to/from other ranks)\n",
+                "to/from other ranks); tokens/s and GB/s from the median\n",
                 mean_bytes / 1e6, 100.0 * mean_remote / mean_bytes);
     table.Print();
-    std::printf("dispatcher / raw = %.2f\n\n", dispatcher_median / raw_median);
+    std::printf("dispatcher / raw = %.2f (median), %.2f (min)\n\n", dispatcher_median / raw_median,
+                dispatcher_min / raw_min);
   }
   JsonObject result;
   result.Add("tokens_per_rank", tokens)
@@ -300,6 +311,7 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
       .Add("bytes_per_rank", mean_bytes)
       .Add("remote_bytes_per_rank", mean_remote)
       .Add("dispatcher_over_raw", dispatcher_median / raw_median)
+      .Add("dispatcher_over_raw_min", dispatcher_min / raw_min)
       .AddRaw("exchange", JsonArray(rows));
 
   if (layer_flag == "on") {
@@ -327,10 +339,10 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
     struct LayerVariant {
       const char* name;
       MoELayer* layer;
-      std::vector<double> seconds, comm, compute;
+      std::vector<double> wall, comm, compute, idle;
     };
-    std::vector<LayerVariant> layers = {{"local (all experts)", &local_layer, {}, {}, {}},
-                                        {"expert-parallel", &ep_layer, {}, {}, {}}};
+    std::vector<LayerVariant> layers = {{"local (all experts)", &local_layer, {}, {}, {}, {}},
+                                        {"expert-parallel", &ep_layer, {}, {}, {}, {}}};
     const int layer_iters = std::max(3, iters / 5);
     for (int it = 0; it < warmup + layer_iters; ++it) {
       for (auto& v : layers) {
@@ -342,40 +354,49 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
         RouterCarry carry;
         auto out = (*v.layer)->forward(x, carry, nullptr);
         ((out.y * probe).sum() + 0.01 * out.load_balance).backward();
-        const double seconds = Since(start);
+        const double own = Since(start);
         const double comm_seconds = timer->TakeSeconds();
+        // The closing barrier makes the wall time cover every rank's work even when ranks
+        // do not run at the same time (more ranks than cores).
+        CheckMpi(MPI_Barrier(comm), "MPI_Barrier");
+        const double wall = Since(start);
         if (it >= warmup) {
-          v.seconds.push_back(seconds);
+          v.wall.push_back(wall);
           v.comm.push_back(comm_seconds);
-          v.compute.push_back(seconds - comm_seconds);
+          v.compute.push_back(own - comm_seconds);
+          v.idle.push_back(wall - own);
         }
       }
     }
-    Table layer_table({"dispatcher", "median ms", "slowest rank ms", "tokens/s", "comm ms",
-                       "compute ms", "comm %"});
+    Table layer_table({"dispatcher", "best ms", "time ms", "tokens/s", "compute ms", "comm ms",
+                       "idle ms", "comm %"});
     std::vector<JsonObject> layer_rows;
     for (auto& v : layers) {
-      // Per iteration: the mean over ranks (and the slowest rank); then the median.
-      const auto mean_total = MeanOverRanks(world, v.seconds);
+      // Per iteration: the slowest rank's wall time, the mean over ranks of the parts; then
+      // the median over iterations.
+      const auto wall = MaxOverRanks(world, v.wall);
       const auto mean_comm = MeanOverRanks(world, v.comm);
       const auto mean_compute = MeanOverRanks(world, v.compute);
-      const auto slowest = MaxOverRanks(world, v.seconds);
-      const double median = Median(mean_total), comm_s = Median(mean_comm);
-      const double compute_s = Median(mean_compute), slowest_s = Median(slowest);
-      const double tokens_per_s = tokens * ranks / median;
-      layer_table.Add({v.name, absl::StrFormat("%.2f", median * 1e3),
-                       absl::StrFormat("%.2f", slowest_s * 1e3), Human(tokens_per_s),
-                       absl::StrFormat("%.2f", comm_s * 1e3), absl::StrFormat("%.2f", compute_s * 1e3),
-                       absl::StrFormat("%.0f%%", 100 * comm_s / median)});
+      const auto mean_idle = MeanOverRanks(world, v.idle);
+      const double wall_s = Median(wall), comm_s = Median(mean_comm);
+      const double compute_s = Median(mean_compute), idle_s = Median(mean_idle);
+      const double tokens_per_s = tokens * ranks / wall_s;
+      layer_table.Add({v.name, absl::StrFormat("%.2f", Min(wall) * 1e3),
+                       absl::StrFormat("%.2f", wall_s * 1e3), Human(tokens_per_s),
+                       absl::StrFormat("%.2f", compute_s * 1e3), absl::StrFormat("%.2f", comm_s * 1e3),
+                       absl::StrFormat("%.2f", idle_s * 1e3),
+                       absl::StrFormat("%.0f%%", 100 * comm_s / wall_s)});
       layer_rows.push_back(JsonObject()
                                .Add("dispatcher", std::string(v.name))
-                               .Add("median_s", median)
-                               .Add("slowest_rank_median_s", slowest_s)
+                               .Add("median_s", wall_s)
+                               .Add("best_s", Min(wall))
                                .Add("tokens_per_s", tokens_per_s)
-                               .Add("comm_s", comm_s)
                                .Add("compute_s", compute_s)
-                               .Add("rank_mean_seconds", mean_total)
-                               .Add("rank_mean_comm_seconds", mean_comm));
+                               .Add("comm_s", comm_s)
+                               .Add("idle_s", idle_s)
+                               .Add("wall_seconds", wall)
+                               .Add("rank_mean_comm_seconds", mean_comm)
+                               .Add("rank_mean_compute_seconds", mean_compute));
     }
     if (is_main) {
       std::printf("one MoE layer, forward + backward: linear router, %lld experts of hidden %lld, "

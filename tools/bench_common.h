@@ -65,6 +65,7 @@ std::vector<double> SumOverRanks(distributed::MpiCommunicator& comm, std::vector
 std::vector<double> MeanOverRanks(distributed::MpiCommunicator& comm, std::vector<double> values);
 double Mean(const std::vector<double>& values);
 double Median(std::vector<double> values);
+double Min(const std::vector<double>& values);
 
 // A plain-text table with right-aligned numeric columns.
 class Table {

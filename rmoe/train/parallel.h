@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include <absl/status/statusor.h>
 #include <torch/torch.h>
@@ -20,6 +21,16 @@ struct TrainingProgress {
   int64_t consumed_samples = 0;  // training samples read, over all ranks
   double best_val_loss = INFINITY;
   double last_val_loss = NAN;
+};
+
+// A checkpoint save that committed: for the progress line and the metrics file.
+struct CheckpointReport {
+  std::string dir;
+  int64_t step = 0;
+  double seconds = 0;        // wall time from the start of the save to its commit
+  double stall_seconds = 0;  // of which the training loop waited (all of it when synchronous)
+  int64_t bytes = 0;         // shard bytes of all ranks together
+  bool async = false;        // written in the background (checkpoint.async_save)
 };
 
 class ParallelRuntime {
@@ -48,14 +59,26 @@ class ParallelRuntime {
   // split of a step).
   virtual double TakeCommunicationSeconds() { return 0; }
 
-  // Sharded checkpoints of the model and optimizer (every rank must call these). Returns
-  // the checkpoint directory written.
+  // Sharded checkpoints of the model and optimizer (every rank must call these, at the
+  // same step boundary). Finishes a save in flight first. Returns the checkpoint directory:
+  // committed when this returns, or, with checkpoint.async_save, being written in the
+  // background (the model and optimizer may change as soon as this returns) and committed
+  // by a later PollCheckpoint or FinishCheckpoints.
   virtual absl::StatusOr<std::string> SaveCheckpoint(const JobSpec& job,
                                                      const TrainingProgress& progress,
                                                      Transformer& model,
                                                      torch::optim::Optimizer& optimizer);
+  // At a step boundary (every rank): while a background save is in flight, the ranks agree
+  // (one small all-reduce) whether every rank's write is done, and if so commit it. Errors
+  // of the background write surface here or in FinishCheckpoints, on every rank.
+  virtual absl::Status PollCheckpoint() { return absl::OkStatus(); }
+  // Waits for a save in flight and commits it (every rank): before the end of training.
+  virtual absl::Status FinishCheckpoints() { return absl::OkStatus(); }
+  // The saves committed since the last call, oldest first.
+  virtual std::vector<CheckpointReport> TakeCheckpointReports() { return {}; }
   // Restores model and optimizer from `path` (a checkpoint, or a checkpoint root to take its
   // latest), whatever layout saved it; refuses a checkpoint whose model differs from `job`'s.
+  // Finishes a save in flight first.
   virtual absl::StatusOr<TrainingProgress> LoadCheckpoint(const std::string& path,
                                                           const JobSpec& job, Transformer& model,
                                                           torch::optim::Optimizer& optimizer);

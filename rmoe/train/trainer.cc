@@ -256,6 +256,27 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
   const int64_t samples_per_step = static_cast<int64_t>(batch) * accum * runtime.world_size();
   const int64_t consumed_at_start = position.consumed_samples;
+  // Saves that committed (during a save, or later for a background one): progress, metrics.
+  auto report_checkpoints = [&] {
+    for (const auto& saved : runtime.TakeCheckpointReports()) {
+      summary.last_checkpoint = saved.dir;
+      if (metrics) metrics->Write(JsonObject()
+                                      .Add("type", std::string("checkpoint"))
+                                      .Add("step", saved.step)
+                                      .Add("seconds", saved.seconds)
+                                      .Add("stall_seconds", saved.stall_seconds)
+                                      .Add("bytes", saved.bytes)
+                                      .AddRaw("async", saved.async ? "true" : "false"));
+      if (progress) {
+        progress->Print(absl::StrFormat(
+            "checkpoint saved to %s (%.2f s%s, %.1f MiB)", saved.dir, saved.seconds,
+            saved.async ? absl::StrFormat(" in the background, training stalled %.2f s",
+                                          saved.stall_seconds)
+                        : "",
+            saved.bytes / 1048576.0));
+      }
+    }
+  };
   int step = first_step;
   for (; step < schedule.steps(); ++step) {
     const auto step_start = std::chrono::steady_clock::now();
@@ -342,6 +363,11 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     }
     summary.final_train_loss = step_loss;
 
+    // A background save commits at a step boundary once every rank has written its shard.
+    if (auto polled = runtime.PollCheckpoint(); !polled.ok()) return polled;
+    runtime.TakeCommunicationSeconds();  // the save's, not a training step's
+    report_checkpoints();
+
     // Every rank must agree to stop (a signal may reach them at different times).
     const bool stop = options.stop_requested &&
                       runtime.Average(options.stop_requested->load() ? 1.0 : 0.0) > 0;
@@ -353,9 +379,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       position.last_val_loss = last_val;
       auto saved = runtime.SaveCheckpoint(spec, position, model, *optimizer);
       if (!saved.ok()) return saved.status();
-      summary.last_checkpoint = *saved;
       runtime.TakeCommunicationSeconds();  // the save's, not a training step's
-      if (progress) progress->Print("checkpoint saved to " + *saved);
+      report_checkpoints();
     }
     if (stop) {
       summary.stopped_early = true;
@@ -363,6 +388,10 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       break;
     }
   }
+  // A save still in flight commits before the run ends (or stops).
+  if (auto finished = runtime.FinishCheckpoints(); !finished.ok()) return finished;
+  runtime.TakeCommunicationSeconds();
+  report_checkpoints();
   if (progress) progress->Finish();
 
   summary.steps = step;

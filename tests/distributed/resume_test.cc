@@ -6,7 +6,9 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <iterator>
 #include <regex>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -100,6 +102,152 @@ TEST(Resume, OnTheSameLayoutContinuesBitForBit) {
   for (const auto& [step, loss] : resumed) {
     EXPECT_EQ(loss, full.at(step)) << "step " << step << " differs after resuming";
   }
+}
+
+std::string ReadBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Line numbers (0-based) of the metrics records that contain `needle`.
+std::vector<int> RecordLines(const std::string& metrics_path, const std::string& needle) {
+  std::ifstream in(metrics_path);
+  std::string line;
+  std::vector<int> lines;
+  for (int i = 0; std::getline(in, line); ++i) {
+    if (line.find(needle) != std::string::npos) lines.push_back(i);
+  }
+  return lines;
+}
+
+// Every tensor of a checkpoint, read in full.
+std::map<std::string, torch::Tensor> AllTensors(const std::string& dir) {
+  std::map<std::string, torch::Tensor> out;
+  auto manifest = ReadManifest(dir);
+  EXPECT_TRUE(manifest.ok()) << manifest.status();
+  if (!manifest.ok()) return out;
+  std::vector<ShardedTensor> tensors;
+  for (const auto& record : manifest->tensors()) {
+    EXPECT_EQ(record.dtype(), "float32") << record.name();
+    ShardedTensor t;
+    t.name = record.name();
+    t.global_shape.assign(record.shape().begin(), record.shape().end());
+    t.local = torch::empty(t.global_shape, torch::kFloat);
+    tensors.push_back(std::move(t));
+  }
+  auto status = LoadTensors(dir, *manifest, tensors);
+  EXPECT_TRUE(status.ok()) << status;
+  for (auto& t : tensors) out.emplace(t.name, t.local);
+  return out;
+}
+
+// checkpoint.async_save: the model and optimizer are copied at the save and written in the
+// background while training goes on. The files are the same as a synchronous save's, the
+// training is unchanged, and a resume from them continues bit for bit.
+TEST(Resume, AsyncSaveWritesTheSameCheckpointAndResumesBitForBit) {
+  auto world = rmoe::testing::MpiWorld();
+  const int ranks = world->size();
+  const std::string dir = SharedTempDir(*world, "async");
+  const std::string ep = "parallel.expert_parallel_size=" + std::to_string(ranks);
+  // Synchronous saves at steps 6 and 12.
+  ASSERT_TRUE(TrainOn(ranks, TinyJob(dir + "/sync", {ep})).ok());
+  // Background saves at 3, 6, 9, 12, each write held back 1 s (a test hook), so that every
+  // save is still in flight when the next is due: training changes the parameters meanwhile,
+  // and each save finishes the one before it (the last: the end of training).
+  ::setenv("RMOE_CKPT_TEST_DELAY_BACKGROUND_WRITE_S", "1", 1);
+  const absl::Status slow = TrainOn(
+      ranks, TinyJob(dir + "/async_slow", {ep, "checkpoint.async_save=true", "checkpoint.interval=3"}));
+  ::unsetenv("RMOE_CKPT_TEST_DELAY_BACKGROUND_WRITE_S");
+  ASSERT_TRUE(slow.ok()) << slow;
+  // Background saves that commit at the first step boundary where every rank is done.
+  ASSERT_TRUE(
+      TrainOn(ranks, TinyJob(dir + "/async", {ep, "checkpoint.async_save=true"})).ok());
+  // Resume from an asynchronous checkpoint (and save asynchronously again).
+  ASSERT_TRUE(TrainOn(ranks, TinyJob(dir + "/resumed", {ep, "checkpoint.async_save=true"}),
+                      dir + "/async_slow/checkpoints/step_00000006")
+                  .ok());
+  if (world->rank() != 0) return;
+
+  for (const std::string run : {"async_slow", "async"}) {
+    SCOPED_TRACE(run);
+    EXPECT_EQ(ReadBytes(dir + "/" + run + "/checkpoints/latest"), "step_00000012\n");
+    for (const std::string step : {"step_00000006", "step_00000012"}) {
+      SCOPED_TRACE(step);
+      const std::string a = dir + "/sync/checkpoints/" + step;
+      const std::string b = dir + "/" + run + "/checkpoints/" + step;
+      ASSERT_TRUE(fs::exists(b + "/COMMITTED"));
+      int files = 0;
+      for (const auto& entry : fs::directory_iterator(a)) {
+        const std::string name = entry.path().filename().string();
+        if (name == "manifest.pb") continue;  // its job spec differs (async_save, output_dir)
+        ++files;
+        const std::string bytes = ReadBytes(entry.path().string());
+        EXPECT_FALSE(bytes.empty()) << name;
+        EXPECT_TRUE(bytes == ReadBytes(b + "/" + name)) << name << " differs";
+      }
+      // The shards, COMMITTED, and the dataset's meta.pbtxt copied for generation.
+      EXPECT_TRUE(fs::exists(a + "/meta.pbtxt"));
+      EXPECT_GE(files, 1 + 2);
+      auto ma = ReadManifest(a), mb = ReadManifest(b);
+      ASSERT_TRUE(ma.ok() && mb.ok());
+      EXPECT_EQ(ma->step(), mb->step());
+      EXPECT_EQ(ma->consumed_samples(), mb->consumed_samples());
+      ASSERT_EQ(ma->tensors_size(), mb->tensors_size());
+      for (int i = 0; i < ma->tensors_size(); ++i) {
+        EXPECT_EQ(ma->tensors(i).SerializeAsString(), mb->tensors(i).SerializeAsString())
+            << ma->tensors(i).name();
+      }
+      ASSERT_EQ(ma->rng_states_size(), mb->rng_states_size());
+      for (int i = 0; i < ma->rng_states_size(); ++i)
+        EXPECT_EQ(ma->rng_states(i), mb->rng_states(i));
+      EXPECT_TRUE(mb->job().checkpoint().async_save());
+      auto ta = AllTensors(a), tb = AllTensors(b);
+      ASSERT_EQ(ta.size(), tb.size());
+      for (const auto& [name, tensor] : ta) {
+        EXPECT_TRUE(torch::equal(tensor, tb.at(name))) << name;
+      }
+    }
+    // Saving in the background does not change the training.
+    EXPECT_EQ(Losses(dir + "/" + run + "/metrics.jsonl"), Losses(dir + "/sync/metrics.jsonl"));
+  }
+  // Every save is reported once, with its timings; the slow ones committed after training
+  // went on (step 3's after step 4 was logged).
+  const std::string slow_metrics = dir + "/async_slow/metrics.jsonl";
+  for (int step : {3, 6, 9, 12}) {
+    const auto lines = RecordLines(
+        slow_metrics, "\"type\":\"checkpoint\",\"step\":" + std::to_string(step) + ",");
+    ASSERT_EQ(lines.size(), 1u) << "step " << step;
+  }
+  const auto step3 = RecordLines(slow_metrics, "\"type\":\"checkpoint\",\"step\":3,");
+  const auto train4 = RecordLines(slow_metrics, "\"type\":\"train\",\"step\":4,");
+  ASSERT_EQ(train4.size(), 1u);
+  EXPECT_GT(step3[0], train4[0]) << "the step-3 save did not run in the background";
+  const std::regex timings(
+      R"re("type":"checkpoint","step":(\d+),"seconds":([^,]*),"stall_seconds":([^,]*),"bytes":(\d+),"async":true)re");
+  std::ifstream in(slow_metrics);
+  std::string line;
+  std::smatch match;
+  int records = 0;
+  while (std::getline(in, line)) {
+    if (!std::regex_search(line, match, timings)) continue;
+    ++records;
+    EXPECT_GE(std::stod(match[2]), 1.0) << line;  // the held-back write
+    EXPECT_GT(std::stoll(match[4]), 0) << line;
+  }
+  EXPECT_EQ(records, 4);
+
+  auto full = Losses(dir + "/sync/metrics.jsonl");
+  auto resumed = Losses(dir + "/resumed/metrics.jsonl");
+  ASSERT_EQ(full.size(), 12u);
+  ASSERT_EQ(resumed.size(), 6u);
+  for (const auto& [step, loss] : resumed) {
+    EXPECT_EQ(loss, full.at(step)) << "step " << step << " differs after resuming";
+  }
+  // The resumed run's own save at step 12 equals the uninterrupted run's.
+  auto ta = AllTensors(dir + "/sync/checkpoints/step_00000012");
+  auto tb = AllTensors(dir + "/resumed/checkpoints/step_00000012");
+  ASSERT_EQ(ta.size(), tb.size());
+  for (const auto& [name, tensor] : ta) EXPECT_TRUE(torch::equal(tensor, tb.at(name))) << name;
 }
 
 TEST(Resume, OnFewerRanksAndSmallerExpertGroupsContinuesTheCurve) {
