@@ -21,8 +21,9 @@ Part 1, the exchange. Every rank routes --tokens random tokens (d_model --d-mode
 --top-k distinct experts drawn uniformly from --experts, plans the dispatch with
 PlanDispatch (dropless) and derives the per-rank splits exactly as
 ExpertParallelDispatcher does (the EP group is the whole world: P ranks, E/P experts each).
-Then it times these variants of one forward round trip, interleaved, with a barrier
-before each timed call and each iteration's time taken as the slowest rank's:
+Then it times these variants of one forward round trip, interleaved (the order rotating
+every iteration), with a barrier before each timed call and each iteration's time taken
+as the slowest rank's:
   raw-tokens    two MPI_Alltoallv (MPI_BYTE) of the token rows to the experts' ranks and
                 back, into preallocated buffers, on MpiCommunicator::comm()
   raw           MPI_Alltoall of the per-expert counts + raw-tokens: the floor
@@ -93,7 +94,9 @@ std::vector<int> ToBytes(const std::vector<int64_t>& rows, int64_t row_bytes) {
   for (int64_t r : rows) {
     const int64_t bytes = r * row_bytes;
     if (bytes > std::numeric_limits<int>::max()) {
-      throw UsageError("a message of more than 2 GiB: lower --tokens or --d-model");
+      // Not a UsageError: only the ranks with such a message see it, so the job must abort.
+      throw std::runtime_error("a message of more than 2 GiB for one raw MPI_Alltoallv: lower "
+                               "--tokens or --d-model");
     }
     out.push_back(static_cast<int>(bytes));
   }
@@ -240,17 +243,20 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
   std::vector<Variant> variants = {{"raw-tokens", raw_tokens, {}},   {"raw", raw, {}},
                                    {"raw+alloc", raw_alloc, {}},     {"raw+checks", raw_checks, {}},
                                    {"communicator", communicator, {}}, {"dispatcher", dispatcher, {}}};
+  dispatcher();
+  raw();
+  TORCH_CHECK(torch::equal(returned, send) && torch::equal(raw_returned, send),
+              "the all-to-all round trip did not return the rows it sent");
+  const size_t count = variants.size();
   for (int it = 0; it < warmup + iters; ++it) {
-    for (auto& v : variants) {
+    // The order rotates every iteration, so that no variant always follows the same one.
+    for (size_t j = 0; j < count; ++j) {
+      auto& v = variants[(j + it) % count];
       CheckMpi(MPI_Barrier(comm), "MPI_Barrier");
       const auto start = Clock::now();
       v.run();
       const double seconds = Since(start);
       if (it >= warmup) v.seconds.push_back(seconds);
-    }
-    if (it == 0) {  // the last variant ran the dispatcher's round trip
-      TORCH_CHECK(torch::equal(returned, send) && torch::equal(raw_returned, send),
-                  "the all-to-all round trip did not return the rows it sent");
     }
   }
 
@@ -345,7 +351,8 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
                                         {"expert-parallel", &ep_layer, {}, {}, {}, {}}};
     const int layer_iters = std::max(3, iters / 5);
     for (int it = 0; it < warmup + layer_iters; ++it) {
-      for (auto& v : layers) {
+      for (size_t j = 0; j < layers.size(); ++j) {
+        auto& v = layers[(j + it) % layers.size()];
         (*v.layer)->zero_grad();
         auto x = input.clone().requires_grad_(true);
         CheckMpi(MPI_Barrier(comm), "MPI_Barrier");
