@@ -1,4 +1,5 @@
 #include "distributed/mpi_communicator.h"
+#include "distributed/collective_args.h"
 
 #include <algorithm>
 #include <climits>
@@ -56,20 +57,6 @@ std::string TensorProblem(const torch::Tensor& tensor, const char* op, bool need
 void CheckTensor(const torch::Tensor& tensor, const char* op) {
   const std::string problem = TensorProblem(tensor, op, /*needs_rows=*/false);
   TORCH_CHECK(problem.empty(), problem);
-}
-
-// A hash of the dims after the first, so that ranks can check they agree.
-int64_t TrailingShapeHash(const torch::Tensor& t) {
-  uint64_t h = 1469598103934665603ull;
-  for (int64_t d = 1; d < t.dim(); ++d) h = (h ^ static_cast<uint64_t>(t.size(d))) * 1099511628211ull;
-  h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
-  return static_cast<int64_t>(h & 0x7fffffffffffffffull);
-}
-
-std::string DescribeRows(int64_t dtype, int64_t row_bytes) {
-  std::ostringstream out;
-  out << c10::toString(static_cast<c10::ScalarType>(dtype)) << " rows of " << row_bytes << " bytes";
-  return out.str();
 }
 
 // What each rank contributes to the argument agreement of AllToAll and AllGather.

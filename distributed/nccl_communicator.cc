@@ -1,4 +1,5 @@
 #include "distributed/nccl_communicator.h"
+#include "distributed/collective_args.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -82,20 +83,6 @@ int64_t Product(c10::IntArrayRef sizes, size_t from) {
   int64_t p = 1;
   for (size_t i = from; i < sizes.size(); ++i) p *= sizes[i];
   return p;
-}
-
-// A hash of the dims after the first, so that ranks can check they agree.
-int64_t TrailingShapeHash(const torch::Tensor& t) {
-  uint64_t h = 1469598103934665603ull;
-  for (int64_t d = 1; d < t.dim(); ++d) h = (h ^ static_cast<uint64_t>(t.size(d))) * 1099511628211ull;
-  h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
-  return static_cast<int64_t>(h & 0x7fffffffffffffffull);
-}
-
-std::string DescribeRows(int64_t dtype, int64_t row_bytes) {
-  std::ostringstream out;
-  out << c10::toString(static_cast<c10::ScalarType>(dtype)) << " rows of " << row_bytes << " bytes";
-  return out.str();
 }
 
 // What each rank contributes to AllGather's agreement on sizes and arguments.

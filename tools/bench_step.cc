@@ -13,6 +13,7 @@
 #include "distributed/timed_communicator.h"
 #include "launcher/job_spec.h"
 #include "rmoe/model/transformer.h"
+#include "rmoe/train/trainer.h"
 #include "tools/bench_common.h"
 
 namespace rmoe::bench {
@@ -53,23 +54,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// As the trainer: decoupled weight decay for matrices only.
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  const auto& opt = spec.optimizer();
-  auto options = [&](double weight_decay) {
-    return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(opt.lr())
-                                                            .betas({opt.beta1(), opt.beta2()})
-                                                            .eps(opt.eps())
-                                                            .weight_decay(weight_decay));
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, options(opt.weight_decay()));
-  groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(std::move(groups),
-                                               torch::optim::AdamWOptions(opt.lr()));
-}
 
 }  // namespace
 

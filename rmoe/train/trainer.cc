@@ -79,9 +79,6 @@ std::string CheckpointRoot(const JobSpec& spec) {
   return (fs::path(spec.output_dir()) / "checkpoints").string();
 }
 
-namespace {
-
-// Decoupled weight decay only for matrices: decaying norms' gains toward zero hurts.
 std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model) {
   std::vector<torch::Tensor> decay, no_decay;
   for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
@@ -99,6 +96,9 @@ std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transfor
   return std::make_unique<torch::optim::AdamW>(std::move(groups),
                                                torch::optim::AdamWOptions(opt.lr()));
 }
+
+namespace {
+
 
 void SetLearningRate(torch::optim::Optimizer& optimizer, double lr) {
   for (auto& group : optimizer.param_groups()) {

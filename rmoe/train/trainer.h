@@ -49,6 +49,10 @@ double LearningRate(const JobSpec& spec, int step);
 // Intra-op threads: runtime.num_threads, or every core this process may run on.
 int ChooseThreadCount(const JobSpec& spec);
 
+// AdamW as the spec says, with decoupled weight decay on matrices only (decaying norms'
+// gains toward zero hurts).
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
+
 // Where checkpoints go: checkpoint.directory, or <output_dir>/checkpoints.
 std::string CheckpointRoot(const JobSpec& spec);
 
