@@ -134,6 +134,10 @@ double DistributedRuntime::Average(double value) {
   return t.item<double>();
 }
 
+void DistributedRuntime::SumOverRanks(torch::Tensor& tensor) {
+  groups_.world->AllReduce(tensor, ReduceOp::kSum);
+}
+
 void DistributedRuntime::PrepareForSave(Transformer& model) {
   if (groups_.expert_parallel->size() > 1) GatherExperts(model, *groups_.expert_parallel);
   Classify(model);

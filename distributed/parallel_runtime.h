@@ -56,6 +56,7 @@ class DistributedRuntime : public ParallelRuntime {
   void SynchronizeGradients(Transformer& model) override;
   double ClipGradients(Transformer& model, double max_norm) override;
   double Average(double value) override;
+  void SumOverRanks(torch::Tensor& tensor) override;
   void PrepareForSave(Transformer& model) override;
   double TakeCommunicationSeconds() override { return timer_ ? timer_->TakeSeconds() : 0; }
   absl::StatusOr<std::string> SaveCheckpoint(const JobSpec& job, const TrainingProgress& progress,

@@ -413,12 +413,12 @@ TEST(SweepConfigs, SyntaxErrorsNameTheLine) {
 
 constexpr char kMetrics[] =
     R"({"type":"train","step":10,"lr":0.001,"loss":4.0,"router_loss":0.02,"grad_norm":1.5,"tokens_per_s":100,"step_s":0.5,"comm_s":0.4,"tokens":1000,"elapsed_s":5,"moe":[]}
-{"type":"train","step":20,"lr":0.002,"loss":3.5,"router_loss":0.02,"grad_norm":1.2,"tokens_per_s":1000,"step_s":0.2,"comm_s":0.05,"tokens":2000,"elapsed_s":7,"moe":[{"layer":0,"tokens_per_expert":[10,10,10,10],"dropped":0,"assignments":40,"router_entropy":1.0,"load_balance_loss":1.0,"z_loss":0.1}]}
+{"type":"train","step":20,"lr":0.002,"loss":3.5,"router_loss":0.02,"grad_norm":1.2,"tokens_per_s":1000,"step_s":0.2,"comm_s":0.05,"forward_s":0.1,"router_s":0.01,"tokens":2000,"elapsed_s":7,"moe":[{"layer":0,"tokens_per_expert":[10,10,10,10],"dropped":0,"assignments":40,"router_entropy":1.0,"load_balance_loss":1.0,"z_loss":0.1}]}
 {"type":"eval","step":20,"val_loss":3.6,"val_ppl":36.6}
 {"type":"checkpoint","step":20,"seconds":0.1,"stall_seconds":0,"bytes":100,"async":false}
-{"type":"train","step":30,"lr":0.003,"loss":3.0,"router_loss":0.01,"grad_norm":null,"tokens_per_s":900,"step_s":0.3,"comm_s":0.1,"tokens":3000,"elapsed_s":9,"moe":[{"layer":0,"tokens_per_expert":[0,0,0,8],"dropped":2,"assignments":10,"router_entropy":0.5,"load_balance_loss":1.0,"z_loss":0.1}]}
-{"type":"eval","step":30,"val_loss":3.7,"val_ppl":40.4}
-{"type":"train","step":40,"lr":0.004,"loss":2.5,"router_loss":0.01,"grad_norm":1,"tokens_per_s":500,"step_s":0.4,"comm_s":0.1,"tokens":4000,"elapsed_s":11,"moe":[{"layer":1,"tokens_per_expert":[5,5,5,5],"dropped":0,"assignments":20,"router_entropy":1.5,"load_balance_loss":1.0,"z_loss":0.1},{"layer":3,"tokens_per_expert":[1,3,1,3],"dropped":1,"assignments":10,"router_entropy":0.5,"load_balance_loss":1.0,"z_loss":0.1}]}
+{"type":"train","step":30,"lr":0.003,"loss":3.0,"router_loss":0.01,"grad_norm":null,"tokens_per_s":900,"step_s":0.3,"comm_s":0.1,"forward_s":0.2,"router_s":0.02,"tokens":3000,"elapsed_s":9,"moe":[{"layer":0,"tokens_per_expert":[0,0,0,8],"dropped":2,"assignments":10,"router_entropy":0.5,"load_balance_loss":1.0,"z_loss":0.1}]}
+{"type":"eval","step":30,"val_loss":3.7,"val_ppl":40.4,"routing":{"tokens":64,"layers":[{"layer":1,"load":[0.5,0.5],"load_cv":0.2,"entropy":0.6},{"layer":3,"load":[0.5,0.5],"load_cv":0.4,"entropy":0.5}],"transitions":[{"from_layer":1,"to_layer":3,"mutual_information":0.3,"predictability":0.45,"top1_counts":[1,2,3,4]}]}}
+{"type":"train","step":40,"lr":0.004,"loss":2.5,"router_loss":0.01,"grad_norm":1,"tokens_per_s":500,"step_s":0.4,"comm_s":0.1,"forward_s":0.3,"router_s":0.06,"tokens":4000,"elapsed_s":11,"moe":[{"layer":1,"tokens_per_expert":[5,5,5,5],"dropped":0,"assignments":20,"router_entropy":1.5,"load_balance_loss":1.0,"z_loss":0.1},{"layer":3,"tokens_per_expert":[1,3,1,3],"dropped":1,"assignments":10,"router_entropy":0.5,"load_balance_loss":1.0,"z_loss":0.1}]}
 {"type":"eval","step":40,"val_loss":3.4,"val_ppl":30.0}
 {"type":"train","step":50,"loss":2.4,"moe":[{"layer":1,"tokens_per_ex
 )";
@@ -436,6 +436,15 @@ TEST(SweepMetrics, ParsesRecordsAndSkipsBrokenLines) {
   EXPECT_EQ(m.train[3].moe[1].layer, 3);
   EXPECT_THAT(m.train[3].moe[1].tokens_per_expert, ElementsAre(1, 3, 1, 3));
   EXPECT_DOUBLE_EQ(m.eval[2].val_loss, 3.4);
+  EXPECT_DOUBLE_EQ(m.train[1].forward_s, 0.1);
+  EXPECT_DOUBLE_EQ(m.train[3].router_s, 0.06);
+  EXPECT_TRUE(std::isnan(m.train[0].forward_s));  // not logged
+  EXPECT_FALSE(m.eval[0].routing.has_value());
+  ASSERT_TRUE(m.eval[1].routing.has_value());
+  EXPECT_THAT(m.eval[1].routing->load_cv, ElementsAre(0.2, 0.4));
+  EXPECT_THAT(m.eval[1].routing->entropy, ElementsAre(0.6, 0.5));
+  EXPECT_THAT(m.eval[1].routing->mutual_information, ElementsAre(0.3));
+  EXPECT_THAT(m.eval[1].routing->predictability, ElementsAre(0.45));
 }
 
 TEST(SweepMetrics, SummaryNumbers) {
@@ -454,6 +463,12 @@ TEST(SweepMetrics, SummaryNumbers) {
   EXPECT_DOUBLE_EQ(r.router_entropy, 1.0);
   EXPECT_DOUBLE_EQ(r.expert_load_cv, 0.25);
   EXPECT_DOUBLE_EQ(r.dropped_fraction, 1.0 / 30);
+  // Router share: mean router_s over mean forward_s (records after the first).
+  EXPECT_NEAR(r.router_share, (0.09 / 3) / (0.6 / 3), 1e-12);
+  // Routing analytics from the last evaluation that has them (step 30).
+  EXPECT_NEAR(r.val_load_cv, 0.3, 1e-12);
+  EXPECT_DOUBLE_EQ(r.layer_mutual_information, 0.3);
+  EXPECT_DOUBLE_EQ(r.layer_predictability, 0.45);
 }
 
 TEST(SweepMetrics, ResumedRunReplacesTheRelayedSteps) {
@@ -531,6 +546,8 @@ TEST(SweepResults, CsvAndMarkdownSummary) {
     r.compute_share = 0.8;
     r.parameters = {1000, 600, 800};
     r.router_entropy = 1.25;
+    r.router_share = 0.05;
+    r.layer_mutual_information = 0.2;
   }
   const std::string csv = ResultsCsv(sweep, results);
   std::vector<std::string> lines = absl::StrSplit(csv, '\n', absl::SkipEmpty());
@@ -538,12 +555,13 @@ TEST(SweepResults, CsvAndMarkdownSummary) {
   EXPECT_EQ(lines[0],
             "point,name,router,seed,ranks,status,steps,final_train_loss,final_val_loss,best_val_loss,"
             "tokens_per_s,step_s,comm_s,compute_s,compute_share,params_total,params_active,"
-            "params_experts,router_entropy,expert_load_cv,dropped_fraction");
+            "params_experts,router_entropy,expert_load_cv,dropped_fraction,router_share,"
+            "val_load_cv,layer_mutual_information,layer_predictability");
   EXPECT_EQ(lines[6],
             "6,router-LINEAR_ranks-2_seed-101,LINEAR,101,2,done,20,,2.2,2.1,1500.0,0.5,0.1,0.4,0.8000,"
-            "1000,600,800,1.25,,");
+            "1000,600,800,1.25,,,0.0500,,0.2,");
   EXPECT_THAT(lines[8], HasSubstr(",failed,"));
-  EXPECT_EQ(ResultColumns(sweep).size(), 21u);
+  EXPECT_EQ(ResultColumns(sweep).size(), 25u);
 
   const std::string md = ResultsMarkdown(sweep, results);
   // LINEAR ranks=1 over seeds 100, 101: 2.0 and 2.2.
@@ -758,6 +776,9 @@ TEST_F(SweepRunTest, FailureIsReportedAndTheSweepGoesOn) {
   EXPECT_TRUE(fs::exists(dir_ / "out" / "results.md"));
   EXPECT_TRUE(fs::exists(dir_ / "out" / "loss_curves.gp"));
   EXPECT_TRUE(fs::exists(dir_ / "out" / "scaling.dat"));
+  // Validation loss per configuration: mean and std over the finished seeds.
+  EXPECT_THAT(ReadFile(dir_ / "out" / "val_curves.dat"), HasSubstr("10 2.5 0 1\n"));
+  EXPECT_THAT(ReadFile(dir_ / "out" / "val_curves.gp"), HasSubstr("yerrorlines"));
 
   // Fixed: the rerun runs only the failed points.
   unsetenv("FAKE_FAIL");

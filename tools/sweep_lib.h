@@ -103,12 +103,20 @@ struct TrainRecord {
   int64_t step = 0;
   double lr = 0, loss = 0, router_loss = 0, grad_norm = 0, tokens_per_s = 0, step_s = 0,
          comm_s = 0, tokens = 0, elapsed_s = 0;
+  double forward_s = 0, router_s = 0;  // NaN in metrics from before they were logged
   std::vector<MoELayerRecord> moe;
+};
+
+// An evaluation's routing analytics (rmoe/model/routing_stats.h), over the validation set.
+struct RoutingRecord {
+  std::vector<double> load_cv, entropy;                     // per MoE layer
+  std::vector<double> mutual_information, predictability;  // per consecutive MoE layer pair
 };
 
 struct EvalRecord {
   int64_t step = 0;
   double val_loss = 0, val_ppl = 0;
+  std::optional<RoutingRecord> routing;
 };
 
 struct RunMetrics {
@@ -141,6 +149,12 @@ struct PointResult {
   double router_entropy;    // last record: mean over MoE layers
   double expert_load_cv;    // last record: std/mean of tokens per expert, mean over layers
   double dropped_fraction;  // last record: dropped / assignments over all layers
+  // Router forward time / model forward time (means over the train records after the first).
+  double router_share;
+  // From the last evaluation's routing analytics (validation set), means over MoE layers or
+  // consecutive MoE layer pairs: load CV, mutual information (nats) between the top-1
+  // experts of consecutive MoE layers, and that information over the next layer's entropy.
+  double val_load_cv, layer_mutual_information, layer_predictability;
   ParameterCounts parameters;
   PointResult();
 };

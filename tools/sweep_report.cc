@@ -154,7 +154,8 @@ PointResult::PointResult()
     : status("not run"),
       final_train_loss(kNaN), final_val_loss(kNaN), best_val_loss(kNaN), tokens_per_s(kNaN),
       step_s(kNaN), comm_s(kNaN), compute_s(kNaN), compute_share(kNaN), router_entropy(kNaN),
-      expert_load_cv(kNaN), dropped_fraction(kNaN) {}
+      expert_load_cv(kNaN), dropped_fraction(kNaN), router_share(kNaN), val_load_cv(kNaN),
+      layer_mutual_information(kNaN), layer_predictability(kNaN) {}
 
 RunMetrics ParseMetrics(absl::string_view text) {
   RunMetrics metrics;
@@ -185,6 +186,8 @@ RunMetrics ParseMetrics(absl::string_view text) {
       r.comm_s = record.Number("comm_s");
       r.tokens = record.Number("tokens");
       r.elapsed_s = record.Number("elapsed_s");
+      r.forward_s = record.Number("forward_s");
+      r.router_s = record.Number("router_s");
       if (const Json* moe = record.Get("moe"); moe != nullptr && moe->type == Json::kArray) {
         for (const Json& layer : moe->array) {
           if (layer.type != Json::kObject) continue;
@@ -208,7 +211,22 @@ RunMetrics ParseMetrics(absl::string_view text) {
       r.step = static_cast<int64_t>(step);
       r.val_loss = record.Number("val_loss");
       r.val_ppl = record.Number("val_ppl");
-      AppendByStep(&metrics.eval, r);
+      if (const Json* routing = record.Get("routing"); routing != nullptr && routing->type == Json::kObject) {
+        RoutingRecord rr;
+        auto collect = [&](const char* list, const char* field, std::vector<double>* out) {
+          const Json* items = routing->Get(list);
+          if (items == nullptr || items->type != Json::kArray) return;
+          for (const Json& item : items->array) {
+            if (item.type == Json::kObject) out->push_back(item.Number(field));
+          }
+        };
+        collect("layers", "load_cv", &rr.load_cv);
+        collect("layers", "entropy", &rr.entropy);
+        collect("transitions", "mutual_information", &rr.mutual_information);
+        collect("transitions", "predictability", &rr.predictability);
+        r.routing = std::move(rr);
+      }
+      AppendByStep(&metrics.eval, std::move(r));
     }
   }
   return metrics;
@@ -265,12 +283,16 @@ PointResult SummarizeMetrics(const RunMetrics& metrics) {
     // The first record includes start-up (allocation, first-touch); leave it out when
     // there is anything else.
     const size_t first = metrics.train.size() > 1 ? 1 : 0;
-    std::vector<double> tps, step, comm;
+    std::vector<double> tps, step, comm, forward, router;
     for (size_t i = first; i < metrics.train.size(); ++i) {
       tps.push_back(metrics.train[i].tokens_per_s);
       step.push_back(metrics.train[i].step_s);
       comm.push_back(metrics.train[i].comm_s);
+      forward.push_back(metrics.train[i].forward_s);
+      router.push_back(metrics.train[i].router_s);
     }
+    const double forward_s = MeanAndStd(forward).first;
+    result.router_share = forward_s > 0 ? MeanAndStd(router).first / forward_s : kNaN;
     result.tokens_per_s = MeanAndStd(tps).first;
     result.step_s = MeanAndStd(step).first;
     result.comm_s = MeanAndStd(comm).first;
@@ -304,6 +326,13 @@ PointResult SummarizeMetrics(const RunMetrics& metrics) {
     for (const EvalRecord& e : metrics.eval) {
       if (std::isfinite(e.val_loss) && !(e.val_loss >= result.best_val_loss)) result.best_val_loss = e.val_loss;
     }
+    for (auto e = metrics.eval.rbegin(); e != metrics.eval.rend(); ++e) {
+      if (!e->routing) continue;
+      result.val_load_cv = MeanAndStd(e->routing->load_cv).first;
+      result.layer_mutual_information = MeanAndStd(e->routing->mutual_information).first;
+      result.layer_predictability = MeanAndStd(e->routing->predictability).first;
+      break;
+    }
   }
   return result;
 }
@@ -313,7 +342,8 @@ namespace {
 const char* const kMetricColumns[] = {
     "status", "steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
     "step_s", "comm_s", "compute_s", "compute_share", "params_total", "params_active",
-    "params_experts", "router_entropy", "expert_load_cv", "dropped_fraction"};
+    "params_experts", "router_entropy", "expert_load_cv", "dropped_fraction", "router_share",
+    "val_load_cv", "layer_mutual_information", "layer_predictability"};
 
 // Axis columns: the label of every axis but those of the ranks pseudo-field (the ranks
 // column shows it); a label that clashes with a fixed column gets "_axis" appended.
@@ -358,7 +388,9 @@ std::string ResultsCsv(const Sweep& sweep, const std::vector<PointResult>& resul
                            Num(r.step_s), Num(r.comm_s), Num(r.compute_s), Num(r.compute_share, "%.4f"),
                            Count(r.parameters.total), Count(r.parameters.active),
                            Count(r.parameters.expert), Num(r.router_entropy),
-                           Num(r.expert_load_cv), Num(r.dropped_fraction)});
+                           Num(r.expert_load_cv), Num(r.dropped_fraction), Num(r.router_share, "%.4f"),
+                           Num(r.val_load_cv), Num(r.layer_mutual_information),
+                           Num(r.layer_predictability)});
     for (auto& field : row) field = CsvField(field);
     out += absl::StrJoin(row, ",") + "\n";
   }
@@ -372,14 +404,18 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
                                  sweep.spec.combination() == SweepSpec::ZIP ? "zip" : "grid", " of ",
                                  sweep.spec.axes_size(), " axes x ", sweep.spec.repeats(),
                                  " seeds). Losses in nats/token; tokens/s and step times are means "
-                                 "over the logged records after the first; routing metrics are the "
-                                 "last record's (entropy and load CV averaged over MoE layers).\n\n");
+                                 "over the logged records after the first; router entropy and dropped "
+                                 "% are the last training record's; router % is the routers' share of "
+                                 "the forward pass; val load CV, layer MI (nats) and predictability "
+                                 "(MI / entropy of the next layer's top-1 expert) come from the last "
+                                 "evaluation's routing of the validation set, averaged over MoE "
+                                 "layers or consecutive layer pairs.\n\n");
   // Per point.
   std::vector<std::string> head = {"#"};
   for (const auto& [a, name] : axis_columns) head.push_back(name);
   head.insert(head.end(), {"seed", "ranks", "status", "final val", "best val", "tokens/s",
-                           "step s", "comm %", "params (active)", "router entropy", "load CV",
-                           "dropped %"});
+                           "step s", "comm %", "router %", "params (active)", "router entropy",
+                           "val load CV", "layer MI", "predictability", "dropped %"});
   auto row_line = [](const std::vector<std::string>& cells) {
     std::vector<std::string> shown;
     for (const auto& c : cells) shown.push_back(MdCell(c));
@@ -403,8 +439,10 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
     cells.insert(cells.end(),
                  {absl::StrCat(p.seed), absl::StrCat(p.ranks), r.status, Num(r.final_val_loss, "%.4f"),
                   Num(r.best_val_loss, "%.4f"), Num(r.tokens_per_s, "%.0f"), Num(r.step_s, "%.4f"),
-                  Num(100 * (1 - r.compute_share), "%.1f"), params, Num(r.router_entropy, "%.4f"),
-                  Num(r.expert_load_cv, "%.4f"), Num(100 * r.dropped_fraction, "%.2f")});
+                  Num(100 * (1 - r.compute_share), "%.1f"), Num(100 * r.router_share, "%.1f"), params,
+                  Num(r.router_entropy, "%.4f"), Num(r.val_load_cv, "%.4f"),
+                  Num(r.layer_mutual_information, "%.4f"), Num(r.layer_predictability, "%.4f"),
+                  Num(100 * r.dropped_fraction, "%.2f")});
     out += row_line(cells);
   }
 
@@ -417,12 +455,13 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
     if (results[i].status == "done") groups[key].push_back(i);
   }
   std::vector<std::string> summary_head = {"configuration", "runs", "final val", "best val",
-                                           "tokens/s", "step s", "comm %", "params (active)",
-                                           "router entropy", "load CV", "dropped %"};
+                                           "tokens/s", "step s", "comm %", "router %",
+                                           "params (active)", "router entropy", "val load CV",
+                                           "layer MI", "predictability", "dropped %"};
   out += "\n## Per configuration (mean ± sample std over seeds, finished points)\n\n" +
          row_line(summary_head) + rule(summary_head.size());
   for (const std::string& key : order) {
-    std::vector<double> fv, bv, tps, step, comm, ent, cv, drop;
+    std::vector<double> fv, bv, tps, step, comm, router, ent, cv, mi, pred, drop;
     ParameterCounts params;
     for (size_t i : groups[key]) {
       const PointResult& r = results[i];
@@ -431,16 +470,20 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
       tps.push_back(r.tokens_per_s);
       step.push_back(r.step_s);
       comm.push_back(100 * (1 - r.compute_share));
+      router.push_back(100 * r.router_share);
       ent.push_back(r.router_entropy);
-      cv.push_back(r.expert_load_cv);
+      cv.push_back(r.val_load_cv);
+      mi.push_back(r.layer_mutual_information);
+      pred.push_back(r.layer_predictability);
       drop.push_back(100 * r.dropped_fraction);
       if (r.parameters.total >= 0) params = r.parameters;
     }
     out += row_line({key.empty() ? "(base)" : key, absl::StrCat(groups[key].size()),
                      MeanStd(fv, "%.4f"), MeanStd(bv, "%.4f"), MeanStd(tps, "%.0f"),
-                     MeanStd(step, "%.4f"), MeanStd(comm, "%.1f"),
+                     MeanStd(step, "%.4f"), MeanStd(comm, "%.1f"), MeanStd(router, "%.1f"),
                      params.total >= 0 ? absl::StrCat(Millions(params.total), " (", Millions(params.active), ")") : "",
-                     MeanStd(ent, "%.4f"), MeanStd(cv, "%.4f"), MeanStd(drop, "%.2f")});
+                     MeanStd(ent, "%.4f"), MeanStd(cv, "%.4f"), MeanStd(mi, "%.4f"),
+                     MeanStd(pred, "%.4f"), MeanStd(drop, "%.2f")});
   }
 
   if (sweep.ranks_is_axis) {
@@ -491,6 +534,53 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
     if (WriteFile((fs::path(dir) / "loss_curves.dat").string(), dat).ok() &&
         WriteFile((fs::path(dir) / "loss_curves.gp").string(), gp).ok()) {
       scripts.push_back("loss_curves");
+    }
+  }
+
+  // Validation loss per configuration: mean over its seeds at each evaluation, with the
+  // sample std as error bars; the chart that answers "which configuration is better".
+  {
+    std::vector<std::string> order;
+    std::map<std::string, std::map<int64_t, std::vector<double>>> by_config;
+    for (size_t i = 0; i < sweep.points.size() && i < metrics.size(); ++i) {
+      const std::string& key = sweep.points[i].config_key;
+      if (metrics[i].eval.empty()) continue;
+      if (!by_config.count(key)) order.push_back(key);
+      for (const EvalRecord& e : metrics[i].eval) by_config[key][e.step].push_back(e.val_loss);
+    }
+    std::string vdat = "# rmoe_sweep validation loss per configuration: step, mean, std, runs\n";
+    std::vector<std::string> vclauses;
+    int64_t last_step = 0;
+    for (const auto& [key, steps] : by_config) last_step = std::max(last_step, steps.rbegin()->first);
+    for (size_t c = 0; c < order.size(); ++c) {
+      absl::StrAppend(&vdat, "# ", order[c].empty() ? "(base)" : order[c], "\n");
+      for (const auto& [step, losses] : by_config[order[c]]) {
+        const auto [mean, std] = MeanAndStd(losses);
+        absl::StrAppend(&vdat, step, " ", Num(mean, "%.6g"), " ", std::isfinite(std) ? Num(std, "%.6g") : "0",
+                        " ", losses.size(), "\n");
+      }
+      vdat += "\n\n";
+      vclauses.push_back(absl::StrFormat(
+          "\"val_curves.dat\" index %d using ($1+%d):2:3 with yerrorlines lw 2 pt 7 lc %d title %s",
+          c, static_cast<int>(c) * 2, static_cast<int>(c) + 1,
+          GnuplotString(order[c].empty() ? "(base)" : order[c])));
+    }
+    if (!vclauses.empty()) {
+      std::string gp = absl::StrCat(
+          "# rmoe_sweep: validation loss per configuration, mean and sample std over seeds (x\n"
+          "# offset by 2 steps per configuration so the error bars do not overlap); the right\n"
+          "# panel zooms on the second half, where configurations usually separate.\n",
+          absl::StrFormat(kPngTerminal, 1500, 650, 1500, 650), "set output \"val_curves.png\"\n",
+          "set multiplot layout 1,2 title ", GnuplotString(absl::StrCat("sweep ", sweep.spec.name(), ": validation loss, mean ± std over seeds")), "\n",
+          "set xlabel \"step\"\nset ylabel \"validation loss (nats/token)\"\nset grid\nset key top right\n",
+          "set title \"all evaluations\"\nplot ", absl::StrJoin(vclauses, ", \\\n     "), "\n",
+          absl::StrFormat("set title \"second half (zoomed)\"\nset xrange [%d:%d]\n", last_step / 2 - 10,
+                          last_step + 2 * static_cast<int>(order.size()) + 10),
+          "plot ", absl::StrJoin(vclauses, ", \\\n     "), "\nunset multiplot\n");
+      if (WriteFile((fs::path(dir) / "val_curves.dat").string(), vdat).ok() &&
+          WriteFile((fs::path(dir) / "val_curves.gp").string(), gp).ok()) {
+        scripts.push_back("val_curves");
+      }
     }
   }
 

@@ -1,5 +1,7 @@
 #include "rmoe/model/moe_layer.h"
 
+#include <chrono>
+
 namespace rmoe {
 
 TopKRouting RouteTopK(const torch::Tensor& logits, int64_t top_k, bool renormalize) {
@@ -39,7 +41,10 @@ MoELayerImpl::MoELayerImpl(const ModelSpec& model, const InitScales& init,
 MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouterCarry& carry,
                                 torch::Tensor* token_state) {
   const int64_t top_k = spec_.top_k();
+  const auto router_start = std::chrono::steady_clock::now();
   auto logits = router_->forward(x, carry, token_state);
+  const double router_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - router_start).count();
   auto routing = RouteTopK(logits, top_k, spec_.renormalize());
 
   auto flat = x.reshape({-1, x.size(-1)});
@@ -67,6 +72,7 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouterCarry& carry,
   }
   out.dropped = plan.dropped;
   out.assignments = flat.size(0) * top_k;
+  out.router_seconds = router_seconds;
   return out;
 }
 

@@ -22,6 +22,9 @@ struct MoEOutput {
   torch::Tensor router_entropy;     // mean over tokens of the routing distribution's entropy
   int64_t dropped = 0;              // assignments dropped by the capacity limit
   int64_t assignments = 0;          // B*T*k
+  // Wall time of the router's forward (logits only; top-k and the losses excluded). CPU
+  // kernels run synchronously, so this is the router's cost; on CUDA it is launch time.
+  double router_seconds = 0;
 };
 
 // Computes top-k routing from router logits [N, E]: probabilities in the logits' dtype,

@@ -78,5 +78,7 @@ TORCH_MODULE(Transformer);
 
 // True if layer `layer` is an MoE layer under this spec (empty moe_layers = all).
 bool IsMoELayer(const ModelSpec& model, int layer);
+// The indices of the MoE layers, in order.
+std::vector<int> MoELayerIndices(const ModelSpec& model);
 
 }  // namespace rmoe

@@ -53,6 +53,8 @@ class ParallelRuntime {
   virtual double ClipGradients(Transformer& model, double max_norm);
   // The mean of `value` over all ranks (every rank must call it).
   virtual double Average(double value) { return value; }
+  // Sums `tensor` element-wise over all ranks, in place (every rank must call it).
+  virtual void SumOverRanks(torch::Tensor& tensor) {}
   // Makes the main rank's `model` whole before it is saved (every rank must call it).
   virtual void PrepareForSave(Transformer& model) {}
   // Wall time spent in communication since the last call (for the compute/communication

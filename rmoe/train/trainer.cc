@@ -14,6 +14,7 @@
 
 #include "launcher/job_spec.h"
 #include "rmoe/data/dataset.h"
+#include "rmoe/model/routing_stats.h"
 #include "rmoe/train/model_io.h"
 #include "rmoe/train/progress.h"
 
@@ -124,10 +125,12 @@ std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
     if (!IsMoELayer(model, layer)) continue;
     const auto& moe = output.moe[moe_index++];
     auto routed = moe.routed_per_expert.to(torch::kCPU);
+    const std::vector<int64_t> per_expert(routed.data_ptr<int64_t>(),
+                                          routed.data_ptr<int64_t>() + routed.numel());
     JsonObject record;
     record.Add("layer", static_cast<int64_t>(layer))
-        .Add("tokens_per_expert",
-             std::vector<int64_t>(routed.data_ptr<int64_t>(), routed.data_ptr<int64_t>() + routed.numel()))
+        .Add("tokens_per_expert", per_expert)
+        .Add("load_cv", CoefficientOfVariation(std::vector<double>(per_expert.begin(), per_expert.end())))
         .Add("dropped", moe.dropped)
         .Add("assignments", moe.assignments)
         .Add("router_entropy", moe.router_entropy.item<double>())
@@ -142,7 +145,7 @@ std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
 }  // namespace
 
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
-                int seq_len, int batches, ParallelRuntime& runtime) {
+                int seq_len, int batches, ParallelRuntime& runtime, RoutingStatistics* routing) {
   torch::NoGradGuard no_grad;
   model->eval();
   auto window = torch::empty({micro_batch_size, seq_len + 1}, torch::kLong);
@@ -155,9 +158,16 @@ double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_
     const int b = i * world + runtime.rank();
     sampler.FillBatch(b * micro_batch_size, micro_batch_size, window.data_ptr<int64_t>());
     auto [inputs, targets] = SplitInputsTargets(window);
-    total += LanguageModelLoss(model->forward(inputs).logits, targets).item<double>();
+    auto output = model->forward(inputs);
+    total += LanguageModelLoss(output.logits, targets).item<double>();
+    if (routing) routing->Add(output.moe);
   }
   model->train();
+  if (routing) {
+    auto counts = routing->Flatten();
+    runtime.SumOverRanks(counts);
+    routing->Unflatten(counts);
+  }
   return runtime.Average(total / per_rank);
 }
 
@@ -251,6 +261,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   double last_val = position.last_val_loss, best_val = position.best_val_loss, train_seconds = 0;
   int64_t tokens_since_log = 0;
   double seconds_since_log = 0, comm_seconds_since_log = 0, tokens_per_second = 0;
+  double forward_seconds_since_log = 0, router_seconds_since_log = 0;
   int steps_since_log = 0;
   const int64_t tokens_per_step =
       static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
@@ -290,7 +301,11 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
           (static_cast<uint64_t>(step - first_step) * accum + micro) * batch;
       train_sampler->FillBatch(first_sample, batch, window.data_ptr<int64_t>());
       auto [inputs, targets] = SplitInputsTargets(window);
+      const auto forward_start = std::chrono::steady_clock::now();
       output = model->forward(inputs);
+      forward_seconds_since_log +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - forward_start).count();
+      for (const auto& moe : output.moe) router_seconds_since_log += moe.router_seconds;
       auto lm_loss = LanguageModelLoss(output.logits, targets);
       // Averaged over ranks so that every rank sees a divergence and stops together.
       const double lm_value = runtime.Average(lm_loss.item<double>());
@@ -323,6 +338,10 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
       tokens_per_second = tokens_since_log / seconds_since_log;
       const double step_s = seconds_since_log / steps_since_log;
       const double comm_s = comm_seconds_since_log / steps_since_log;
+      const double forward_s = forward_seconds_since_log / steps_since_log;
+      const double router_s = router_seconds_since_log / steps_since_log;
+      forward_seconds_since_log = 0;
+      router_seconds_since_log = 0;
       tokens_since_log = 0;
       seconds_since_log = 0;
       comm_seconds_since_log = 0;
@@ -337,6 +356,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
           .Add("tokens_per_s", tokens_per_second)
           .Add("step_s", step_s)  // mean over the steps since the last record
           .Add("comm_s", comm_s)  // of which communication (this rank's view)
+          .Add("forward_s", forward_s)  // of which the model's forward passes
+          .Add("router_s", router_s)    // of which the routers' forward (all MoE layers)
           .Add("tokens", static_cast<int64_t>(done) * tokens_per_step)
           .Add("elapsed_s", train_seconds)
           .AddRaw("moe", MoEMetricsJson(output, spec.model()));
@@ -344,14 +365,16 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     }
     const int eval_interval = schedule.eval_interval();
     if (last || (eval_interval > 0 && done % eval_interval == 0)) {
-      last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches, runtime);
+      RoutingStatistics routing(MoELayerIndices(spec.model()), spec.model().moe().num_experts());
+      last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches, runtime, &routing);
       runtime.TakeCommunicationSeconds();  // evaluation's, not a training step's
       best_val = std::min(best_val, last_val);
       if (metrics) metrics->Write(JsonObject()
                          .Add("type", std::string("eval"))
                          .Add("step", static_cast<int64_t>(done))
                          .Add("val_loss", last_val)
-                         .Add("val_ppl", std::exp(last_val)));
+                         .Add("val_ppl", std::exp(last_val))
+                         .AddRaw("routing", routing.ToJson()));
       if (progress) {
         progress->Print(absl::StrFormat("step %d: val loss %.4f (ppl %.2f)", done, last_val,
                                         std::exp(last_val)));

@@ -12,6 +12,7 @@
 
 #include "proto/job.pb.h"
 #include "rmoe/data/sampler.h"
+#include "rmoe/model/routing_stats.h"
 #include "rmoe/model/transformer.h"
 #include "rmoe/train/parallel.h"
 
@@ -62,8 +63,10 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& opti
                                    ParallelRuntime* parallel = nullptr);
 
 // Mean next-token cross-entropy over `batches` micro-batches of the validation split, the
-// batches spread over the ranks of `runtime`.
+// batches spread over the ranks of `runtime`. `routing`, when given, accumulates the
+// routing of every batch, summed over all ranks.
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
-                int seq_len, int batches, ParallelRuntime& runtime);
+                int seq_len, int batches, ParallelRuntime& runtime,
+                RoutingStatistics* routing = nullptr);
 
 }  // namespace rmoe

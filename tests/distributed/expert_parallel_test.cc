@@ -9,6 +9,7 @@
 
 #include "distributed/expert_parallel.h"
 #include "distributed/parallel_runtime.h"
+#include "rmoe/model/routing_stats.h"
 #include "tests/distributed/mpi_test_env.h"
 #include "tests/test_util.h"
 
@@ -253,6 +254,39 @@ INSTANTIATE_TEST_SUITE_P(
       return std::get<0>(info.param).name + "_EP" + std::to_string(std::get<1>(info.param)) +
              (std::get<2>(info.param) == torch::kDouble ? "_fp64" : "_fp32");
     });
+
+// Evaluation's routing analytics: each rank counts the routing of its own batches and the
+// counts are summed over the world; that must equal one process routing every batch.
+TEST(RoutingStatistics, SummedOverRanksEqualOneProcessRoutingEveryBatch) {
+  auto world = World();
+  auto spec = EightExperts(AllRouters()[1]);
+  auto groups = ProcessGroups::Create(world, world->size(), 8);
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  DistributedRuntime runtime(*groups, 1);
+  torch::manual_seed(11);
+  Transformer model(spec);
+  torch::manual_seed(11);
+  Transformer reference(spec);
+  model->to(torch::kDouble);
+  reference->to(torch::kDouble);
+  runtime.PrepareModel(model);
+  torch::NoGradGuard no_grad;
+  const std::vector<int> moe_layers = MoELayerIndices(spec);
+  ASSERT_EQ(moe_layers.size(), 3u);
+  RoutingStatistics distributed(moe_layers, 8), single(moe_layers, 8);
+  for (int batch = 0; batch < 3; ++batch) {
+    distributed.Add(model->forward(Batch(batch, world->rank()).narrow(1, 0, 8)).moe);
+    for (int r = 0; r < world->size(); ++r) {
+      single.Add(reference->forward(Batch(batch, r).narrow(1, 0, 8)).moe);
+    }
+  }
+  auto counts = distributed.Flatten();
+  runtime.SumOverRanks(counts);
+  distributed.Unflatten(counts);
+  EXPECT_EQ(distributed.tokens(), 3 * world->size() * 16);
+  EXPECT_TRUE(torch::allclose(distributed.Flatten(), single.Flatten(), 1e-12, 1e-12))
+      << distributed.ToJson() << "\nvs\n" << single.ToJson();
+}
 
 TEST(ProcessGroups, RejectLayoutsThatDoNotDivide) {
   auto world = World();
