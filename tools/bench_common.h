@@ -93,9 +93,13 @@ std::string Human(double value);
 int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunMatmul(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
+int RunMoe(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
+int RunRouter(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 
 extern const char kAllToAllUsage[];
 extern const char kStepUsage[];
 extern const char kMatmulUsage[];
+extern const char kMoeUsage[];
+extern const char kRouterUsage[];
 
 }  // namespace rmoe::bench

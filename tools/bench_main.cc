@@ -1,6 +1,6 @@
 // rmoe_bench: micro- and macro-benchmarks of the expert-parallel all-to-all, whole training
-// steps and the matrix-product ceiling. Subcommands live in tools/bench_<name>.cc; this file
-// has the entry point and what they share (tools/bench_common.h).
+// steps, one MoE layer, the routers and the matrix-product ceiling. Subcommands live in
+// tools/bench_<name>.cc; this file has the entry point and what they share (tools/bench_common.h).
 #include <dlfcn.h>
 #include <sched.h>
 
@@ -45,6 +45,11 @@ Subcommands (each has --help):
              communication vs computation, model FLOP/s (with or without mpirun)
   matmul     fp32 (and bf16) square matrix-product GFLOP/s: the ceiling the others are a
              ratio of
+  moe        one MoE layer's forward+backward (d 512, hidden 2048, 8 and 32 experts,
+             4096 tokens), natural and balanced routing, split into routing, permutation,
+             expert products and combine, as a fraction of the matmul ceiling
+  router     each router's forward+backward time and share of its MoE layer at sequence
+             lengths 256, 1024, 4096
 
 Options every subcommand takes:
   --json PATH      also write the results as JSON (rank 0)
@@ -341,8 +346,14 @@ int main(int argc, char** argv) {
   } else if (sub == "matmul") {
     run = RunMatmul;
     usage = kMatmulUsage;
+  } else if (sub == "moe") {
+    run = RunMoe;
+    usage = kMoeUsage;
+  } else if (sub == "router") {
+    run = RunRouter;
+    usage = kRouterUsage;
   } else {
-    std::fprintf(stderr, "rmoe_bench: unknown subcommand \"%s\" (alltoall, step, matmul; see --help)\n",
+    std::fprintf(stderr, "rmoe_bench: unknown subcommand \"%s\" (alltoall, step, matmul, moe, router; see --help)\n",
                  sub.c_str());
     return 2;
   }

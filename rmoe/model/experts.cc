@@ -31,26 +31,91 @@ void ExpertBankImpl::SetExperts(int64_t first, const torch::Tensor& new_w1,
   first_expert_ = first;
 }
 
+namespace {
+
+// The grouped SwiGLU products of every expert as one autograd node. Left to autograd, each
+// `w[e]` slice's backward materialises a zero-filled gradient of the whole [E, D, H] stack
+// and then sums E of them: O(E^2 D H) memory traffic per step (15x slower than the products
+// themselves at 32 experts of 512 x 2048). Here every expert's weight gradients are written
+// straight into its slice of one stacked gradient, and the forward keeps only the two
+// pre-activations per token.
+class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w1, const torch::Tensor& w3,
+                               const torch::Tensor& w2, std::vector<int64_t> counts) {
+    auto gate = torch::empty({x.size(0), w1.size(2)}, x.options());
+    auto up = torch::empty_like(gate);
+    auto y = torch::empty({x.size(0), w2.size(2)}, x.options());
+    int64_t offset = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) continue;
+      auto xe = x.narrow(0, offset, counts[e]);
+      auto gate_e = gate.narrow(0, offset, counts[e]), up_e = up.narrow(0, offset, counts[e]);
+      torch::mm_out(gate_e, xe, w1[e]);
+      torch::mm_out(up_e, xe, w3[e]);
+      auto y_e = y.narrow(0, offset, counts[e]);
+      torch::mm_out(y_e, torch::silu(gate_e) * up_e, w2[e]);
+      offset += counts[e];
+    }
+    ctx->save_for_backward({x, w1, w3, w2, gate, up});
+    ctx->saved_data["counts"] = counts;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w1 = saved[1], &w3 = saved[2], &w2 = saved[3];
+    const auto &gate = saved[4], &up = saved[5];
+    const auto counts = ctx->saved_data["counts"].toIntVector();
+    const auto grad_y = grads[0].contiguous();
+    auto grad_x = torch::empty_like(x);
+    auto grad_w1 = torch::empty_like(w1), grad_w3 = torch::empty_like(w3);
+    auto grad_w2 = torch::empty_like(w2);
+    int64_t offset = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) {  // no tokens: no gradient for this expert
+        grad_w1[e].zero_();
+        grad_w3[e].zero_();
+        grad_w2[e].zero_();
+        continue;
+      }
+      const int64_t n = counts[e];
+      auto xe = x.narrow(0, offset, n), gy = grad_y.narrow(0, offset, n);
+      auto a = gate.narrow(0, offset, n), b = up.narrow(0, offset, n);
+      auto sig = torch::sigmoid(a);
+      auto silu = a * sig;
+      auto grad_w1_e = grad_w1[e], grad_w3_e = grad_w3[e], grad_w2_e = grad_w2[e];
+      torch::mm_out(grad_w2_e, (silu * b).t(), gy);
+      auto grad_hidden = gy.mm(w2[e].t());
+      // d silu(a) / da = sig(a) (1 + a (1 - sig(a))).
+      auto grad_a = grad_hidden * b * (sig * (1 + a * (1 - sig)));
+      auto grad_b = grad_hidden * silu;
+      torch::mm_out(grad_w1_e, xe.t(), grad_a);
+      torch::mm_out(grad_w3_e, xe.t(), grad_b);
+      auto gx = grad_x.narrow(0, offset, n);
+      torch::mm_out(gx, grad_a, w1[e].t());
+      gx.addmm_(grad_b, w3[e].t());
+      offset += n;
+    }
+    return {grad_x, grad_w1, grad_w3, grad_w2, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor ExpertBankImpl::forward(const torch::Tensor& x,
                                       const std::vector<int64_t>& tokens_per_expert) {
   TORCH_CHECK(static_cast<int64_t>(tokens_per_expert.size()) == num_experts(),
               "tokens_per_expert has ", tokens_per_expert.size(), " entries for ",
               num_experts(), " experts");
-  std::vector<torch::Tensor> outputs;
-  outputs.reserve(tokens_per_expert.size());
-  int64_t offset = 0;
-  for (int64_t e = 0; e < num_experts(); ++e) {
-    const int64_t count = tokens_per_expert[e];
-    if (count == 0) continue;
-    auto xe = x.narrow(0, offset, count);
-    auto hidden = torch::silu(xe.mm(w1[e])) * xe.mm(w3[e]);
-    outputs.push_back(hidden.mm(w2[e]));
-    offset += count;
-  }
-  TORCH_CHECK(offset == x.size(0), "tokens_per_expert sums to ", offset, " but x has ",
-              x.size(0), " rows");
-  if (outputs.empty()) return x * 0;  // keeps the graph connected for a rank with no tokens
-  return torch::cat(outputs, 0);
+  int64_t total = 0;
+  for (int64_t count : tokens_per_expert) total += count;
+  TORCH_CHECK(total == x.size(0), "tokens_per_expert sums to ", total, " but x has ", x.size(0),
+              " rows");
+  if (total == 0) return x * 0;  // keeps the graph connected for a rank with no tokens
+  return GroupedSwiGLU::apply(x.contiguous(), w1, w3, w2, tokens_per_expert);
 }
 
 int64_t ExpertCapacity(double capacity_factor, int64_t num_tokens, int64_t top_k,

@@ -50,6 +50,7 @@ class MoELayerImpl : public torch::nn::Module {
   // The expert-parallel issue swaps in a dispatcher that exchanges tokens across ranks.
   void set_dispatcher(std::shared_ptr<Dispatcher> dispatcher) { dispatcher_ = std::move(dispatcher); }
   ExpertBank& experts() { return experts_; }
+  Router& router() { return *router_; }
 
  private:
   MoESpec spec_;
