@@ -172,6 +172,34 @@ void MpiCommunicator::AllReduce(torch::Tensor& tensor, ReduceOp op) {
   if (!work.is_same(tensor)) tensor.copy_(work);
 }
 
+torch::Tensor ReceiveBufferPool::Get(const std::vector<int64_t>& shape,
+                                     const torch::TensorOptions& options) {
+  const int64_t bytes = Product(shape, 0) * c10::elementSize(options.dtype().toScalarType());
+  if (bytes < kMinBytes || options.device().type() != c10::DeviceType::CPU) {
+    return torch::empty(shape, options);
+  }
+  // The smallest free buffer that fits: "free" = the pool holds its storage's only reference.
+  torch::Tensor* best = nullptr;
+  for (auto& buffer : buffers_) {
+    if (buffer.storage().use_count() == 1 && buffer.numel() >= bytes &&
+        (best == nullptr || buffer.numel() < best->numel())) {
+      best = &buffer;
+    }
+  }
+  torch::Tensor backing;
+  if (best != nullptr) {
+    backing = *best;
+    ++reused_;
+  } else {
+    // Headroom, so that the next step's slightly different token counts still fit.
+    backing = torch::empty({bytes + bytes / 4}, torch::TensorOptions().dtype(torch::kUInt8));
+    if (buffers_.size() < kMaxBuffers) buffers_.push_back(backing);
+  }
+  std::vector<int64_t> strides(shape.size(), 1);
+  for (int i = static_cast<int>(shape.size()) - 2; i >= 0; --i) strides[i] = strides[i + 1] * shape[i + 1];
+  return torch::empty({0}, options).set_(backing.storage(), 0, shape, strides);
+}
+
 torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
                                          const std::vector<int64_t>& send_splits,
                                          const std::vector<int64_t>& recv_splits) {
@@ -241,7 +269,7 @@ torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
   const torch::Tensor source = send.contiguous();
   std::vector<int64_t> out_shape = send.sizes().vec();
   out_shape[0] = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
-  torch::Tensor result = torch::empty(out_shape, send.options());
+  torch::Tensor result = receive_buffers_.Get(out_shape, send.options());
   if (row_bytes == 0) return result;  // nothing to move anywhere (the same on every rank)
   const char* send_data = static_cast<const char*>(source.data_ptr());
   char* recv_data = static_cast<char*>(result.data_ptr());

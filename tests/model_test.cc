@@ -100,6 +100,42 @@ TEST(ExpertBank, GradientsMatchAutogradThroughTheNaiveFormula) {
   EXPECT_EQ(grad_w2[1].abs().sum().item<double>(), 0.0);
 }
 
+// runtime.precision = BF16: products in bf16 (visibly different from fp32, but close), the
+// output and every gradient in fp32, routers untouched.
+TEST(MixedPrecision, Bf16ProductsKeepFp32OutputsGradientsAndRouters) {
+  torch::manual_seed(4);
+  auto spec = TinyModel(AllRouters()[1]);
+  spec.mutable_moe()->set_shared_expert(true);
+  Transformer model(spec);
+  auto tokens = torch::randint(37, {2, 8});
+  auto reference = model->forward(tokens);
+  ModelOutput low;
+  {
+    LowPrecisionMatmulGuard guard(torch::kBFloat16);
+    EXPECT_EQ(LowPrecisionMatmulDtype(), c10::optional<torch::ScalarType>(torch::kBFloat16));
+    low = model->forward(tokens);
+  }
+  EXPECT_FALSE(LowPrecisionMatmulDtype().has_value());  // the guard restores fp32
+  EXPECT_EQ(low.logits.scalar_type(), torch::kFloat);
+  const double difference =
+      ((low.logits - reference.logits).norm() / reference.logits.norm()).item<double>();
+  EXPECT_GT(difference, 1e-4) << "the products did not run in bf16";
+  EXPECT_LT(difference, 3e-2);
+  (low.logits.square().mean() + low.router_loss).backward();
+  for (const auto& p : model->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_EQ(p.value().grad().scalar_type(), torch::kFloat) << p.key();
+  }
+  // The router's own products ignore the guard: same input, same logits.
+  Router* router = model->named_modules()["layers.0.moe.router"]->as<Router>();
+  ASSERT_NE(router, nullptr);
+  auto x = torch::randn({2, 8, spec.d_model()});
+  RouterCarry plain, guarded;
+  auto expected = router->forward(x, plain, nullptr);
+  LowPrecisionMatmulGuard guard(torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(router->forward(x, guarded, nullptr), expected));
+}
+
 TEST(MoELayer, MatchesNaiveReferenceWithLinearRouterAndSharedExpert) {
   torch::manual_seed(3);
   auto model = TinyModel(AllRouters()[0]);

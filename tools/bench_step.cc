@@ -40,6 +40,9 @@ lookup, not a product). 6 N is forward (2 N) + backward (4 N); the second term i
 attention scores and weighted values (2 * 2 * seq_len * d_model per layer forward, times 3),
 without discounting the causal mask (the PaLM convention). GFLOP/s = FLOPs/token x tokens/s.
 
+Mixed precision: --set runtime.precision=BF16 runs the products of attention, SwiGLU and
+the experts in bf16, as rmoe_train does (compare the tokens/s of both in one session).
+
 Options:
   --job PATH          the job spec (required); not checked against a dataset
   --set FIELD=VALUE   override a spec field (repeatable), as rmoe_train
@@ -85,6 +88,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   const bool is_main = world.rank() == 0;
 
   torch::manual_seed(spec.seed());  // every rank builds the same model
+  const LowPrecisionMatmulGuard precision(MatmulDtype(spec));  // runtime.precision
   Transformer model(spec.model());
   model->train();
   const ParameterCounts counts = model->CountParameters();

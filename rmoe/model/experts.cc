@@ -115,7 +115,9 @@ torch::Tensor ExpertBankImpl::forward(const torch::Tensor& x,
   TORCH_CHECK(total == x.size(0), "tokens_per_expert sums to ", total, " but x has ", x.size(0),
               " rows");
   if (total == 0) return x * 0;  // keeps the graph connected for a rank with no tokens
-  return GroupedSwiGLU::apply(x.contiguous(), w1, w3, w2, tokens_per_expert);
+  return GroupedSwiGLU::apply(ToMatmulDtype(x).contiguous(), ToMatmulDtype(w1),
+                              ToMatmulDtype(w3), ToMatmulDtype(w2), tokens_per_expert)
+      .to(x.scalar_type());
 }
 
 int64_t ExpertCapacity(double capacity_factor, int64_t num_tokens, int64_t top_k,

@@ -21,6 +21,13 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
 }
 
 namespace {
+thread_local c10::optional<torch::ScalarType> matmul_dtype;
+
+// y = x W^T in the low-precision dtype when a guard is active.
+torch::Tensor Project(const torch::nn::Linear& linear, const torch::Tensor& x) {
+  return torch::nn::functional::linear(ToMatmulDtype(x), ToMatmulDtype(linear->weight));
+}
+
 torch::nn::Linear MakeLinear(int64_t in, int64_t out, double std) {
   torch::nn::Linear linear(torch::nn::LinearOptions(in, out).bias(false));
   torch::NoGradGuard no_grad;
@@ -29,6 +36,18 @@ torch::nn::Linear MakeLinear(int64_t in, int64_t out, double std) {
 }
 }  // namespace
 
+LowPrecisionMatmulGuard::LowPrecisionMatmulGuard(c10::optional<torch::ScalarType> dtype)
+    : previous_(matmul_dtype) {
+  matmul_dtype = dtype;
+}
+LowPrecisionMatmulGuard::~LowPrecisionMatmulGuard() { matmul_dtype = previous_; }
+c10::optional<torch::ScalarType> LowPrecisionMatmulDtype() { return matmul_dtype; }
+
+torch::Tensor ToMatmulDtype(const torch::Tensor& t) {
+  if (!matmul_dtype || !t.is_floating_point() || t.scalar_type() == *matmul_dtype) return t;
+  return t.to(*matmul_dtype);
+}
+
 SwiGLUImpl::SwiGLUImpl(int64_t d_model, int64_t hidden_dim, const InitScales& init) {
   w1 = register_module("w1", MakeLinear(d_model, hidden_dim, init.std));
   w3 = register_module("w3", MakeLinear(d_model, hidden_dim, init.std));
@@ -36,7 +55,7 @@ SwiGLUImpl::SwiGLUImpl(int64_t d_model, int64_t hidden_dim, const InitScales& in
 }
 
 torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) {
-  return w2(torch::silu(w1(x)) * w3(x));
+  return Project(w2, torch::silu(Project(w1, x)) * Project(w3, x)).to(x.scalar_type());
 }
 
 CausalSelfAttentionImpl::CausalSelfAttentionImpl(const ModelSpec& model,
@@ -72,7 +91,7 @@ torch::Tensor CausalSelfAttentionImpl::ApplyRotary(const torch::Tensor& x,
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, KVCache* cache) {
   const int64_t batch = x.size(0), t = x.size(1), d_model = x.size(2);
   const int64_t past = cache ? cache->length() : 0;
-  auto qkv = qkv_(x).view({batch, t, 3, num_heads_, head_dim_}).permute({2, 0, 3, 1, 4});
+  auto qkv = Project(qkv_, x).view({batch, t, 3, num_heads_, head_dim_}).permute({2, 0, 3, 1, 4});
   auto q = ApplyRotary(qkv[0], past);
   auto k = ApplyRotary(qkv[1], past);
   auto v = qkv[2];
@@ -98,9 +117,10 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, KVCache* 
     auto future = key_pos > query_pos;
     auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim_));
     scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
-    attended = torch::matmul(torch::softmax(scores, -1), v);
+    // The softmax in the model's dtype even when the products are low precision.
+    attended = torch::matmul(torch::softmax(scores, -1, x.scalar_type()).to(v.scalar_type()), v);
   }
-  return out_(attended.transpose(1, 2).reshape({batch, t, d_model}));
+  return Project(out_, attended.transpose(1, 2).reshape({batch, t, d_model})).to(x.scalar_type());
 }
 
 }  // namespace rmoe

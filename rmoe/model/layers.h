@@ -8,6 +8,26 @@
 
 namespace rmoe {
 
+// Mixed precision (runtime.precision = BF16): while a guard is alive on this thread, the
+// matrix products of attention, the dense/shared SwiGLU and the experts run in `dtype`
+// (weights are cast on the way in, so the fp32 master weights get fp32 gradients through
+// the cast); attention's softmax, norms, the residual stream, routers and the LM head stay
+// in the model's dtype. Like torch's autocast, but limited to the products we choose.
+class LowPrecisionMatmulGuard {
+ public:
+  explicit LowPrecisionMatmulGuard(c10::optional<torch::ScalarType> dtype);
+  ~LowPrecisionMatmulGuard();
+  LowPrecisionMatmulGuard(const LowPrecisionMatmulGuard&) = delete;
+  LowPrecisionMatmulGuard& operator=(const LowPrecisionMatmulGuard&) = delete;
+
+ private:
+  c10::optional<torch::ScalarType> previous_;
+};
+// The dtype products run in under the innermost guard, or none.
+c10::optional<torch::ScalarType> LowPrecisionMatmulDtype();
+// `t` cast to that dtype (unchanged when no guard is active or `t` is not floating point).
+torch::Tensor ToMatmulDtype(const torch::Tensor& t);
+
 // Every weight matrix is initialised N(0, std); the projections that write into the
 // residual stream use std / sqrt(2 * num_layers) so the residual variance stays O(1).
 struct InitScales {

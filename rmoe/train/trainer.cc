@@ -98,8 +98,12 @@ std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transfor
                                                torch::optim::AdamWOptions(opt.lr()));
 }
 
-namespace {
+c10::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec) {
+  if (spec.runtime().precision() == RuntimeSpec::BF16) return torch::kBFloat16;
+  return c10::nullopt;
+}
 
+namespace {
 
 void SetLearningRate(torch::optim::Optimizer& optimizer, double lr) {
   for (auto& group : optimizer.param_groups()) {
@@ -190,6 +194,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
                         : std::max(1, ChooseThreadCount(spec) / runtime.local_size());
   torch::set_num_threads(summary.threads);
   torch::manual_seed(spec.seed());
+  const LowPrecisionMatmulGuard precision(MatmulDtype(spec));
 
   const fs::path output_dir(spec.output_dir());
   std::optional<MetricsWriter> metrics;  // the main rank's

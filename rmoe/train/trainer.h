@@ -54,6 +54,10 @@ int ChooseThreadCount(const JobSpec& spec);
 // gains toward zero hurts).
 std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
 
+// The dtype runtime.precision asks matrix products to run in (LowPrecisionMatmulGuard), or
+// none for fp32.
+c10::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec);
+
 // Where checkpoints go: checkpoint.directory, or <output_dir>/checkpoints.
 std::string CheckpointRoot(const JobSpec& spec);
 

@@ -145,6 +145,36 @@ TEST(AllToAllTest, NothingToSend) {
   EXPECT_EQ(out.sizes(), (std::vector<int64_t>{size, 0}));
 }
 
+// Large receive buffers are recycled, but only once the previous result is no longer held
+// (e.g. by autograd for the backward pass), and a recycled buffer holds the new data.
+TEST(AllToAllTest, ReceiveBuffersAreReusedOnlyWhenReleased) {
+  auto& world = World();
+  const int size = world.size();
+  const int64_t rows = 1 << 16;  // x 8 floats = 2 MiB per destination: pooled
+  const std::vector<int64_t> splits(size, rows);
+  auto send_for = [&](float value) {
+    return torch::full({rows * size, 8}, value + world.rank(), torch::kFloat);
+  };
+  auto expected_for = [&](float value) {
+    std::vector<torch::Tensor> parts;
+    for (int r = 0; r < size; ++r) parts.push_back(torch::full({rows, 8}, value + r, torch::kFloat));
+    return torch::cat(parts);
+  };
+  const int64_t reused_before = world.reused_receive_buffers();
+  torch::Tensor held = world.AllToAll(send_for(1), splits, splits);
+  torch::Tensor second = world.AllToAll(send_for(10), splits, splits);  // `held` is alive
+  EXPECT_EQ(world.reused_receive_buffers(), reused_before);
+  EXPECT_FALSE(second.storage().is_alias_of(held.storage()));
+  EXPECT_TRUE(torch::equal(held, expected_for(1)));
+  const void* released_data = second.data_ptr();
+  second = torch::Tensor();
+  torch::Tensor third = world.AllToAll(send_for(20), splits, splits);
+  EXPECT_EQ(world.reused_receive_buffers(), reused_before + 1);
+  EXPECT_EQ(third.data_ptr(), released_data);
+  EXPECT_TRUE(torch::equal(third, expected_for(20)));
+  EXPECT_TRUE(torch::equal(held, expected_for(1)));  // untouched
+}
+
 // Every limit from "each byte its own message" to "everything in one MPI_Alltoallv": the
 // result is the same, and the fallback is taken exactly when some rank's total send or receive
 // bytes exceed the limit (the logic a message over 2 GiB goes through).
