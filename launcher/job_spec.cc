@@ -377,6 +377,9 @@ void ValidateModel(const ModelSpec& m, Problems& p) {
   if (router.kind() == RouterSpec::RECURRENT) {
     p.Require(router.hidden_dim() > 0, "model.router.hidden_dim", router.hidden_dim(),
               "> 0 when model.router.kind = RECURRENT");
+    p.Require(std::isfinite(router.recurrent_init_std()) && router.recurrent_init_std() >= 0,
+              "model.router.recurrent_init_std", router.recurrent_init_std(),
+              ">= 0 (0 = fan-in uniform)");
   }
 }
 

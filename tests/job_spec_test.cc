@@ -395,6 +395,8 @@ INSTANTIATE_TEST_SUITE_P(
                        "model.moe.moe_layers[0] = -1 must be in [0, model.num_layers = 4)"},
         ValidationCase{{"model.moe.moe_layers=1,2,1"},
                        "model.moe.moe_layers[2] = 1 repeats model.moe.moe_layers[0]"},
+        ValidationCase{{"model.router.recurrent_init_std=-0.5"},
+                       "model.router.recurrent_init_std = -0.5 must be >= 0 (0 = fan-in uniform)"},
         ValidationCase{{"model.router.hidden_dim=0"},
                        "model.router.hidden_dim = 0 must be > 0 when model.router.kind = "
                        "RECURRENT"},

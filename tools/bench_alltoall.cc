@@ -69,11 +69,6 @@ Options:
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double Since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 // recv_counts[s * L + e]: tokens rank s sends to local expert e here -> rows from each rank.
 std::vector<int64_t> ReceiveSplits(const std::vector<int64_t>& recv_counts, int ranks,
@@ -255,7 +250,7 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
       CheckMpi(MPI_Barrier(comm), "MPI_Barrier");
       const auto start = Clock::now();
       v.run();
-      const double seconds = Since(start);
+      const double seconds = SecondsSince(start);
       if (it >= warmup) v.seconds.push_back(seconds);
     }
   }
@@ -361,12 +356,12 @@ int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& m
         RouterCarry carry;
         auto out = (*v.layer)->forward(x, carry, nullptr);
         ((out.y * probe).sum() + 0.01 * out.load_balance).backward();
-        const double own = Since(start);
+        const double own = SecondsSince(start);
         const double comm_seconds = timer->TakeSeconds();
         // The closing barrier makes the wall time cover every rank's work even when ranks
         // do not run at the same time (more ranks than cores).
         CheckMpi(MPI_Barrier(comm), "MPI_Barrier");
-        const double wall = Since(start);
+        const double wall = SecondsSince(start);
         if (it >= warmup) {
           v.wall.push_back(wall);
           v.comm.push_back(comm_seconds);

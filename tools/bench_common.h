@@ -3,6 +3,7 @@
 // JSON output. Each subcommand lives in its own tools/bench_<subcommand>.cc.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <stdexcept>
@@ -13,6 +14,11 @@
 #include "rmoe/train/progress.h"  // JsonObject
 
 namespace rmoe::bench {
+
+using Clock = std::chrono::steady_clock;
+inline double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
 
 // Thrown for bad command-line arguments: main prints it and exits with status 2.
 struct UsageError : std::runtime_error {

@@ -335,31 +335,28 @@ int main(int argc, char** argv) {
   }
   const std::string sub = args[0];
   args.erase(args.begin());
-  int (*run)(const std::vector<std::string>&, rmoe::distributed::MpiRuntime&) = nullptr;
-  const char* usage = nullptr;
-  if (sub == "alltoall") {
-    run = RunAllToAll;
-    usage = kAllToAllUsage;
-  } else if (sub == "step") {
-    run = RunStep;
-    usage = kStepUsage;
-  } else if (sub == "matmul") {
-    run = RunMatmul;
-    usage = kMatmulUsage;
-  } else if (sub == "moe") {
-    run = RunMoe;
-    usage = kMoeUsage;
-  } else if (sub == "router") {
-    run = RunRouter;
-    usage = kRouterUsage;
-  } else {
+  struct Subcommand {
+    const char* name;
+    int (*run)(const std::vector<std::string>&, rmoe::distributed::MpiRuntime&);
+    const char* usage;
+  };
+  const Subcommand subcommands[] = {{"alltoall", RunAllToAll, kAllToAllUsage},
+                                    {"step", RunStep, kStepUsage},
+                                    {"matmul", RunMatmul, kMatmulUsage},
+                                    {"moe", RunMoe, kMoeUsage},
+                                    {"router", RunRouter, kRouterUsage}};
+  const Subcommand* chosen = nullptr;
+  for (const Subcommand& s : subcommands) {
+    if (sub == s.name) chosen = &s;
+  }
+  if (chosen == nullptr) {
     std::fprintf(stderr, "rmoe_bench: unknown subcommand \"%s\" (alltoall, step, matmul, moe, router; see --help)\n",
                  sub.c_str());
     return 2;
   }
   for (const auto& a : args) {
     if (a == "--help" || a == "-h") {
-      std::fputs(usage, stdout);
+      std::fputs(chosen->usage, stdout);
       return 0;
     }
   }
@@ -368,7 +365,7 @@ int main(int argc, char** argv) {
   auto& world = mpi.World();
   const std::string where = world.size() > 1 ? absl::StrFormat("rank %d: ", world.rank()) : "";
   try {
-    const int rc = run(args, mpi);
+    const int rc = chosen->run(args, mpi);
     std::fflush(stdout);
     return rc;
   } catch (const UsageError& e) {

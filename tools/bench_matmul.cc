@@ -35,16 +35,6 @@ Options:
   --json PATH       also write the results as JSON
 )";
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-}  // namespace
-
 int RunMatmul(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
   const Options o(args, {"--sizes", "--dtypes", "--min-time", "--repeats"});
   const auto sizes = o.IntList("--sizes", {256, 512, 1024, 2048});
@@ -87,7 +77,7 @@ int RunMatmul(const std::vector<std::string>& args, distributed::MpiRuntime& mpi
       auto a = torch::randn({n, n}).to(dtype), b = torch::randn({n, n}).to(dtype);
       auto start = Clock::now();
       auto c = torch::mm(a, b);  // warm-up; also tells how many products fill min_time
-      const double once = MaxOverRanks(world, {Seconds(start)})[0];
+      const double once = MaxOverRanks(world, {SecondsSince(start)})[0];
       const int reps = std::max(1, static_cast<int>(std::ceil(min_time / std::max(once, 1e-6))));
       // Each product timed on its own: on a shared machine the fastest one is the ceiling,
       // and the median says how much the other work on the cores costs.
@@ -96,7 +86,7 @@ int RunMatmul(const std::vector<std::string>& args, distributed::MpiRuntime& mpi
         for (int i = 0; i < reps; ++i) {
           start = Clock::now();
           torch::mm_out(c, a, b);
-          times.push_back(Seconds(start));
+          times.push_back(SecondsSince(start));
         }
       }
       if (times.empty()) times.push_back(once);  // too slow to repeat

@@ -13,6 +13,7 @@
 #include "rmoe/model/experts.h"
 #include "rmoe/model/moe_layer.h"
 #include "rmoe/model/router.h"
+#include "rmoe/train/trainer.h"
 #include "tools/bench_common.h"
 
 namespace rmoe::bench {
@@ -36,6 +37,9 @@ still come from the router, so its backward runs). Reported per configuration:
                  (weighting, scatter-add back to tokens); their sum is shown beside the
                  whole layer's time
 
+The allocator is set up as rmoe_train sets it by default (runtime.keep_freed_memory: freed
+buffers stay in glibc's heap for the next pass); --system-malloc 1 leaves glibc's defaults.
+
 Options:
   --d-model D        model width (default 512)
   --hidden H         expert hidden width (default 2048)
@@ -43,6 +47,7 @@ Options:
   --top-k K          (default 2)
   --tokens N         tokens per layer call (default 4096, as 16 sequences of 256)
   --dtype fp32|bf16  expert and activation dtype (default fp32; router math stays fp32)
+  --system-malloc 0|1  1: glibc's default allocator settings (default 0)
   --repeats R        timed repeats; the median is reported (default 5)
   --threads T        intra-op threads (default: every core of this process)
   --json PATH        also write the results as JSON
@@ -74,11 +79,6 @@ Options:
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 // Median seconds of `repeats` calls of `f` after one untimed call.
 double MedianSeconds(int repeats, const std::function<void()>& f) {
@@ -87,7 +87,7 @@ double MedianSeconds(int repeats, const std::function<void()>& f) {
   for (int r = 0; r < repeats; ++r) {
     const auto start = Clock::now();
     f();
-    times.push_back(Seconds(start));
+    times.push_back(SecondsSince(start));
   }
   return Median(times);
 }
@@ -114,7 +114,7 @@ double MatmulGflops(int64_t m, int64_t k, int64_t n, torch::ScalarType dtype, in
   for (int r = 0; r < std::max(3, repeats * 2); ++r) {
     const auto start = Clock::now();
     torch::mm_out(c, a, b);
-    best = std::min(best, Seconds(start));
+    best = std::min(best, SecondsSince(start));
   }
   return 2.0 * m * k * n / best / 1e9;
 }
@@ -215,7 +215,9 @@ std::string Ms(double seconds) { return absl::StrFormat("%.1f", seconds * 1e3); 
 
 int RunMoe(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
   const Options o(args, {"--d-model", "--hidden", "--experts", "--top-k", "--tokens", "--dtype",
-                         "--repeats"});
+                         "--repeats", "--system-malloc"});
+  const bool system_malloc = o.Int("--system-malloc", 0, 0) != 0;
+  if (!system_malloc) KeepFreedMemoryForReuse();
   const int64_t d = o.Int("--d-model", 512), h = o.Int("--hidden", 2048);
   const int64_t top_k = o.Int("--top-k", 2), tokens = o.Int("--tokens", 4096);
   const auto expert_counts = o.IntList("--experts", {8, 32});
@@ -291,14 +293,16 @@ int RunMoe(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
   }
   if (is_main) {
     absl::PrintF("moe: d_model %d, hidden %d, top-%d, %d tokens, %s experts, dropless; medians of "
-                "%d forward+backward passes\nceilings (fastest fp32 product, this run):\n%s",
-                d, h, top_k, tokens, dtype_name, repeats, ceilings);
+                "%d forward+backward passes; allocator: %s\nceilings (fastest fp32 product, this run):\n%s",
+                d, h, top_k, tokens, dtype_name, repeats,
+                system_malloc ? "glibc defaults" : "freed memory kept for reuse", ceilings);
     table.Print();
     std::printf("\n");
   }
   JsonObject result;
   result.Add("d_model", d).Add("hidden", h).Add("top_k", top_k).Add("tokens", tokens)
-      .Add("dtype", dtype_name).AddRaw("moe", JsonArray(rows));
+      .Add("dtype", dtype_name).AddRaw("keep_freed_memory", system_malloc ? "false" : "true")
+      .AddRaw("moe", JsonArray(rows));
   if (is_main) WriteJson(o.String("--json", ""), "moe", context, result);
   return 0;
 }
@@ -312,6 +316,7 @@ int RunRouter(const std::vector<std::string>& args, distributed::MpiRuntime& mpi
   const int64_t router_hidden = o.Int("--router-hidden", 64);
   const int repeats = static_cast<int>(o.Int("--repeats", 5));
   if (top_k > e) throw UsageError("--top-k exceeds --experts");
+  KeepFreedMemoryForReuse();  // as rmoe_train
   for (int64_t t : seq_lens) {
     if (tokens % t != 0) throw UsageError(absl::StrFormat("--tokens %d is not a multiple of seq len %d", tokens, t));
   }

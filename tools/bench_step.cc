@@ -53,13 +53,6 @@ Options:
   --json PATH         also write the results as JSON
 )";
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-
-}  // namespace
-
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
   const Options o(args, {"--job", "--set", "--steps", "--warmup"}, {"--set"});
   if (!o.Has("--job")) throw UsageError("--job SPEC.pbtxt is required (see --help)");
@@ -89,6 +82,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
 
   torch::manual_seed(spec.seed());  // every rank builds the same model
   const LowPrecisionMatmulGuard precision(MatmulDtype(spec));  // runtime.precision
+  if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();  // as rmoe_train
   Transformer model(spec.model());
   model->train();
   const ParameterCounts counts = model->CountParameters();

@@ -49,10 +49,14 @@ Results (also after a partial run; --report rewrites them alone) in <output_dir>
                    compute share (means over the logged records after the first),
                    parameters (total, active per token, in experts), router entropy (mean
                    over MoE layers), expert load CV (std/mean of tokens per expert, mean
-                   over layers) and dropped fraction (last record)
+                   over layers) and dropped fraction (last record), the routers' share of
+                   the forward pass, and from the last evaluation's routing of the
+                   validation set: load CV, mutual information and predictability between
+                   consecutive MoE layers' top-1 experts
   results.md       that table, a per-configuration summary (mean ± sample std over seeds)
                    and, when ranks is an axis, a scaling table
   loss_curves.png  training (lines) and validation (dots) loss of every point
+  val_curves.png   validation loss per configuration, mean ± std over seeds
   scaling.png      tokens/s and parallel efficiency against ranks (when ranks is an axis)
   (*.gp and *.dat next to the charts; the PNGs need gnuplot, else a warning)
 

@@ -573,7 +573,9 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
           absl::StrFormat(kPngTerminal, 1500, 650, 1500, 650), "set output \"val_curves.png\"\n",
           "set multiplot layout 1,2 title ", GnuplotString(absl::StrCat("sweep ", sweep.spec.name(), ": validation loss, mean ± std over seeds")), "\n",
           "set xlabel \"step\"\nset ylabel \"validation loss (nats/token)\"\nset grid\nset key top right\n",
-          "set title \"all evaluations\"\nplot ", absl::StrJoin(vclauses, ", \\\n     "), "\n",
+          absl::StrFormat("set title \"all evaluations\"\nset xrange [*:%d]\n",
+                          last_step + 2 * static_cast<int>(order.size()) + 10),
+          "plot ", absl::StrJoin(vclauses, ", \\\n     "), "\n",
           absl::StrFormat("set title \"second half (zoomed)\"\nset xrange [%d:%d]\n", last_step / 2 - 10,
                           last_step + 2 * static_cast<int>(order.size()) + 10),
           "plot ", absl::StrJoin(vclauses, ", \\\n     "), "\nunset multiplot\n");

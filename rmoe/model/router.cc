@@ -20,6 +20,13 @@ torch::Tensor NormalWeight(int64_t out, int64_t in, double std) {
   return torch::randn({out, in}) * std;
 }
 
+// A recurrent router's projection or gate: RouterSpec.recurrent_init_std.
+torch::Tensor RecurrentRouterWeight(const RouterSpec& router, int64_t out, int64_t in) {
+  if (router.recurrent_init_std() > 0) return NormalWeight(out, in, router.recurrent_init_std());
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  return torch::empty({out, in}).uniform_(-bound, bound);
+}
+
 }  // namespace
 
 RecurrentCellImpl::RecurrentCellImpl(RouterSpec::Cell cell, int64_t input_dim,
@@ -75,12 +82,11 @@ class LinearRouter : public Router {
 
 class LayerRecurrentRouter : public Router {
  public:
-  LayerRecurrentRouter(const ModelSpec& model, const InitScales& init, RecurrentCell cell)
-      : cell_(std::move(cell)) {
+  LayerRecurrentRouter(const ModelSpec& model, RecurrentCell cell) : cell_(std::move(cell)) {
     const int64_t hidden = model.router().hidden_dim();
-    proj_ = register_parameter("proj", NormalWeight(hidden, model.d_model(), init.std));
-    gate_ = register_parameter("gate",
-                               NormalWeight(model.moe().num_experts(), hidden, init.std));
+    proj_ = register_parameter("proj", RecurrentRouterWeight(model.router(), hidden, model.d_model()));
+    gate_ = register_parameter(
+        "gate", RecurrentRouterWeight(model.router(), model.moe().num_experts(), hidden));
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor*) override {
     auto flat = x.reshape({-1, x.size(-1)}).to(RouterComputeType(x.scalar_type()));
@@ -96,12 +102,12 @@ class LayerRecurrentRouter : public Router {
 
 class TokenRecurrentRouter : public Router {
  public:
-  TokenRecurrentRouter(const ModelSpec& model, const InitScales& init) {
+  explicit TokenRecurrentRouter(const ModelSpec& model) {
     const int64_t hidden = model.router().hidden_dim();
-    proj_ = register_parameter("proj", NormalWeight(hidden, model.d_model(), init.std));
+    proj_ = register_parameter("proj", RecurrentRouterWeight(model.router(), hidden, model.d_model()));
     cell_ = register_module("cell", RecurrentCell(model.router().cell(), hidden, hidden));
-    gate_ = register_parameter("gate",
-                               NormalWeight(model.moe().num_experts(), hidden, init.std));
+    gate_ = register_parameter(
+        "gate", RecurrentRouterWeight(model.router(), model.moe().num_experts(), hidden));
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor* token_state) override {
     const int64_t batch = x.size(0), steps = x.size(1);
@@ -142,9 +148,9 @@ std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& ini
   }
   if (model.router().recurrence() == RouterSpec::LAYER) {
     TORCH_CHECK(!shared_cell.is_empty(), "layer-recurrent router needs the model's shared cell");
-    return std::make_shared<LayerRecurrentRouter>(model, init, std::move(shared_cell));
+    return std::make_shared<LayerRecurrentRouter>(model, std::move(shared_cell));
   }
-  return std::make_shared<TokenRecurrentRouter>(model, init);
+  return std::make_shared<TokenRecurrentRouter>(model);
 }
 
 }  // namespace rmoe

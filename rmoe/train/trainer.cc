@@ -1,7 +1,10 @@
 #include "rmoe/train/trainer.h"
 
+#include <malloc.h>
 #include <sched.h>
 #include <unistd.h>
+
+#include <climits>
 
 #include <chrono>
 #include <cmath>
@@ -96,6 +99,13 @@ std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transfor
   groups.emplace_back(no_decay, options(0.0));
   return std::make_unique<torch::optim::AdamW>(std::move(groups),
                                                torch::optim::AdamWOptions(opt.lr()));
+}
+
+void KeepFreedMemoryForReuse() {
+  // Without mmap, a freed block stays in the heap for the next allocation of its size; the
+  // trim threshold keeps glibc from handing the heap's top back to the kernel.
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, INT_MAX);
 }
 
 c10::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec) {
@@ -195,6 +205,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   torch::set_num_threads(summary.threads);
   torch::manual_seed(spec.seed());
   const LowPrecisionMatmulGuard precision(MatmulDtype(spec));
+  if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
 
   const fs::path output_dir(spec.output_dir());
   std::optional<MetricsWriter> metrics;  // the main rank's

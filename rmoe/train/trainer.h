@@ -54,6 +54,11 @@ int ChooseThreadCount(const JobSpec& spec);
 // gains toward zero hurts).
 std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
 
+// runtime.keep_freed_memory: glibc keeps freed memory in its heap (no mmap, no trimming)
+// so each step reuses the last step's large buffers instead of page-faulting new ones.
+// Process-wide; lasts until exit.
+void KeepFreedMemoryForReuse();
+
 // The dtype runtime.precision asks matrix products to run in (LowPrecisionMatmulGuard), or
 // none for fp32.
 c10::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec);
