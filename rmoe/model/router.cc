@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "rmoe/model/recurrent_scan.h"
+
 namespace rmoe {
 
 torch::ScalarType RouterComputeType(torch::ScalarType dtype) {
@@ -63,6 +65,14 @@ torch::Tensor RecurrentCellImpl::Step(const torch::Tensor& input_gates,
   return (1 - update) * candidate + update * state;
 }
 
+torch::Tensor RecurrentCellImpl::Scan(const torch::Tensor& input_gates,
+                                      const torch::Tensor& h0) const {
+  auto start = h0.defined()
+                   ? h0
+                   : torch::zeros({input_gates.size(0), hidden_dim_}, input_gates.options());
+  return RecurrentScan(cell_, input_gates, start, w_hh_, b_hh_);
+}
+
 namespace {
 
 class LinearRouter : public Router {
@@ -114,15 +124,9 @@ class TokenRecurrentRouter : public Router {
     auto input = x.to(RouterComputeType(x.scalar_type()));
     // Everything that does not depend on h is batched over all tokens up front.
     auto input_gates = cell_->ProjectInput(LinearNoBias(input, proj_));  // [B, T, G*H]
-    torch::Tensor h = token_state ? *token_state : torch::Tensor();
-    std::vector<torch::Tensor> states;
-    states.reserve(steps);
-    for (int64_t t = 0; t < steps; ++t) {
-      h = cell_->Step(input_gates.select(1, t), h);
-      states.push_back(h);
-    }
-    if (token_state) *token_state = h;
-    auto all_states = torch::stack(states, 1).reshape({batch * steps, -1});
+    auto states = cell_->Scan(input_gates, token_state ? *token_state : torch::Tensor());
+    if (token_state) *token_state = states.select(1, steps - 1);
+    auto all_states = states.reshape({batch * steps, -1});
     return LinearNoBias(all_states, gate_);
   }
 

@@ -39,6 +39,9 @@ class RecurrentCellImpl : public torch::nn::Module {
   torch::Tensor ProjectInput(const torch::Tensor& input) const;
   // One step from projected input gates; `h` undefined means zeros.
   torch::Tensor Step(const torch::Tensor& input_gates, const torch::Tensor& h) const;
+  // Every step of a sequence, input_gates [B, T, G*H] from h0 [B, H] (undefined = zeros):
+  // the states [B, T, H], as one autograd node (rmoe/model/recurrent_scan.h).
+  torch::Tensor Scan(const torch::Tensor& input_gates, const torch::Tensor& h0) const;
   int64_t hidden_dim() const { return hidden_dim_; }
 
  private:
