@@ -207,24 +207,7 @@ torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
   // on one rank makes all of them throw rather than leaving the others in the collective.
   std::string problem = TensorProblem(send, "AllToAll", /*needs_rows=*/true);
   if (problem.empty()) {
-    std::ostringstream out;
-    const int64_t send_total = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
-    const bool negative =
-        std::any_of(send_splits.begin(), send_splits.end(), [](int64_t s) { return s < 0; }) ||
-        std::any_of(recv_splits.begin(), recv_splits.end(), [](int64_t s) { return s < 0; });
-    if (static_cast<int>(send_splits.size()) != size_ || static_cast<int>(recv_splits.size()) != size_) {
-      out << "MpiCommunicator::AllToAll: send_splits and recv_splits need one entry per rank ("
-          << size_ << "), got " << send_splits.size() << " and " << recv_splits.size();
-    } else if (negative) {
-      out << "MpiCommunicator::AllToAll: negative split";
-    } else if (send_splits[rank_] != recv_splits[rank_]) {
-      out << "MpiCommunicator::AllToAll: rank " << rank_ << " sends " << send_splits[rank_]
-          << " rows to itself but expects " << recv_splits[rank_];
-    } else if (send_total != send.size(0)) {
-      out << "MpiCommunicator::AllToAll: send_splits sum to " << send_total << " but the tensor has "
-          << send.size(0) << " rows";
-    }
-    problem = out.str();
+    problem = SplitsProblem("MpiCommunicator", rank_, size_, send, send_splits, recv_splits);
   }
 
   Meta local;

@@ -695,24 +695,7 @@ torch::Tensor NcclCommunicator::Impl::AllToAll(const torch::Tensor& send,
   constexpr const char* kOp = "AllToAll";
   std::string problem = TensorProblem(send, kOp, /*needs_rows=*/true);
   if (problem.empty()) {
-    std::ostringstream out;
-    const int64_t send_total = std::accumulate(send_splits.begin(), send_splits.end(), int64_t{0});
-    const bool negative =
-        std::any_of(send_splits.begin(), send_splits.end(), [](int64_t s) { return s < 0; }) ||
-        std::any_of(recv_splits.begin(), recv_splits.end(), [](int64_t s) { return s < 0; });
-    if (static_cast<int>(send_splits.size()) != size_ || static_cast<int>(recv_splits.size()) != size_) {
-      out << "NcclCommunicator::AllToAll: send_splits and recv_splits need one entry per rank ("
-          << size_ << "), got " << send_splits.size() << " and " << recv_splits.size();
-    } else if (negative) {
-      out << "NcclCommunicator::AllToAll: negative split";
-    } else if (send_splits[rank_] != recv_splits[rank_]) {
-      out << "NcclCommunicator::AllToAll: rank " << rank_ << " sends " << send_splits[rank_]
-          << " rows to itself but expects " << recv_splits[rank_];
-    } else if (send_total != send.size(0)) {
-      out << "NcclCommunicator::AllToAll: send_splits sum to " << send_total
-          << " but the tensor has " << send.size(0) << " rows";
-    }
-    problem = out.str();
+    problem = SplitsProblem("NcclCommunicator", rank_, size_, send, send_splits, recv_splits);
   }
   // Checked on this rank only (see the header): no extra round trip on the hot path.
   TORCH_CHECK(problem.empty(), problem);

@@ -34,8 +34,10 @@ void RoutingStatistics::Add(const std::vector<MoEOutput>& moe) {
               " MoE layers, got ", moe.size());
   torch::NoGradGuard no_grad;
   const int64_t e = num_experts_;
+  std::vector<torch::Tensor> indices;
+  for (const auto& layer : moe) indices.push_back(layer.expert_index.to(torch::kCPU));
   for (size_t l = 0; l < moe.size(); ++l) {
-    const auto index = moe[l].expert_index.to(torch::kCPU);
+    const auto& index = indices[l];
     const int64_t tokens = index.size(0);
     assignments_[l] += torch::bincount(index.reshape({-1}), {}, e).to(torch::kDouble);
     entropy_sum_[l] += moe[l].router_entropy.to(torch::kCPU).to(torch::kDouble) * tokens;
@@ -44,7 +46,7 @@ void RoutingStatistics::Add(const std::vector<MoEOutput>& moe) {
       // Column 0 of topk's indices is each token's most probable expert; the flattened
       // token order is the same at every layer.
       const auto from = index.select(1, 0);
-      const auto to = moe[l + 1].expert_index.to(torch::kCPU).select(1, 0);
+      const auto to = indices[l + 1].select(1, 0);
       top1_joint_[l] += torch::bincount(from * e + to, {}, e * e).view({e, e}).to(torch::kDouble);
     }
   }
