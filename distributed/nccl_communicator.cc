@@ -1006,6 +1006,25 @@ int NcclCommunicator::RuntimeNcclVersion() {
   return version;
 }
 
+std::string NcclBuildInfo() {
+  // NCCL_VERSION_CODE (2.9 on): major * 10000 + minor * 100 + patch; CUDART: major * 1000 +
+  // minor * 10.
+  auto nccl = [](int code) {
+    if (code == 0) return std::string("unknown");
+    return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." +
+           std::to_string(code % 100);
+  };
+  auto cuda = [](int code) {
+    return std::to_string(code / 1000) + "." + std::to_string(code % 1000 / 10);
+  };
+  int runtime = 0;
+  const std::string loaded_cuda =
+      cudaRuntimeGetVersion(&runtime) == cudaSuccess ? cuda(runtime) : "unknown";
+  return "NCCL " + nccl(NcclCommunicator::RuntimeNcclVersion()) + " (built against " +
+         nccl(NcclCommunicator::CompiledNcclVersion()) + "), CUDA runtime " + loaded_cuda +
+         " (built against " + cuda(CUDART_VERSION) + ")";
+}
+
 std::unique_ptr<NcclCommunicator> MakeNcclCommunicator(MpiCommunicator& mpi, int local_rank) {
   int world_rank = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);

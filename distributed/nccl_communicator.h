@@ -91,6 +91,10 @@
 
 namespace rmoe::distributed {
 
+// "NCCL 2.28.9 (built against 2.28.9), CUDA runtime 13.0 (built against 13.0)": the
+// libraries this process loaded, for version reports. Needs no GPU.
+std::string NcclBuildInfo();
+
 // A failed NCCL or CUDA call, an asynchronous NCCL error or a timeout.
 // what(): "rank R: NcclCommunicator::<operation>: <call> failed: <error string>".
 class NcclError : public std::runtime_error {

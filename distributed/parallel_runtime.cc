@@ -93,12 +93,10 @@ void DistributedRuntime::PrepareModel(Transformer& model) {
 
 void DistributedRuntime::SynchronizeGradients(Transformer& model) {
   auto grads = [](const std::vector<torch::Tensor>& params) {
+    // Every rank must contribute every tensor, or the buckets would not line up.
+    FillMissingGradients(params);
     std::vector<torch::Tensor> out;
-    for (auto p : params) {
-      // Every rank must contribute every tensor, or the buckets would not line up.
-      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-      out.push_back(p.grad());
-    }
+    for (const auto& p : params) out.push_back(p.grad());
     return out;
   };
   AllReduceBucketed(*groups_.world, grads(replicated_), ReduceOp::kAvg, bucket_bytes_);
@@ -172,7 +170,7 @@ std::vector<ShardedTensor> DistributedRuntime::StateTensors(Transformer& model,
     ++index;
 
     auto& states = optimizer.state();
-    const std::string key = c10::guts::to_string(param.unsafeGetTensorImpl());
+    void* const key = param.unsafeGetTensorImpl();
     if (create_optimizer_state && !states.count(key)) {
       auto state = std::make_unique<torch::optim::AdamWParamState>();
       state->exp_avg(torch::zeros_like(param, torch::MemoryFormat::Preserve));

@@ -8,8 +8,14 @@
 #include <vector>
 
 #include <absl/strings/str_format.h>
+#include <google/protobuf/stubs/common.h>
+#include <mpi.h>
+#include <torch/version.h>
 
 #include "distributed/mpi_communicator.h"
+#if RMOE_HAVE_NCCL
+#include "distributed/nccl_communicator.h"
+#endif
 #include "distributed/parallel_runtime.h"
 #include "launcher/job_spec.h"
 #include "rmoe/train/progress.h"
@@ -38,6 +44,8 @@ progress and writes metrics and the model; errors name their rank.
                       layout may differ from the one that saved it; the model may not.
   --dry-run           print the resolved spec and parameter counts, train nothing
   --quiet             no progress output
+  --version           the libraries this build uses (LibTorch and its CUDA, NCCL, MPI,
+                      Protobuf) and whether a CUDA device is visible
   --help              this text
 
 The dataset (data.dataset_dir) must exist: run rmoe_prepare_data --job SPEC first.
@@ -136,6 +144,25 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
   return 0;
 }
 
+// What this binary was built with and runs on. Needs no GPU and does not start MPI.
+void PrintVersion() {
+  std::printf("rmoe_train\nLibTorch %s, %s\n", TORCH_VERSION,
+              torch::cuda::is_available()
+                  ? absl::StrFormat("CUDA available: %d device(s)", torch::cuda::device_count()).c_str()
+                  : "CUDA unavailable (no device or driver): trains on the CPU");
+#if RMOE_HAVE_NCCL
+  std::printf("NCCL communicator: built; %s\n", rmoe::distributed::NcclBuildInfo().c_str());
+#else
+  std::printf("NCCL communicator: not built (CPU-only LibTorch or no NCCL at build time)\n");
+#endif
+  char mpi_library[MPI_MAX_LIBRARY_VERSION_STRING];
+  int length = 0;
+  MPI_Get_library_version(mpi_library, &length);
+  const std::string mpi(mpi_library, length);
+  std::printf("MPI: %s\nProtobuf %s\n", mpi.substr(0, mpi.find_first_of(",\n")).c_str(),
+              google::protobuf::internal::VersionString(GOOGLE_PROTOBUF_VERSION).c_str());
+}
+
 int Run(int argc, char** argv) {
   std::string job_path;
   std::vector<std::string> overrides;
@@ -146,6 +173,9 @@ int Run(int argc, char** argv) {
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
     if (arg == "--help" || arg == "-h") {
       std::fputs(kUsage, stdout);
+      return 0;
+    } else if (arg == "--version") {
+      PrintVersion();
       return 0;
     } else if (arg == "--job") {
       const char* v = value();

@@ -56,6 +56,44 @@ TEST(Metrics, JsonRecordsEscapeStringsAndWriteNullForNonFiniteNumbers) {
             R"({"type":"tr\"ain\u000a","step":7,"loss":2.5,"bad":null,"counts":[1,2],"moe":[]})");
 }
 
+TEST(Gradients, ZeroGradLeavesThemUndefinedAndTheRuntimeFillsZeros) {
+  torch::manual_seed(3);
+  JobSpec spec;
+  *spec.mutable_model() = testing::TinyModel();
+  spec.mutable_optimizer()->set_lr(0.1);
+  spec.mutable_optimizer()->set_weight_decay(0.5);
+  Transformer model(spec.model());
+  auto optimizer = MakeOptimizer(spec, model);
+  auto tokens = torch::randint(spec.model().vocab_size(), {2, 8}, torch::kLong);
+  model->forward(tokens).logits.sum().backward();
+  for (const auto& p : model->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+  }
+  optimizer->zero_grad(/*set_to_none=*/true);
+  for (const auto& p : model->named_parameters()) {
+    EXPECT_FALSE(p.value().grad().defined()) << p.key();
+  }
+
+  // A step in which no parameter was reached: every one still takes AdamW's update for a
+  // zero gradient (decoupled decay of matrices), as on any number of ranks.
+  ParallelRuntime world_of_one;
+  world_of_one.SynchronizeGradients(model);
+  std::vector<torch::Tensor> before;
+  for (const auto& p : model->parameters()) {
+    ASSERT_TRUE(p.grad().defined());
+    EXPECT_EQ(p.grad().abs().max().item<double>(), 0.0);
+    before.push_back(p.detach().clone());
+  }
+  optimizer->step();
+  const auto params = model->named_parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i].value();
+    const bool decayed = p.dim() >= 2;
+    const auto expected = decayed ? before[i] * (1 - 0.1 * 0.5) : before[i];
+    EXPECT_TRUE(torch::allclose(p.detach(), expected, 1e-6, 1e-7)) << params[i].key();
+  }
+}
+
 TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
   torch::manual_seed(21);
   auto dir = TempDir("io");

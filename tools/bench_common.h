@@ -52,8 +52,8 @@ struct Context {
   int usable_cores = 0;        // of which this process may run on (affinity: mpirun binds)
   std::string load_average;    // /proc/loadavg at start: other work sharing the cores
   std::string cpu_model;       // /proc/cpuinfo "model name"
-  std::string blas_core;       // openblas_get_corename(), or why it is unknown
-  std::string blas_config;     // openblas_get_config()
+  std::string blas_core;       // openblas_get_corename(), "MKL <version>", or why unknown
+  std::string blas_config;     // openblas_get_config(), or ATen's CPU capability with MKL
   std::string openblas_coretype_env;  // $OPENBLAS_CORETYPE or "(unset)"
   bool mkldnn = false;         // torch built with oneDNN (bf16 matmul kernels)
 };

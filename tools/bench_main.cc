@@ -33,9 +33,10 @@ constexpr char kUsage[] = R"(Usage: [mpirun -np N] rmoe_bench SUBCOMMAND [option
 
 Benchmarks of RMoE's moving parts. Every subcommand prints a table on stdout (rank 0) and,
 with --json PATH, writes the same numbers as JSON. Every report starts with its context:
-torch version, intra-op threads per rank, MPI world size, the BLAS core in use
-(openblas_get_corename()) and $OPENBLAS_CORETYPE, which pins OpenBLAS to a core's kernels
-(an older core than the CPU's runs slower: compare numbers as ratios within one run).
+torch version, intra-op threads per rank, MPI world size, the BLAS in use (MKL with its
+version for PyTorch's wheels, or OpenBLAS's core from openblas_get_corename()) and
+$OPENBLAS_CORETYPE, which pins OpenBLAS to a core's kernels (an older core than the CPU's
+runs slower: compare numbers as ratios within one run).
 
 Subcommands (each has --help):
   alltoall   expert-parallel dispatch all-to-all vs raw MPI_Alltoallv of the same splits,
@@ -169,6 +170,14 @@ int SetThreads(int requested, int local_size) {
   return threads;
 }
 
+// What follows `key` on its line of LibTorch's build summary (at::show_config()), or "?".
+std::string SummaryValue(const std::string& summary, const std::string& key) {
+  const auto at = summary.find(key);
+  if (at == std::string::npos) return "?";
+  const auto start = at + key.size();
+  return TrimRight(summary.substr(start, summary.find('\n', start) - start));
+}
+
 Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommunicator& world) {
   Context c;
   c.torch_version = TORCH_VERSION;
@@ -185,9 +194,18 @@ Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommun
       dlsym(RTLD_DEFAULT, "openblas_get_corename"));
   auto config = reinterpret_cast<decltype(&openblas_get_config)>(
       dlsym(RTLD_DEFAULT, "openblas_get_config"));
-  c.blas_core = corename ? TrimRight(corename())
-                         : "unknown (no openblas_get_corename: not OpenBLAS)";
-  c.blas_config = config ? TrimRight(config()) : "";
+  if (corename) {
+    c.blas_core = TrimRight(corename());
+    c.blas_config = config ? TrimRight(config()) : "";
+  } else {
+    // PyTorch's wheels link MKL (dispatching on the CPU itself) and report it, with the
+    // ATen kernels' vector ISA, in their build summary.
+    const std::string summary = at::show_config();
+    const std::string mkl = SummaryValue(summary, "Math Kernel Library Version ");
+    c.blas_core = at::hasMKL() ? "MKL " + mkl.substr(0, mkl.find(' ')) + " (own CPU dispatch)"
+                               : "unknown (neither OpenBLAS nor MKL)";
+    c.blas_config = "ATen CPU capability " + SummaryValue(summary, "CPU capability usage: ");
+  }
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");
   c.openblas_coretype_env = coretype ? coretype : "(unset)";
   return c;

@@ -17,8 +17,8 @@ namespace rmoe::bench {
 
 const char kMatmulUsage[] = R"(Usage: [mpirun -np N] rmoe_bench matmul [--sizes 256,512,1024,2048] [options]
 
-Times torch::mm of two random n x n matrices for each size: fp32 (OpenBLAS sgemm in
-Debian's LibTorch), and bf16 when this build can multiply bf16 on the CPU (oneDNN, or
+Times torch::mm of two random n x n matrices for each size: fp32 (MKL's sgemm in
+PyTorch's wheels, OpenBLAS's in other builds), and bf16 when this build can multiply bf16 on the CPU (oneDNN, or
 ATen's generic fallback: the context line says whether oneDNN is in). Every product of
 --repeats rounds of at least --min-time seconds is timed on its own; GFLOP/s = 2 n^3 / the
 fastest product (the ceiling: other work on shared cores only slows products down), and

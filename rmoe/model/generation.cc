@@ -17,7 +17,7 @@ torch::Tensor SamplingDistribution(const torch::Tensor& logits, const SamplingOp
   }
   auto probs = torch::softmax(scores / options.temperature, 0);
   // A stable descending sort makes the kept set deterministic when probabilities tie.
-  auto [sorted, order] = torch::sort(probs, /*stable=*/c10::optional<bool>(true), /*dim=*/0, /*descending=*/true);
+  auto [sorted, order] = torch::sort(probs, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/true);
   auto keep = torch::ones({vocab}, torch::kBool);
   if (options.top_k > 0 && options.top_k < vocab) {
     keep.narrow(0, options.top_k, vocab - options.top_k).fill_(false);

@@ -21,7 +21,7 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
 }
 
 namespace {
-thread_local c10::optional<torch::ScalarType> matmul_dtype;
+thread_local std::optional<torch::ScalarType> matmul_dtype;
 
 // y = x W^T in the low-precision dtype when a guard is active.
 torch::Tensor Project(const torch::nn::Linear& linear, const torch::Tensor& x) {
@@ -36,12 +36,12 @@ torch::nn::Linear MakeLinear(int64_t in, int64_t out, double std) {
 }
 }  // namespace
 
-LowPrecisionMatmulGuard::LowPrecisionMatmulGuard(c10::optional<torch::ScalarType> dtype)
+LowPrecisionMatmulGuard::LowPrecisionMatmulGuard(std::optional<torch::ScalarType> dtype)
     : previous_(matmul_dtype) {
   matmul_dtype = dtype;
 }
 LowPrecisionMatmulGuard::~LowPrecisionMatmulGuard() { matmul_dtype = previous_; }
-c10::optional<torch::ScalarType> LowPrecisionMatmulDtype() { return matmul_dtype; }
+std::optional<torch::ScalarType> LowPrecisionMatmulDtype() { return matmul_dtype; }
 
 torch::Tensor ToMatmulDtype(const torch::Tensor& t) {
   if (!matmul_dtype || !t.is_floating_point() || t.scalar_type() == *matmul_dtype) return t;
@@ -56,6 +56,31 @@ SwiGLUImpl::SwiGLUImpl(int64_t d_model, int64_t hidden_dim, const InitScales& in
 
 torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) {
   return Project(w2, torch::silu(Project(w1, x)) * Project(w3, x)).to(x.scalar_type());
+}
+
+torch::Tensor CausalAttention(const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, int64_t past) {
+  const int64_t t = q.size(2);
+  TORCH_CHECK(k.size(2) == past + t, "attention over ", k.size(2), " keys for ", t,
+              " queries after ", past, " cached positions");
+  // The fused kernel's causal mask is aligned to the top left (query i sees keys 0..i), so
+  // it is only this mask without a cache; a single new query sees every key.
+  if (past == 0) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  if (t == 1) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/false);
+  return CausalAttentionReference(q, k, v, past);
+}
+
+torch::Tensor CausalAttentionReference(const torch::Tensor& q, const torch::Tensor& k,
+                                       const torch::Tensor& v, int64_t past) {
+  const int64_t t = q.size(2), keys = k.size(2);
+  auto query_pos = torch::arange(past, past + t, q.options().dtype(torch::kLong)).unsqueeze(1);
+  auto key_pos = torch::arange(keys, q.options().dtype(torch::kLong)).unsqueeze(0);
+  auto future = key_pos > query_pos;
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(3)));
+  scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+  // Low-precision products still get their softmax in fp32.
+  const auto softmax_dtype = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  return torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(v.scalar_type()), v);
 }
 
 CausalSelfAttentionImpl::CausalSelfAttentionImpl(const ModelSpec& model,
@@ -103,23 +128,7 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, KVCache* 
     cache->k = k;
     cache->v = v;
   }
-  const int64_t keys = k.size(2);
-  torch::Tensor attended;
-#if defined(TORCH_VERSION_MAJOR) && TORCH_VERSION_MAJOR >= 2
-  if (past == 0) {
-    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-  }
-#endif
-  if (!attended.defined()) {
-    // Query i sits at absolute position past + i and may see keys 0..past + i.
-    auto query_pos = torch::arange(past, past + t, x.options().dtype(torch::kLong)).unsqueeze(1);
-    auto key_pos = torch::arange(keys, x.options().dtype(torch::kLong)).unsqueeze(0);
-    auto future = key_pos > query_pos;
-    auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim_));
-    scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
-    // The softmax in the model's dtype even when the products are low precision.
-    attended = torch::matmul(torch::softmax(scores, -1, x.scalar_type()).to(v.scalar_type()), v);
-  }
+  auto attended = CausalAttention(q, k, v, past);
   return Project(out_, attended.transpose(1, 2).reshape({batch, t, d_model})).to(x.scalar_type());
 }
 

@@ -2,6 +2,8 @@
 // causal multi-head attention with rotary position embeddings and a KV cache.
 #pragma once
 
+#include <optional>
+
 #include <torch/torch.h>
 
 #include "proto/job.pb.h"
@@ -15,16 +17,16 @@ namespace rmoe {
 // in the model's dtype. Like torch's autocast, but limited to the products we choose.
 class LowPrecisionMatmulGuard {
  public:
-  explicit LowPrecisionMatmulGuard(c10::optional<torch::ScalarType> dtype);
+  explicit LowPrecisionMatmulGuard(std::optional<torch::ScalarType> dtype);
   ~LowPrecisionMatmulGuard();
   LowPrecisionMatmulGuard(const LowPrecisionMatmulGuard&) = delete;
   LowPrecisionMatmulGuard& operator=(const LowPrecisionMatmulGuard&) = delete;
 
  private:
-  c10::optional<torch::ScalarType> previous_;
+  std::optional<torch::ScalarType> previous_;
 };
 // The dtype products run in under the innermost guard, or none.
-c10::optional<torch::ScalarType> LowPrecisionMatmulDtype();
+std::optional<torch::ScalarType> LowPrecisionMatmulDtype();
 // `t` cast to that dtype (unchanged when no guard is active or `t` is not floating point).
 torch::Tensor ToMatmulDtype(const torch::Tensor& t);
 
@@ -64,6 +66,17 @@ struct KVCache {
   torch::Tensor v;
   int64_t length() const { return k.defined() ? k.size(2) : 0; }
 };
+
+// Causal attention of queries q [B, H, T, hd] at absolute positions past..past+T-1 over
+// keys/values k, v [B, H, S, hd] at positions 0..S-1 (S = past + T): query i sees keys
+// 0..past+i. Runs LibTorch's fused scaled_dot_product_attention where its mask is exactly
+// this one (a whole sequence, or one decoding step), otherwise the explicit reference below.
+torch::Tensor CausalAttention(const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, int64_t past);
+// The same computed step by step (scores, mask, softmax in fp32 or wider, weighted values):
+// used for chunks appended to a KV cache, and the reference the fused path is tested against.
+torch::Tensor CausalAttentionReference(const torch::Tensor& q, const torch::Tensor& k,
+                                       const torch::Tensor& v, int64_t past);
 
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:

@@ -33,6 +33,17 @@ struct CheckpointReport {
   bool async = false;        // written in the background (checkpoint.async_save)
 };
 
+// Gives every parameter that the backward passes did not reach a zero gradient. The
+// optimizer's zero_grad leaves gradients undefined (LibTorch 2.x), and AdamW skips a
+// parameter without one (no moment decay, no weight decay); filling zeros makes every
+// parameter take the same update rule on every layout, since a multi-rank reduction needs a
+// tensor from every rank for every parameter anyway.
+inline void FillMissingGradients(const std::vector<torch::Tensor>& params) {
+  for (auto p : params) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+  }
+}
+
 class ParallelRuntime {
  public:
   virtual ~ParallelRuntime() = default;
@@ -46,8 +57,11 @@ class ParallelRuntime {
 
   // Called once on the freshly built model (the same on every rank: same seed).
   virtual void PrepareModel(Transformer& model) {}
-  // Called after the backward passes of a step, before clipping.
-  virtual void SynchronizeGradients(Transformer& model) {}
+  // Called after the backward passes of a step, before clipping. Every parameter has a
+  // gradient afterwards (FillMissingGradients).
+  virtual void SynchronizeGradients(Transformer& model) {
+    FillMissingGradients(model->parameters());
+  }
   // Global L2 norm of all gradients (each parameter counted once across ranks); scales
   // them so the norm is at most `max_norm` when max_norm > 0. Returns the norm before.
   virtual double ClipGradients(Transformer& model, double max_norm);

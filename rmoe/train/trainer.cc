@@ -108,9 +108,9 @@ void KeepFreedMemoryForReuse() {
   mallopt(M_TRIM_THRESHOLD, INT_MAX);
 }
 
-c10::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec) {
+std::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec) {
   if (spec.runtime().precision() == RuntimeSpec::BF16) return torch::kBFloat16;
-  return c10::nullopt;
+  return std::nullopt;
 }
 
 namespace {
@@ -309,7 +309,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
     const auto step_start = std::chrono::steady_clock::now();
     const double lr = LearningRate(spec, step);
     SetLearningRate(*optimizer, lr);
-    optimizer->zero_grad();
+    optimizer->zero_grad(/*set_to_none=*/true);
     double step_loss = 0, step_router_loss = 0;
     ModelOutput output;
     for (int micro = 0; micro < accum; ++micro) {

@@ -61,7 +61,7 @@ void KeepFreedMemoryForReuse();
 
 // The dtype runtime.precision asks matrix products to run in (LowPrecisionMatmulGuard), or
 // none for fp32.
-c10::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec);
+std::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec);
 
 // Where checkpoints go: checkpoint.directory, or <output_dir>/checkpoints.
 std::string CheckpointRoot(const JobSpec& spec);
