@@ -7,6 +7,10 @@
 // libprotobuf, not to torch's copy, and that Protobuf's global state (the generated pool,
 // text and binary formats) works while torch runs.
 #include <dlfcn.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
 
 #include <string>
 
@@ -49,6 +53,18 @@ TEST(Platform, ProtobufCallsResolveToTheSystemLibraryWhileTorchIsLoaded) {
       GOOGLE_PROTOBUF_VERSION, GOOGLE_PROTOBUF_MIN_LIBRARY_VERSION, __FILE__));
 }
 
+TEST(Platform, TheStandardLibraryIsTheSystemsNotTheCopyInsideLibTorch) {
+  // libtorch.so exports std::filesystem functions from its build toolchain; ours must win.
+  const auto remove_all =
+      static_cast<std::uintmax_t (*)(const std::filesystem::path&)>(&std::filesystem::remove_all);
+  const std::string library = LibraryOf(reinterpret_cast<const void*>(remove_all));
+  EXPECT_NE(library.find("libstdc++"), std::string::npos) << "remove_all from " << library;
+  const auto dir = std::filesystem::temp_directory_path() / ("rmoe_platform_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir / "a" / "b");
+  std::ofstream(dir / "a" / "b" / "file") << "x";
+  EXPECT_EQ(std::filesystem::remove_all(dir), 4u);
+}
+
 TEST(Platform, JobSpecsRoundTripThroughTextBinaryAndReflectionWithTorch) {
   auto warm = torch::randn({64, 64}).matmul(torch::randn({64, 64}));  // torch active
   const auto* descriptor =
@@ -66,7 +82,7 @@ TEST(Platform, JobSpecsRoundTripThroughTextBinaryAndReflectionWithTorch) {
   EXPECT_EQ(copy.model().d_model(), 96);
   EXPECT_EQ(copy.model().moe().num_experts(), 6);
   EXPECT_EQ(copy.model().router().kind(), RouterSpec::RECURRENT);
-  EXPECT_DOUBLE_EQ(copy.optimizer().lr(), 0.003);
+  EXPECT_FLOAT_EQ(copy.optimizer().lr(), 0.003f);
   std::string text;
   ASSERT_TRUE(google::protobuf::TextFormat::PrintToString(copy, &text));
   EXPECT_NE(text.find("num_experts: 6"), std::string::npos) << text;
