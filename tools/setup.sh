@@ -81,6 +81,7 @@ install_torch_venv() {
     return
   fi
   log "installing PyTorch $TORCH_VERSION and the pinned Python tools into $VENV"
+  local start=$SECONDS
   "$python" -m pip install -q --disable-pip-version-check --no-deps -r tools/python/requirements-torch.txt
   "$python" -m pip install -q --disable-pip-version-check -r tools/python/requirements.txt
   local lib_dir
@@ -91,6 +92,7 @@ install_torch_venv() {
     log "the system does not provide ${unresolved}; installing PyTorch's CUDA library wheels"
     "$python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
   fi
+  log "Python packages installed in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1) in $VENV)"
 }
 
 if [[ -n "${RMOE_TORCH_PYTHON:-}" ]]; then
@@ -119,5 +121,7 @@ if "$TORCH_PYTHON" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 
    && { command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]]; }; then
   cmake_args+=(-DRMOE_WITH_NCCL=ON)
 fi
+build_start=$SECONDS
 cmake "${cmake_args[@]}" >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
+log "built in $((SECONDS - build_start)) s"
