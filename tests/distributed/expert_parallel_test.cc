@@ -104,7 +104,7 @@ void ExpectDispatchMatchesLocal(const std::function<RoutingDecision(int rank)>& 
     auto xr = Tokens(r, n).requires_grad_();
     DispatchPlan plan;
     (local.Dispatch(xr, d, capacity_for(d), banks.full, &plan) * Probe(r, n)).sum().backward();
-    if (r == world->rank() && n > 0) EXPECT_LT(MaxRelativeDifference(x.grad(), xr.grad()), 1e-5);
+    if (r == world->rank() && n > 0) EXPECT_LT(MaxRelativeDifference(x.grad(), xr.grad()), 2e-4);  // fp32; MKL kernels differ by shape
   }
   // Expert gradients sum many tokens in another order: compare them as whole tensors.
   auto ExpectSameGradient = [](const torch::Tensor& a, const torch::Tensor& b) {
