@@ -47,7 +47,7 @@ class MoELayerImpl : public torch::nn::Module {
   MoELayerImpl(const ModelSpec& model, const InitScales& init, RecurrentCell shared_router_cell);
   MoEOutput forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor* token_state);
 
-  // The expert-parallel issue swaps in a dispatcher that exchanges tokens across ranks.
+  // Expert parallelism swaps in a dispatcher that exchanges tokens across ranks.
   void set_dispatcher(std::shared_ptr<Dispatcher> dispatcher) { dispatcher_ = std::move(dispatcher); }
   ExpertBank& experts() { return experts_; }
   Router& router() { return *router_; }
