@@ -110,13 +110,7 @@ void DistributedRuntime::SynchronizeGradients(Transformer& model) {
 }
 
 double DistributedRuntime::ClipGradients(Transformer& model, double max_norm) {
-  auto squares = [](const std::vector<torch::Tensor>& params) {
-    double sum = 0;
-    for (const auto& p : params) {
-      if (p.grad().defined()) sum += p.grad().pow(2).sum().item<double>();
-    }
-    return sum;
-  };
+  const auto squares = SquaredGradientNorm;
   // Replicated gradients are equal everywhere after synchronisation; each expert lives on
   // exactly one rank of an EP group, so the group's sum counts every expert once.
   auto expert_squares = torch::tensor({squares(experts_)}, torch::kDouble);

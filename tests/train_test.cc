@@ -94,6 +94,62 @@ TEST(Gradients, ZeroGradLeavesThemUndefinedAndTheRuntimeFillsZeros) {
   }
 }
 
+// The fused update must be libtorch's AdamW: same parameters and moments after several
+// steps with both weight-decay groups, and the same state layout for checkpoints.
+TEST(FusedAdamW, MatchesLibtorchAdamWStepForStep) {
+  torch::manual_seed(7);
+  const auto options = [](double weight_decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(3e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(weight_decay));
+  };
+  auto make_params = [] {
+    torch::manual_seed(11);
+    return std::vector<torch::Tensor>{torch::randn({16, 8}).requires_grad_(),
+                                      torch::randn({8}).requires_grad_()};
+  };
+  auto fused_params = make_params(), reference_params = make_params();
+  auto groups = [&](std::vector<torch::Tensor>& p) {
+    std::vector<torch::optim::OptimizerParamGroup> g;
+    g.emplace_back(std::vector<torch::Tensor>{p[0]}, options(0.1));
+    g.emplace_back(std::vector<torch::Tensor>{p[1]}, options(0.0));
+    return g;
+  };
+  FusedAdamW fused(groups(fused_params), torch::optim::AdamWOptions(3e-2));
+  torch::optim::AdamW reference(groups(reference_params), torch::optim::AdamWOptions(3e-2));
+  for (int step = 0; step < 5; ++step) {
+    auto grads = std::vector<torch::Tensor>{torch::randn({16, 8}), torch::randn({8})};
+    for (size_t i = 0; i < grads.size(); ++i) {
+      fused_params[i].mutable_grad() = grads[i].clone();
+      reference_params[i].mutable_grad() = grads[i].clone();
+    }
+    fused.step();
+    reference.step();
+  }
+  for (size_t i = 0; i < fused_params.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(fused_params[i], reference_params[i], 1e-5, 1e-6)) << i;
+    const void* key = fused_params[i].unsafeGetTensorImpl();
+    const void* reference_key = reference_params[i].unsafeGetTensorImpl();
+    auto& a = static_cast<torch::optim::AdamWParamState&>(*fused.state().at(const_cast<void*>(key)));
+    auto& b = static_cast<torch::optim::AdamWParamState&>(
+        *reference.state().at(const_cast<void*>(reference_key)));
+    EXPECT_EQ(a.step(), 5);
+    EXPECT_EQ(a.step(), b.step());
+    EXPECT_TRUE(torch::allclose(a.exp_avg(), b.exp_avg(), 1e-5, 1e-7)) << i;
+    EXPECT_TRUE(torch::allclose(a.exp_avg_sq(), b.exp_avg_sq(), 1e-5, 1e-7)) << i;
+  }
+  // The parameters moved: a no-op optimizer would pass the comparisons above.
+  EXPECT_FALSE(torch::allclose(fused_params[0], make_params()[0]));
+}
+
+TEST(FusedAdamW, SquaredGradientNormSumsEveryDefinedGradient) {
+  auto a = torch::zeros({3}).requires_grad_(), b = torch::zeros({2, 2}).requires_grad_();
+  auto c = torch::zeros({4}).requires_grad_();  // no gradient
+  a.mutable_grad() = torch::tensor({1.0f, 2.0f, 2.0f});
+  b.mutable_grad() = torch::full({2, 2}, 0.5f);
+  EXPECT_NEAR(SquaredGradientNorm({a, b, c}), 9.0 + 1.0, 1e-6);
+  EXPECT_EQ(SquaredGradientNorm({c}), 0.0);
+}
+
 TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
   torch::manual_seed(21);
   auto dir = TempDir("io");

@@ -95,6 +95,21 @@ void WriteJson(const std::string& path, const std::string& benchmark, const Cont
 // 1234567 -> "1.23M", 2345 -> "2.35k".
 std::string Human(double value);
 
+// Operator time under PyTorch's CPU profiler, summed over every call and thread.
+struct OpTime {
+  std::string name;
+  double self_ms = 0;   // outside the operators it called
+  double total_ms = 0;  // inclusive
+  int64_t calls = 0;
+};
+// Starts the profiler on this thread; StopOpProfile returns the operators by descending self
+// time and, when `trace_path` is not empty, writes a Chrome trace (chrome://tracing, Perfetto).
+void StartOpProfile();
+std::vector<OpTime> StopOpProfile(const std::string& trace_path);
+// The `top` first of `ops` (from StopOpProfile over `steps` steps) as times per step and
+// shares of `step_seconds`.
+void PrintOpProfile(const std::vector<OpTime>& ops, int steps, double step_seconds, int top);
+
 // Subcommands: return the process exit status (rank 0 prints, every rank runs).
 int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);

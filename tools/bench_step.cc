@@ -48,13 +48,19 @@ Options:
   --set FIELD=VALUE   override a spec field (repeatable), as rmoe_train
   --steps N           timed steps (default 10)
   --warmup W          untimed steps first (default 2)
+  --profile TRACE     profile the timed steps with PyTorch's CPU profiler: print the
+                      operators by self time per step (time outside the operators they call;
+                      autograd's backward nodes appear as "autograd::engine::evaluate_function:
+                      ...") and write a Chrome trace to TRACE (open in Perfetto). The profiler
+                      slows small operators: take step times from a run without it
+  --profile-top N     operators in that table (default 30)
   --threads T         intra-op threads per rank (default: runtime.num_threads, or the
                       cores divided among the ranks of this node, as rmoe_train)
   --json PATH         also write the results as JSON
 )";
 
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
-  const Options o(args, {"--job", "--set", "--steps", "--warmup"}, {"--set"});
+  const Options o(args, {"--job", "--set", "--steps", "--warmup", "--profile", "--profile-top"}, {"--set"});
   if (!o.Has("--job")) throw UsageError("--job SPEC.pbtxt is required (see --help)");
   const int steps = static_cast<int>(o.Int("--steps", 10));
   const int warmup = static_cast<int>(o.Int("--warmup", 2, 0));
@@ -115,7 +121,9 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
 
   torch::manual_seed(spec.seed() * 7919 + 17 + world.rank());  // this rank's random tokens
   std::vector<double> step_seconds, comm_seconds;
+  const bool profile = o.Has("--profile");
   for (int step = 0; step < warmup + steps; ++step) {
+    if (profile && step == warmup) StartOpProfile();
     std::vector<torch::Tensor> windows;
     for (int micro = 0; micro < accum; ++micro) {
       windows.push_back(torch::randint(0, m.vocab_size(), {batch, seq_len + 1}, torch::kLong));
@@ -142,6 +150,9 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
     }
   }
 
+  std::vector<OpTime> ops;
+  if (profile) ops = StopOpProfile(is_main ? o.String("--profile", "") : "");
+
   const double my_step = Mean(step_seconds), my_comm = Mean(comm_seconds);
   const auto sums = SumOverRanks(world, {my_step, my_comm});
   const auto maxima = MaxOverRanks(world, {my_step, my_comm, -my_comm});
@@ -167,6 +178,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
                 static_cast<long long>(seq_len), Human(flops_per_token).c_str());
     table.Print();
     std::printf("\n");
+    if (profile) PrintOpProfile(ops, steps, step_s, static_cast<int>(o.Int("--profile-top", 30)));
   }
   JsonObject result;
   result.Add("job", o.String("--job", ""))

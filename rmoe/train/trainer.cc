@@ -19,6 +19,7 @@
 #include "rmoe/data/dataset.h"
 #include "rmoe/model/routing_stats.h"
 #include "rmoe/train/model_io.h"
+#include "rmoe/train/optimizer.h"
 #include "rmoe/train/progress.h"
 
 namespace rmoe {
@@ -54,11 +55,7 @@ void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, double norm,
 }
 
 double ParallelRuntime::ClipGradients(Transformer& model, double max_norm) {
-  double squares = 0;
-  for (const auto& p : model->parameters()) {
-    if (p.grad().defined()) squares += p.grad().pow(2).sum().item<double>();
-  }
-  const double norm = std::sqrt(squares);
+  const double norm = std::sqrt(SquaredGradientNorm(model->parameters()));
   ScaleGradientsToNorm(model->parameters(), norm, max_norm);
   return norm;
 }
@@ -81,24 +78,6 @@ absl::StatusOr<TrainingProgress> ParallelRuntime::LoadCheckpoint(const std::stri
 std::string CheckpointRoot(const JobSpec& spec) {
   if (spec.checkpoint().has_directory()) return spec.checkpoint().directory();
   return (fs::path(spec.output_dir()) / "checkpoints").string();
-}
-
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  const auto& opt = spec.optimizer();
-  auto options = [&](double weight_decay) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(opt.lr())
-            .betas({opt.beta1(), opt.beta2()})
-            .eps(opt.eps())
-            .weight_decay(weight_decay));
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, options(opt.weight_decay()));
-  groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(std::move(groups),
-                                               torch::optim::AdamWOptions(opt.lr()));
 }
 
 void KeepFreedMemoryForReuse() {

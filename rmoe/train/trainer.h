@@ -14,6 +14,7 @@
 #include "rmoe/data/sampler.h"
 #include "rmoe/model/routing_stats.h"
 #include "rmoe/model/transformer.h"
+#include "rmoe/train/optimizer.h"
 #include "rmoe/train/parallel.h"
 
 namespace rmoe {
@@ -49,10 +50,6 @@ double LearningRate(const JobSpec& spec, int step);
 
 // Intra-op threads: runtime.num_threads, or every core this process may run on.
 int ChooseThreadCount(const JobSpec& spec);
-
-// AdamW as the spec says, with decoupled weight decay on matrices only (decaying norms'
-// gains toward zero hurts).
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
 
 // runtime.keep_freed_memory: glibc keeps freed memory in its heap (no mmap, no trimming)
 // so each step reuses the last step's large buffers instead of page-faulting new ones.

@@ -1,0 +1,32 @@
+// AdamW whose update is one fused pass per parameter (PyTorch's _fused_adamw_ kernel)
+// instead of libtorch's six element-wise operators, each a full read and write of the
+// parameter, its gradient or a moment. Same state (AdamWParamState), same options, same
+// update rule as torch::optim::AdamW, so checkpoints and code that read the state work with
+// either.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "proto/job.pb.h"
+#include "rmoe/model/transformer.h"
+
+namespace rmoe {
+
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+  torch::Tensor step(LossClosure closure = nullptr) override;
+};
+
+// AdamW as the spec says, with decoupled weight decay on matrices only (decaying norms'
+// gains toward zero hurts).
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
+
+// Sum over `params` of the squared L2 norms of their gradients (undefined ones count 0), in
+// double, with one synchronisation point however many parameters there are.
+double SquaredGradientNorm(const std::vector<torch::Tensor>& params);
+
+}  // namespace rmoe
