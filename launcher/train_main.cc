@@ -18,6 +18,7 @@
 #endif
 #include "distributed/parallel_runtime.h"
 #include "launcher/job_spec.h"
+#include "rmoe/platform/host_report.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
 
@@ -198,6 +199,11 @@ int Run(int argc, char** argv) {
   }
   if (job_path.empty()) return Fail(2, "--job SPEC.pbtxt is required (see --help)");
 
+  // Before MPI starts: either may re-execute this program with other BLAS kernels.
+  rmoe::SelectBlasKernels(argv);
+  if (auto blas = rmoe::VerifyBlasOrFallBack(argv); !blas.ok()) {
+    return Fail(1, std::string(blas.message()));
+  }
   rmoe::distributed::MpiRuntime mpi(&argc, &argv);
   // Exceptions are reported here, while MPI still knows this process's rank.
   try {

@@ -51,9 +51,11 @@ TEST(Metrics, JsonRecordsEscapeStringsAndWriteNullForNonFiniteNumbers) {
       .Add("loss", 2.5)
       .Add("bad", std::nan(""))
       .Add("counts", std::vector<int64_t>{1, 2})
-      .AddRaw("moe", "[]");
+      .AddRaw("moe", "[]")
+      .Add("notes", std::vector<std::string>{"a\"b", ""});
   EXPECT_EQ(record.str(),
-            R"({"type":"tr\"ain\u000a","step":7,"loss":2.5,"bad":null,"counts":[1,2],"moe":[]})");
+            R"({"type":"tr\"ain\u000a","step":7,"loss":2.5,"bad":null,"counts":[1,2],"moe":[],)"
+            R"("notes":["a\"b",""]})");
 }
 
 TEST(Gradients, ZeroGradLeavesThemUndefinedAndTheRuntimeFillsZeros) {

@@ -1,7 +1,6 @@
 // rmoe_bench: micro- and macro-benchmarks of the expert-parallel all-to-all, whole training
 // steps, one MoE layer, the routers and the matrix-product ceiling. Subcommands live in
 // tools/bench_<name>.cc; this file has the entry point and what they share (tools/bench_common.h).
-#include <dlfcn.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -19,12 +18,8 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include "rmoe/platform/host_report.h"
 #include "tools/bench_common.h"
-
-// OpenBLAS's own query. Declared only for its type: the symbol is looked up at run time
-// (dlsym), so rmoe_bench links and runs with any BLAS.
-extern "C" char* openblas_get_corename();
-extern "C" char* openblas_get_config();
 
 namespace rmoe::bench {
 namespace {
@@ -189,23 +184,11 @@ Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommun
   c.load_average = ReadLoadAverage();
   c.cpu_model = ReadCpuModel();
   c.mkldnn = at::hasMKLDNN();
-  // Both queries exist in every OpenBLAS since 0.2.x; another BLAS has neither.
-  auto corename = reinterpret_cast<decltype(&openblas_get_corename)>(
-      dlsym(RTLD_DEFAULT, "openblas_get_corename"));
-  auto config = reinterpret_cast<decltype(&openblas_get_config)>(
-      dlsym(RTLD_DEFAULT, "openblas_get_config"));
-  if (corename) {
-    c.blas_core = TrimRight(corename());
-    c.blas_config = config ? TrimRight(config()) : "";
-  } else {
-    // PyTorch's wheels link MKL (dispatching on the CPU itself) and report it, with the
-    // ATen kernels' vector ISA, in their build summary.
-    const std::string summary = at::show_config();
-    const std::string mkl = SummaryValue(summary, "Math Kernel Library Version ");
-    c.blas_core = at::hasMKL() ? "MKL " + mkl.substr(0, mkl.find(' ')) + " (own CPU dispatch)"
-                               : "unknown (neither OpenBLAS nor MKL)";
-    c.blas_config = "ATen CPU capability " + SummaryValue(summary, "CPU capability usage: ");
-  }
+  const BlasInfo blas = DetectBlas();
+  c.blas_core = blas.library == BlasLibrary::kOpenBlas ? blas.core : blas.name + " (own CPU dispatch)";
+  c.blas_config = blas.library == BlasLibrary::kOpenBlas
+                      ? blas.config
+                      : "ATen CPU capability " + SummaryValue(at::show_config(), "CPU capability usage: ");
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");
   c.openblas_coretype_env = coretype ? coretype : "(unset)";
   return c;
@@ -379,6 +362,12 @@ int main(int argc, char** argv) {
     }
   }
 
+  // As rmoe_train: BLAS kernels for this CPU (unless OPENBLAS_CORETYPE is set), checked.
+  rmoe::SelectBlasKernels(argv);
+  if (auto blas = rmoe::VerifyBlasOrFallBack(argv); !blas.ok()) {
+    std::fprintf(stderr, "rmoe_bench: %s\n", std::string(blas.message()).c_str());
+    return 1;
+  }
   rmoe::distributed::MpiRuntime mpi(&argc, &argv);
   auto& world = mpi.World();
   const std::string where = world.size() > 1 ? absl::StrFormat("rank %d: ", world.rank()) : "";

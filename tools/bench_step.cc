@@ -1,6 +1,7 @@
 // rmoe_bench step: whole training steps of a job's model on random tokens, wired like
 // rmoe_train (DistributedRuntime over a TimedCommunicator), split into communication and
 // computation, with the model's FLOPs per token and the FLOP rate achieved.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
@@ -13,6 +14,7 @@
 #include "distributed/timed_communicator.h"
 #include "launcher/job_spec.h"
 #include "rmoe/model/transformer.h"
+#include "rmoe/platform/host_report.h"
 #include "rmoe/train/trainer.h"
 #include "tools/bench_common.h"
 
@@ -84,6 +86,11 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
                                                               : 0));
   SetThreads(threads, mpi.LocalSize());
   const Context context = GatherContext(mpi, world);
+  // The in-run ceiling: this process's fp32 product speed at a size the step's largest
+  // products approach, measured before and after the steps (same threads; the better of the
+  // two, since a shared machine's speed drifts) so that "% of ceiling" is a ratio within one
+  // run.
+  double ceiling_gflops = ProbeMatmulGflops(torch::kFloat, 512, 0.3);
   const bool is_main = world.rank() == 0;
 
   torch::manual_seed(spec.seed());  // every rank builds the same model
@@ -152,6 +159,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
 
   std::vector<OpTime> ops;
   if (profile) ops = StopOpProfile(is_main ? o.String("--profile", "") : "");
+  ceiling_gflops = std::max(ceiling_gflops, ProbeMatmulGflops(torch::kFloat, 512, 0.3));
 
   const double my_step = Mean(step_seconds), my_comm = Mean(comm_seconds);
   const auto sums = SumOverRanks(world, {my_step, my_comm});
@@ -163,7 +171,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   const double median_step = Median(rank_mean_steps), best_step = Min(rank_mean_steps);
 
   Table table({"ranks", "DP x EP", "step ms", "median ms", "best ms", "comm ms", "compute ms", "comm %",
-               "comm ms min..max", "tokens/s", "GFLOP/s", "GFLOP/s/rank"});
+               "comm ms min..max", "tokens/s", "GFLOP/s", "GFLOP/s/rank", "% of ceiling"});
   table.Add({absl::StrCat(ranks), absl::StrFormat("%d x %d", ranks / ep, ep),
              absl::StrFormat("%.1f", step_s * 1e3), absl::StrFormat("%.1f", median_step * 1e3),
              absl::StrFormat("%.1f", best_step * 1e3),
@@ -171,13 +179,16 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
              absl::StrFormat("%.0f%%", 100 * comm_s / step_s),
              absl::StrFormat("%.1f..%.1f", -maxima[2] * 1e3, maxima[1] * 1e3),
              Human(tokens_per_s), absl::StrFormat("%.2f", gflops),
-             absl::StrFormat("%.2f", gflops / ranks)});
+             absl::StrFormat("%.2f", gflops / ranks),
+             absl::StrFormat("%.0f%%", 100 * gflops / ranks / ceiling_gflops)});
   if (is_main) {
     std::printf("FLOPs/token = 6 x %lld + 12 x %d x %d x %lld = %s\n",
                 static_cast<long long>(matmul_params), m.num_layers(), m.d_model(),
                 static_cast<long long>(seq_len), Human(flops_per_token).c_str());
     table.Print();
-    std::printf("\n");
+    std::printf("ceiling: fp32 512^3 products at %.1f GFLOP/s on %d thread%s of rank 0, the better "
+                "of a probe before and one after the steps\n\n",
+                ceiling_gflops, context.threads, context.threads == 1 ? "" : "s");
     if (profile) PrintOpProfile(ops, steps, step_s, static_cast<int>(o.Int("--profile-top", 30)));
   }
   JsonObject result;
@@ -205,6 +216,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
       .Add("flops_per_token", flops_per_token)
       .Add("gflops_per_s", gflops)
       .Add("gflops_per_s_per_rank", gflops / ranks)
+      .Add("ceiling_gflops_per_s", ceiling_gflops)
       .Add("rank0_step_seconds", step_seconds)
       .Add("rank0_comm_seconds", comm_seconds);
   if (is_main) WriteJson(o.String("--json", ""), "step", context, result);

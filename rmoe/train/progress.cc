@@ -37,6 +37,13 @@ JsonObject& JsonObject::Add(const std::string& key, double value) {
   body_ += JsonNumber(value);
   return *this;
 }
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<std::string>& values) {
+  Key(key);
+  std::vector<std::string> quoted;
+  for (const auto& value : values) quoted.push_back(JsonString(value));
+  body_ += "[" + absl::StrJoin(quoted, ",") + "]";
+  return *this;
+}
 JsonObject& JsonObject::Add(const std::string& key, int64_t value) {
   Key(key);
   body_ += absl::StrCat(value);

@@ -19,6 +19,7 @@ class JsonObject {
   JsonObject& Add(const std::string& key, const std::string& value);
   JsonObject& Add(const std::string& key, const std::vector<int64_t>& values);
   JsonObject& Add(const std::string& key, const std::vector<double>& values);
+  JsonObject& Add(const std::string& key, const std::vector<std::string>& values);
   JsonObject& AddRaw(const std::string& key, const std::string& json);
   std::string str() const { return "{" + body_ + "}"; }
 

@@ -18,6 +18,7 @@
 #include "launcher/job_spec.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/model/routing_stats.h"
+#include "rmoe/platform/host_report.h"
 #include "rmoe/train/model_io.h"
 #include "rmoe/train/optimizer.h"
 #include "rmoe/train/progress.h"
@@ -186,6 +187,13 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   const LowPrecisionMatmulGuard precision(MatmulDtype(spec));
   if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
 
+  // What this run computes on, measured before training starts (about 0.2 s).
+  std::optional<HostReport> host;
+  if (runtime.is_main()) {
+    host = DescribeHost(/*probe=*/true, spec.runtime().precision() == RuntimeSpec::BF16,
+                        runtime.local_size());
+  }
+
   const fs::path output_dir(spec.output_dir());
   std::optional<MetricsWriter> metrics;  // the main rank's
   if (runtime.is_main()) {
@@ -201,6 +209,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
                                       /*append=*/!options.resume.empty());
     if (!writer.ok()) return writer.status();
     metrics.emplace(*std::move(writer));
+    metrics->Write(host->Json());
   }
 
   Transformer model(spec.model());
@@ -241,9 +250,14 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   auto window = torch::empty({batch, seq_len + 1}, torch::kLong);
 
   const bool interactive = isatty(fileno(stderr));
+  if (host && !options.quiet && !(interactive || options.progress_to_non_terminal)) {
+    // No progress log: the warnings still reach the user.
+    for (const auto& warning : host->warnings) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+  }
   std::optional<ProgressBar> progress;
   if (runtime.is_main() && !options.quiet && (interactive || options.progress_to_non_terminal)) {
     progress.emplace(schedule.steps(), interactive, first_step);
+    for (const auto& line : host->Lines()) progress->Print(line);
     const auto& p = summary.parameters;
     progress->Print(absl::StrFormat(
         "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d ranks x %d "
