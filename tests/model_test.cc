@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "rmoe/model/experts.h"
+#include "rmoe/model/fused_ops.h"
 #include "rmoe/model/layers.h"
 #include "rmoe/model/moe_layer.h"
 #include "rmoe/model/router.h"
@@ -94,6 +95,108 @@ TEST(FusedAttention, ACachedChunkUsesTheBottomRightMask) {
   auto whole_q = torch::cat({torch::randn({1, 2, 3, 8}, torch::kDouble), q}, 2);
   auto whole = CausalAttention(whole_q, k, v, /*past=*/0).narrow(2, 3, 2);
   EXPECT_TRUE(torch::allclose(chunk, whole, 1e-12, 1e-12));
+}
+
+// The fused element-wise nodes against their plain-operator forms: values and the
+// gradients of a random projection of the outputs, for every input.
+torch::Tensor ReferenceRmsNorm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * w;
+}
+
+// The rotary embedding as it was written with plain operators: select the even and odd
+// channels, rotate, stack them back.
+torch::Tensor ReferenceRotary(const torch::Tensor& x, const torch::Tensor& cos,
+                              const torch::Tensor& sin) {
+  auto pairs = x.unflatten(-1, {x.size(-1) / 2, 2});
+  auto even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
+  auto c = cos.to(x.scalar_type()), s = sin.to(x.scalar_type());
+  return torch::stack({even * c - odd * s, even * s + odd * c}, -1).flatten(-2);
+}
+
+// Gradients of sum(outputs[i] * probes[i]) with respect to `inputs`.
+std::vector<torch::Tensor> ProbeGradients(const std::vector<torch::Tensor>& outputs,
+                                          const std::vector<torch::Tensor>& probes,
+                                          const std::vector<torch::Tensor>& inputs) {
+  auto total = torch::zeros({}, outputs[0].options().dtype(torch::kDouble));
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    total = total + (outputs[i].to(torch::kDouble) * probes[i]).sum();
+  }
+  return torch::autograd::grad({total}, inputs);
+}
+
+TEST(FusedOps, RmsNormMatchesPlainOperatorsWithGradients) {
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    const double tol = dtype == torch::kDouble ? 1e-10 : 2e-5;
+    torch::manual_seed(3);
+    auto x = torch::randn({5, 7, 24}, dtype).requires_grad_();
+    auto w = (torch::rand({24}, dtype) + 0.5).requires_grad_();
+    auto probe = torch::randn({5, 7, 24}, torch::kDouble);
+    auto fused = FusedRmsNorm(x, w, 1e-5);
+    auto reference = ReferenceRmsNorm(x, w, 1e-5);
+    EXPECT_TRUE(torch::allclose(fused, reference, tol, tol)) << dtype;
+    auto g_fused = ProbeGradients({fused}, {probe}, {x, w});
+    auto g_reference = ProbeGradients({reference}, {probe}, {x, w});
+    for (size_t i = 0; i < 2; ++i) {
+      EXPECT_TRUE(torch::allclose(g_fused[i], g_reference[i], tol, 10 * tol))
+          << dtype << " input " << i << ": " << (g_fused[i] - g_reference[i]).abs().max();
+    }
+  }
+}
+
+TEST(FusedOps, SplitHeadsWithRotaryMatchesSelectRotateStack) {
+  const int64_t batch = 2, t = 6, heads = 3, hd = 8;
+  for (auto dtype : {torch::kDouble, torch::kFloat, torch::kBFloat16}) {
+    const double tol = dtype == torch::kBFloat16 ? 2e-2 : (dtype == torch::kDouble ? 1e-12 : 1e-6);
+    torch::manual_seed(4);
+    auto angles = torch::rand({t, hd / 2}) * 6;
+    auto cos = angles.cos(), sin = angles.sin();
+    auto qkv = torch::randn({batch, t, 3, heads, hd}).to(dtype).requires_grad_();
+    auto [q, k, v] = SplitHeadsWithRotary(qkv, cos, sin);
+    auto permuted = qkv.permute({2, 0, 3, 1, 4});  // [3, B, H, T, hd]
+    auto q_ref = ReferenceRotary(permuted[0], cos, sin), k_ref = ReferenceRotary(permuted[1], cos, sin);
+    auto v_ref = permuted[2];
+    EXPECT_TRUE(q.is_contiguous() && k.is_contiguous() && v.is_contiguous());
+    EXPECT_EQ(q.sizes(), torch::IntArrayRef({batch, heads, t, hd}));
+    for (auto [a, b] : {std::pair{q, q_ref}, std::pair{k, k_ref}, std::pair{v, v_ref}}) {
+      EXPECT_TRUE(torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), tol, tol)) << dtype;
+    }
+    std::vector<torch::Tensor> probes;
+    for (int i = 0; i < 3; ++i) probes.push_back(torch::randn({batch, heads, t, hd}, torch::kDouble));
+    auto g_fused = ProbeGradients({q, k, v}, probes, {qkv})[0];
+    auto g_reference = ProbeGradients({q_ref, k_ref, v_ref}, probes, {qkv})[0];
+    EXPECT_TRUE(torch::allclose(g_fused.to(torch::kDouble), g_reference.to(torch::kDouble), tol, tol))
+        << dtype;
+    // Only q is used: k and v get zero gradients, q's still match.
+    auto only_q = torch::autograd::grad({(SplitHeadsWithRotary(qkv, cos, sin)[0].to(torch::kDouble) *
+                                          probes[0]).sum()},
+                                        {qkv})[0];
+    auto q_ref_again = ReferenceRotary(qkv.permute({2, 0, 3, 1, 4})[0], cos, sin);
+    auto only_q_ref =
+        torch::autograd::grad({(q_ref_again.to(torch::kDouble) * probes[0]).sum()}, {qkv})[0];
+    EXPECT_TRUE(torch::allclose(only_q.to(torch::kDouble), only_q_ref.to(torch::kDouble), tol, tol));
+  }
+}
+
+TEST(FusedOps, CrossEntropyMatchesLibtorchWithGradients) {
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    const double tol = dtype == torch::kDouble ? 1e-12 : 1e-6;
+    torch::manual_seed(5);
+    auto logits = (torch::randn({13, 29}, dtype) * 3).requires_grad_();
+    auto targets = torch::randint(0, 29, {13}, torch::kLong);
+    auto fused = FusedCrossEntropy(logits, targets);
+    auto reference = torch::nn::functional::cross_entropy(logits, targets);
+    EXPECT_NEAR(fused.item<double>(), reference.item<double>(), tol);
+    auto g_fused = torch::autograd::grad({fused * 2.5}, {logits})[0];
+    auto g_reference = torch::autograd::grad({reference * 2.5}, {logits})[0];
+    EXPECT_TRUE(torch::allclose(g_fused, g_reference, tol, tol)) << dtype;
+  }
+  // The backward consumes its saved log-probabilities: a second pass is an error, not a
+  // silently wrong gradient.
+  auto logits = torch::randn({4, 5}).requires_grad_();
+  auto loss = FusedCrossEntropy(logits, torch::tensor({0, 1, 2, 3}));
+  loss.backward({}, /*retain_graph=*/true);
+  EXPECT_THROW(loss.backward(), c10::Error);
+  EXPECT_THROW(FusedCrossEntropy(torch::randn({4, 5}), torch::tensor({0, 1, 2})), c10::Error);
 }
 
 TEST(ExpertBank, DispatchMatchesNaivePerTokenLoop) {

@@ -141,8 +141,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
     for (const auto& window : windows) {
       auto inputs = window.narrow(1, 0, seq_len), targets = window.narrow(1, 1, seq_len);
       auto output = model->forward(inputs);
-      auto lm_loss = torch::nn::functional::cross_entropy(
-          output.logits.reshape({-1, output.logits.size(-1)}), targets.reshape({-1}));
+      auto lm_loss = LanguageModelLoss(output.logits, targets);
       runtime.Average(lm_loss.item<double>());  // the trainer's divergence check
       ((lm_loss + output.router_loss) / accum).backward();
     }

@@ -37,15 +37,15 @@ namespace {
 // `w[e]` slice's backward materialises a zero-filled gradient of the whole [E, D, H] stack
 // and then sums E of them: O(E^2 D H) memory traffic per step (15x slower than the products
 // themselves at 32 experts of 512 x 2048). Here every expert's weight gradients are written
-// straight into its slice of one stacked gradient, and the forward keeps only the two
-// pre-activations per token.
+// straight into its slice of one stacked gradient, and the forward keeps the two
+// pre-activations and silu(gate) per token.
 class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& w1, const torch::Tensor& w3,
                                const torch::Tensor& w2, std::vector<int64_t> counts) {
     auto gate = torch::empty({x.size(0), w1.size(2)}, x.options());
-    auto up = torch::empty_like(gate);
+    auto up = torch::empty_like(gate), silu_gate = torch::empty_like(gate);
     auto y = torch::empty({x.size(0), w2.size(2)}, x.options());
     int64_t offset = 0;
     for (size_t e = 0; e < counts.size(); ++e) {
@@ -55,10 +55,12 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       torch::mm_out(gate_e, xe, w1[e]);
       torch::mm_out(up_e, xe, w3[e]);
       auto y_e = y.narrow(0, offset, counts[e]);
-      torch::mm_out(y_e, torch::silu(gate_e).mul_(up_e), w2[e]);
+      auto silu_e = silu_gate.narrow(0, offset, counts[e]);
+      torch::silu_out(silu_e, gate_e);
+      torch::mm_out(y_e, silu_e * up_e, w2[e]);
       offset += counts[e];
     }
-    ctx->save_for_backward({x, w1, w3, w2, gate, up});
+    ctx->save_for_backward({x, w1, w3, w2, gate, up, silu_gate});
     ctx->saved_data["counts"] = counts;
     return y;
   }
@@ -67,7 +69,7 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &w1 = saved[1], &w3 = saved[2], &w2 = saved[3];
-    const auto &gate = saved[4], &up = saved[5];
+    const auto &gate = saved[4], &up = saved[5], &silu_gate = saved[6];
     const auto counts = ctx->saved_data["counts"].toIntVector();
     const auto grad_y = grads[0].contiguous();
     auto grad_x = torch::empty_like(x);
@@ -84,9 +86,10 @@ class GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       const int64_t n = counts[e];
       auto xe = x.narrow(0, offset, n), gy = grad_y.narrow(0, offset, n);
       auto a = gate.narrow(0, offset, n), b = up.narrow(0, offset, n);
-      // Five element-wise passes over [n, hidden]; silu_backward is one vectorised kernel
-      // for g * sig(a) (1 + a (1 - sig(a))), which as separate operators took seven.
-      auto silu = torch::silu(a);
+      // Four element-wise passes over [n, hidden]: silu(a) is kept from the forward, and
+      // silu_backward is one vectorised kernel for g sig(a) (1 + a (1 - sig(a))), which as
+      // separate operators took seven.
+      auto silu = silu_gate.narrow(0, offset, n);
       auto grad_w1_e = grad_w1[e], grad_w3_e = grad_w3[e], grad_w2_e = grad_w2[e];
       torch::mm_out(grad_w2_e, (silu * b).t(), gy);
       auto grad_hidden = gy.mm(w2[e].t());

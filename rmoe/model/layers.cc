@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "rmoe/model/fused_ops.h"
+
 namespace rmoe {
 
 InitScales InitScales::FromSpec(const ModelSpec& model) {
@@ -16,8 +18,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto inv_rms = torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps_);
-  return x * inv_rms * weight_;
+  return FusedRmsNorm(x, weight_, eps_);
 }
 
 namespace {
@@ -99,27 +100,15 @@ CausalSelfAttentionImpl::CausalSelfAttentionImpl(const ModelSpec& model,
   rope_sin_ = register_buffer("rope_sin", angles.sin().to(torch::kFloat));
 }
 
-torch::Tensor CausalSelfAttentionImpl::ApplyRotary(const torch::Tensor& x,
-                                                   int64_t start) const {
-  // x: [B, H, T, hd]; rotate each (even, odd) pair of channels by its position's angle.
-  const int64_t t = x.size(2);
-  TORCH_CHECK(start + t <= rope_cos_.size(0), "sequence of ", start + t,
-              " positions exceeds model.max_seq_len = ", rope_cos_.size(0));
-  auto cos = rope_cos_.narrow(0, start, t).to(x.scalar_type());
-  auto sin = rope_sin_.narrow(0, start, t).to(x.scalar_type());
-  auto pairs = x.unflatten(-1, {head_dim_ / 2, 2});
-  auto even = pairs.select(-1, 0);
-  auto odd = pairs.select(-1, 1);
-  return torch::stack({even * cos - odd * sin, even * sin + odd * cos}, -1).flatten(-2);
-}
-
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, KVCache* cache) {
   const int64_t batch = x.size(0), t = x.size(1), d_model = x.size(2);
   const int64_t past = cache ? cache->length() : 0;
-  auto qkv = Project(qkv_, x).view({batch, t, 3, num_heads_, head_dim_}).permute({2, 0, 3, 1, 4});
-  auto q = ApplyRotary(qkv[0], past);
-  auto k = ApplyRotary(qkv[1], past);
-  auto v = qkv[2];
+  TORCH_CHECK(past + t <= rope_cos_.size(0), "sequence of ", past + t,
+              " positions exceeds model.max_seq_len = ", rope_cos_.size(0));
+  auto qkv = Project(qkv_, x).view({batch, t, 3, num_heads_, head_dim_});
+  // Rotary embedding: each (even, odd) channel pair of q and k turns by its position's angle.
+  auto [q, k, v] = SplitHeadsWithRotary(qkv, rope_cos_.narrow(0, past, t),
+                                        rope_sin_.narrow(0, past, t));
   if (cache) {
     if (past > 0) {
       k = torch::cat({cache->k, k}, 2);

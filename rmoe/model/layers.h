@@ -86,7 +86,6 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, KVCache* cache = nullptr);
 
  private:
-  torch::Tensor ApplyRotary(const torch::Tensor& x, int64_t start) const;
 
   int64_t num_heads_, head_dim_;
   torch::nn::Linear qkv_{nullptr}, out_{nullptr};

@@ -17,6 +17,7 @@
 
 #include "launcher/job_spec.h"
 #include "rmoe/data/dataset.h"
+#include "rmoe/model/fused_ops.h"
 #include "rmoe/model/routing_stats.h"
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/model_io.h"
@@ -93,6 +94,10 @@ std::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec) {
   return std::nullopt;
 }
 
+torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets) {
+  return FusedCrossEntropy(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}));
+}
+
 namespace {
 
 void SetLearningRate(torch::optim::Optimizer& optimizer, double lr) {
@@ -107,10 +112,6 @@ std::pair<torch::Tensor, torch::Tensor> SplitInputsTargets(const torch::Tensor& 
   return {window.narrow(1, 0, t), window.narrow(1, 1, t)};
 }
 
-torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets) {
-  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}),
-                                              targets.reshape({-1}));
-}
 
 std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
   std::string json = "[";

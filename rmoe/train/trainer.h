@@ -48,6 +48,10 @@ struct TrainSummary {
 // warmup_steps, then cosine decay to min_lr_ratio * lr at the last step.
 double LearningRate(const JobSpec& spec, int step);
 
+// Mean next-token cross-entropy of logits [B, T, V] against targets [B, T], as training
+// and evaluation compute it.
+torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets);
+
 // Intra-op threads: runtime.num_threads, or every core this process may run on.
 int ChooseThreadCount(const JobSpec& spec);
 
