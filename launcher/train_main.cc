@@ -136,11 +136,16 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
                 summary->steps, summary->last_checkpoint.c_str());
     return 0;
   }
+  const double gflops_per_rank = summary->gflops_per_second / world->size();
   std::printf(
-      "done: %d steps in %s, %.0f tokens/s on %d ranks x %d threads; final val loss %.4f "
-      "nats/token (ppl %.2f), best %.4f\nmodel saved to %s\n",
+      "done: %d steps in %s, %.0f tokens/s on %d ranks x %d threads (%.1f model GFLOP/s per "
+      "rank%s); final val loss %.4f nats/token (ppl %.2f), best %.4f\nmodel saved to %s\n",
       summary->steps, rmoe::FormatDuration(summary->wall_seconds).c_str(),
-      summary->tokens_per_second, world->size(), summary->threads, summary->final_val_loss,
+      summary->tokens_per_second, world->size(), summary->threads, gflops_per_rank,
+      summary->fp32_probe_gflops > 0
+          ? absl::StrFormat(", %.0f%% of the fp32 probe", 100 * gflops_per_rank / summary->fp32_probe_gflops).c_str()
+          : "",
+      summary->final_val_loss,
       std::exp(summary->final_val_loss), summary->best_val_loss, summary->model_dir.c_str());
   return 0;
 }

@@ -589,6 +589,19 @@ TEST(Transformer, ParameterCountsSeparateActiveFromTotal) {
   const int64_t per_expert = 3 * 16 * 8;
   EXPECT_EQ(counts.expert, 3 * 4 * per_expert);
   EXPECT_EQ(counts.total - counts.active, 3 * (4 - 2) * per_expert);
+
+  // FLOPs per training token: 6 x (active less the untied input embedding) + attention.
+  const int64_t embedding = spec.tie_embeddings() ? 0 : int64_t{spec.vocab_size()} * spec.d_model();
+  EXPECT_DOUBLE_EQ(model->TrainingFlopsPerToken(32),
+                   6.0 * (counts.active - embedding) +
+                       12.0 * spec.num_layers() * spec.d_model() * 32);
+  spec.set_tie_embeddings(!spec.tie_embeddings());
+  Transformer other(spec);
+  const int64_t other_embedding =
+      spec.tie_embeddings() ? 0 : int64_t{spec.vocab_size()} * spec.d_model();
+  EXPECT_DOUBLE_EQ(other->TrainingFlopsPerToken(1),
+                   6.0 * (other->CountParameters().active - other_embedding) +
+                       12.0 * spec.num_layers() * spec.d_model());
 }
 
 }  // namespace

@@ -109,8 +109,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   const int64_t tokens_per_step = batch * seq_len * accum * ranks;
   const int64_t matmul_params =
       counts.active - (m.tie_embeddings() ? 0 : static_cast<int64_t>(m.vocab_size()) * m.d_model());
-  const double flops_per_token =
-      6.0 * matmul_params + 12.0 * m.num_layers() * m.d_model() * static_cast<double>(seq_len);
+  const double flops_per_token = model->TrainingFlopsPerToken(seq_len);
   if (is_main) {
     PrintContext(context);
     std::printf("step: %s (%s) | d_model %d, %d layers, %d experts top-%d (hidden %d), router %s, "

@@ -112,4 +112,11 @@ ParameterCounts TransformerImpl::CountParameters() const {
   return counts;
 }
 
+double TransformerImpl::TrainingFlopsPerToken(int64_t seq_len) const {
+  const int64_t embedding = spec_.tie_embeddings() ? 0 : int64_t{spec_.vocab_size()} * spec_.d_model();
+  const double matmul_params = static_cast<double>(CountParameters().active - embedding);
+  return 6.0 * matmul_params +
+         12.0 * spec_.num_layers() * spec_.d_model() * static_cast<double>(seq_len);
+}
+
 }  // namespace rmoe

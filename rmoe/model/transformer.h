@@ -63,6 +63,12 @@ class TransformerImpl : public torch::nn::Module {
 
   DecodeCache NewCache() const;
   ParameterCounts CountParameters() const;
+  // Matrix-product FLOPs of one training token (forward + backward) at `seq_len`:
+  //   6 N + 12 num_layers d_model seq_len
+  // N: the parameters a token multiplies by (active parameters, less the input embedding
+  // when it is not tied to the LM head: a lookup); the second term is attention's scores and
+  // weighted values without discounting the causal mask (the PaLM convention).
+  double TrainingFlopsPerToken(int64_t seq_len) const;
   const ModelSpec& spec() const { return spec_; }
   std::vector<Block>& blocks() { return blocks_; }
 

@@ -276,6 +276,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   const int64_t tokens_per_step =
       static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
   const int64_t samples_per_step = static_cast<int64_t>(batch) * accum * runtime.world_size();
+  const double flops_per_token = model->TrainingFlopsPerToken(seq_len);
   const int64_t consumed_at_start = position.consumed_samples;
   // Saves that committed (during a save, or later for a background one): progress, metrics.
   auto report_checkpoints = [&] {
@@ -364,6 +365,7 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
           .Add("router_loss", step_router_loss)
           .Add("grad_norm", grad_norm)
           .Add("tokens_per_s", tokens_per_second)
+          .Add("gflops_per_s", tokens_per_second * flops_per_token / 1e9)  // all ranks
           .Add("step_s", step_s)  // mean over the steps since the last record
           .Add("comm_s", comm_s)  // of which communication (this rank's view)
           .Add("forward_s", forward_s)  // of which the model's forward passes
@@ -431,6 +433,8 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
   summary.final_val_loss = last_val;
   summary.best_val_loss = best_val;
   summary.tokens_per_second = tokens_per_step * (step - first_step) / train_seconds;
+  summary.gflops_per_second = summary.tokens_per_second * flops_per_token / 1e9;
+  if (host) summary.fp32_probe_gflops = host->fp32_gflops;
   summary.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   if (summary.stopped_early) return summary;  // the checkpoint holds it; the run continues later

@@ -38,6 +38,8 @@ struct TrainSummary {
   double final_val_loss = 0;     // nats/token
   double best_val_loss = 0;
   double tokens_per_second = 0;  // training tokens over training time (evaluation excluded)
+  double gflops_per_second = 0;  // model FLOPs (TrainingFlopsPerToken) x tokens/s, all ranks
+  double fp32_probe_gflops = 0;  // the main rank's fp32 product probe (HostReport), 0 if none
   double wall_seconds = 0;
   int threads = 0;
   ParameterCounts parameters;

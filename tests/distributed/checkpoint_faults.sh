@@ -33,7 +33,8 @@ last_step() { grep -o '"type":"train","step":[0-9]*' "$out/run/metrics.jsonl" | 
 case "$case_name" in
 sigterm)
   run first.log --set schedule.steps=100000
-  wait_for 60 test -s "$out/run/metrics.jsonl" || fail "training never started"
+  # The first record describes the host; a train record means steps are running.
+  wait_for 60 grep -qs '"type":"train"' "$out/run/metrics.jsonl" || fail "training never started"
   # As a scheduler preempting the job does (SLURM signals every task): SIGTERM to the ranks.
   kill -TERM $(pgrep -P $job_pid)
   wait $job_pid; rc=$?

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Usage: kill_rank_during_training.sh SECONDS MPIEXEC NP RMOE_TRAIN JOB [ARG]...
 # Starts a multi-rank training job, waits until it is training (its metrics file has a
-# record), kills one non-zero rank with SIGKILL, and passes only if the whole job then ends
+# train record), kills one non-zero rank with SIGKILL, and passes only if the whole job then ends
 # with a non-zero status within SECONDS (no rank left hanging in a collective).
 set -u
 limit=$1 mpiexec=$2 np=$3 train=$4
@@ -12,7 +12,7 @@ trap 'rm -rf "$out"' EXIT
   --set schedule.steps=100000 --set logging.interval=1 --quiet > "$out/log" 2>&1 &
 job=$!
 waited=0
-until [ -s "$out/run/metrics.jsonl" ]; do
+until grep -q '"type":"train"' "$out/run/metrics.jsonl" 2>/dev/null; do
   sleep 0.2
   waited=$((waited + 1))
   if [ $waited -gt 300 ] || ! kill -0 $job 2>/dev/null; then
