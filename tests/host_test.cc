@@ -165,6 +165,19 @@ TEST(HostWarnings, Fp32FarBelowPeakAndOversubscriptionWarn) {
   EXPECT_TRUE(HostWarnings(Measured(0, 0, 157), true).empty());  // not measured: no claims
 }
 
+// Every rank seeds torch's generator and builds the same model; only the main rank probes.
+// The probe must not move the generator, or replicated weights differ between ranks.
+TEST(HostReport, ProbingLeavesTheGlobalGeneratorAlone) {
+  torch::manual_seed(99);
+  const auto expected = torch::randn({4});
+  torch::manual_seed(99);
+  char program[] = "host_test";
+  char* argv[] = {program, nullptr};
+  ASSERT_TRUE(VerifyBlasOrFallBack(argv).ok());
+  DescribeHost(/*probe=*/true, /*bf16_requested=*/true, 1);
+  EXPECT_TRUE(torch::equal(torch::randn({4}), expected));
+}
+
 TEST(HostReport, TheSelfCheckCatchesAWrongProduct) {
   auto a = torch::randn({24, 16}), b = torch::randn({16, 20});
   auto c = a.mm(b);

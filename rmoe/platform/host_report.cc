@@ -173,7 +173,9 @@ absl::Status VerifyBlasOrFallBack(char** argv) {
 
 double ProbeMatmulGflops(torch::ScalarType dtype, int64_t n, double budget_seconds) {
   torch::NoGradGuard no_grad;
-  auto a = torch::randn({n, n}).to(dtype), b = torch::randn({n, n}).to(dtype);
+  // Its own generator: the global one seeds the model, identically on every rank.
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(/*seed=*/n);
+  auto a = torch::randn({n, n}, generator).to(dtype), b = torch::randn({n, n}, generator).to(dtype);
   auto c = torch::empty({n, n}, a.options());
   using Clock = std::chrono::steady_clock;
   torch::mm_out(c, a, b);  // first-touch and kernel selection

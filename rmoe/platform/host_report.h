@@ -44,7 +44,8 @@ absl::Status VerifyBlasOrFallBack(char** argv);
 double ProductError(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c);
 
 // fp32 (or bf16) GFLOP/s of an n x n x n product on the current torch threads: the best of
-// as many products as fit in `budget_seconds` (at least two).
+// as many products as fit in `budget_seconds` (at least two). Leaves torch's global random
+// generator untouched.
 double ProbeMatmulGflops(torch::ScalarType dtype, int64_t n, double budget_seconds);
 
 struct HostReport {

@@ -184,16 +184,16 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& optio
                         ? spec.runtime().num_threads()
                         : std::max(1, ChooseThreadCount(spec) / runtime.local_size());
   torch::set_num_threads(summary.threads);
-  torch::manual_seed(spec.seed());
-  const LowPrecisionMatmulGuard precision(MatmulDtype(spec));
-  if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
-
   // What this run computes on, measured before training starts (about 0.2 s).
   std::optional<HostReport> host;
   if (runtime.is_main()) {
     host = DescribeHost(/*probe=*/true, spec.runtime().precision() == RuntimeSpec::BF16,
                         runtime.local_size());
   }
+
+  torch::manual_seed(spec.seed());
+  const LowPrecisionMatmulGuard precision(MatmulDtype(spec));
+  if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
 
   const fs::path output_dir(spec.output_dir());
   std::optional<MetricsWriter> metrics;  // the main rank's
