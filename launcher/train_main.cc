@@ -50,7 +50,14 @@ progress and writes metrics and the model; errors name their rank.
   --help              this text
 
 The dataset (data.dataset_dir) must exist: run rmoe_prepare_data --job SPEC first.
-Metrics go to <output_dir>/metrics.jsonl (one JSON record per logging step).
+Metrics go to <output_dir>/metrics.jsonl: first a "host" record (CPU, BLAS library and
+kernels, threads, torch, measured fp32/bf16 product speed; also printed as the log's
+"host:" lines, with warnings such as bf16 being slower than fp32 on this CPU), then one
+record per logging step.
+BLAS kernels: with an OpenBLAS-based LibTorch and OPENBLAS_CORETYPE unset, rmoe_train
+picks OpenBLAS's core from the CPU's features and restarts itself with it; every start
+checks fp32 products numerically and stops if they are wrong. OPENBLAS_CORETYPE set by
+you is always used. MKL (PyTorch's wheels) chooses its own kernels.
 Checkpoints: every checkpoint.interval steps, and on SIGTERM or SIGINT, which finish the
 step in hand, save a checkpoint and exit 0 (a second signal ends the process at once).
 Exit status: 0 done (or stopped by a signal after saving), 2 bad arguments or job spec,

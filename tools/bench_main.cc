@@ -31,7 +31,8 @@ with --json PATH, writes the same numbers as JSON. Every report starts with its 
 torch version, intra-op threads per rank, MPI world size, the BLAS in use (MKL with its
 version for PyTorch's wheels, or OpenBLAS's core from openblas_get_corename()) and
 $OPENBLAS_CORETYPE, which pins OpenBLAS to a core's kernels (an older core than the CPU's
-runs slower: compare numbers as ratios within one run).
+runs slower: compare numbers as ratios within one run). At start-up rmoe_bench chooses and
+checks the BLAS kernels exactly as rmoe_train does (rmoe_train --help).
 
 Subcommands (each has --help):
   alltoall   expert-parallel dispatch all-to-all vs raw MPI_Alltoallv of the same splits,
