@@ -251,7 +251,14 @@ absl::Status FsyncDir(const std::string& dir) {
 
 // Creates or truncates `path`, writes `bytes`, fsyncs and closes it.
 absl::Status WriteFileDurably(const std::string& path, std::string_view bytes) {
-  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  // O_NOFOLLOW: a symbolic link planted at one of our names must not redirect the write
+  // (and the truncation) to a file elsewhere.
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
+  if (!fd.ok() && errno == ELOOP) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "refusing to write ", path, ": it is a symbolic link, and checkpoint files are never "
+        "written through one (remove it, or use another checkpoint directory)"));
+  }
   if (!fd.ok()) return ErrnoStatus(errno, "cannot create", path);
   if (auto s = WriteAll(fd.get(), bytes.data(), bytes.size(), path); !s.ok()) return s;
   if (::fsync(fd.get()) != 0) return ErrnoStatus(errno, "cannot fsync", path);

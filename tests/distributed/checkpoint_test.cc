@@ -559,6 +559,31 @@ TEST_F(CheckpointTest, WriteErrorOnOneRankCommitsNothing) {
   EXPECT_TRUE(VerifyCheckpoint(*first).ok());
 }
 
+// A symbolic link planted at the name of the file that commits a save (latest.tmp) is
+// refused with its path, the file it points to is left as it was, and nothing commits.
+TEST_F(CheckpointTest, ASymlinkAtOneOfOurNamesIsRefusedNotFollowed) {
+  auto first = SaveCheckpoint(root_, State(1), MixedTensors(rank(), size()), world(), 5);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string victim = root_ + "_victim.txt";
+  if (rank() == 0) {
+    std::ofstream(victim) << "not the checkpoint's\n";
+    ASSERT_EQ(::symlink(victim.c_str(), (root_ + "/latest.tmp").c_str()), 0);
+  }
+  world().Barrier();
+  auto second = SaveCheckpoint(root_, State(2), MixedTensors(rank(), size()), world(), 5);
+  ASSERT_FALSE(second.ok());
+  const std::string message(second.status().message());
+  EXPECT_NE(message.find("latest.tmp"), std::string::npos) << message;
+  EXPECT_NE(message.find("symbolic link"), std::string::npos) << message;
+  world().Barrier();
+  if (rank() == 0) {
+    EXPECT_EQ(ReadFile(victim), "not the checkpoint's\n");
+    EXPECT_EQ(ReadFile(root_ + "/latest"), "step_00000001\n");
+    std::remove(victim.c_str());
+  }
+  world().Barrier();
+}
+
 TEST_F(CheckpointTest, KeepLastPrunesOldestAndStaleUnfinishedSaves) {
   for (int64_t step = 1; step <= 4; ++step) {
     ASSERT_TRUE(SaveCheckpoint(root_, State(step), MixedTensors(rank(), size()), world(), 2).ok());
