@@ -250,16 +250,25 @@ absl::Status FsyncDir(const std::string& dir) {
 }
 
 // Creates or truncates `path`, writes `bytes`, fsyncs and closes it.
-absl::Status WriteFileDurably(const std::string& path, std::string_view bytes) {
-  // O_NOFOLLOW: a symbolic link planted at one of our names must not redirect the write
-  // (and the truncation) to a file elsewhere.
-  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
-  if (!fd.ok() && errno == ELOOP) {
+// Every checkpoint file is created through here. O_NOFOLLOW: a symbolic link planted at one
+// of our names must not redirect the write (and the truncation) to a file elsewhere.
+Fd CreateForWriting(const std::string& path) {
+  return Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
+}
+
+// The status for a failed CreateForWriting.
+absl::Status CreateError(int error, const std::string& what, const std::string& path) {
+  if (error == ELOOP) {
     return absl::FailedPreconditionError(absl::StrCat(
         "refusing to write ", path, ": it is a symbolic link, and checkpoint files are never "
         "written through one (remove it, or use another checkpoint directory)"));
   }
-  if (!fd.ok()) return ErrnoStatus(errno, "cannot create", path);
+  return ErrnoStatus(error, what, path);
+}
+
+absl::Status WriteFileDurably(const std::string& path, std::string_view bytes) {
+  Fd fd = CreateForWriting(path);
+  if (!fd.ok()) return CreateError(errno, "cannot create", path);
   if (auto s = WriteAll(fd.get(), bytes.data(), bytes.size(), path); !s.ok()) return s;
   if (::fsync(fd.get()) != 0) return ErrnoStatus(errno, "cannot fsync", path);
   if (fd.Close() != 0) return ErrnoStatus(errno, "cannot close", path);
@@ -641,10 +650,11 @@ absl::Status WriteShardFile(ShardJob* job) {
   for (auto& piece : job->pieces) {
     TensorRecord* record = job->partial.mutable_tensors(piece.record);
     if (!fd.ok()) {
-      fd = Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      fd = CreateForWriting(path);
       if (!fd.ok()) {
-        absl::Status s = ErrnoStatus(errno, "cannot create shard file", path);
-        if (errno == ENOENT) {
+        const int error = errno;
+        absl::Status s = CreateError(error, "cannot create shard file", path);
+        if (error == ENOENT) {
           s = absl::NotFoundError(
               absl::StrCat(s.message(), " (every rank must see the checkpoint directory: ",
                            "it has to be on a file system shared by all nodes)"));
