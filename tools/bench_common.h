@@ -61,7 +61,6 @@ struct Context {
 // Intra-op threads: `requested` if > 0, else the cores of this process divided among the
 // ranks of this node (what rmoe_train does). Sets torch's thread count.
 int SetThreads(int requested, int local_size);
-int AvailableCores();
 Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommunicator& world);
 void PrintContext(const Context& context);
 JsonObject ContextJson(const Context& context);

@@ -1,7 +1,6 @@
 // rmoe_bench: micro- and macro-benchmarks of the expert-parallel all-to-all, whole training
 // steps, one MoE layer, the routers and the matrix-product ceiling. Subcommands live in
 // tools/bench_<name>.cc; this file has the entry point and what they share (tools/bench_common.h).
-#include <sched.h>
 
 #include <algorithm>
 #include <cmath>
@@ -57,22 +56,6 @@ Under mpirun as root OpenMPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_RO
 and more ranks than cores need --oversubscribe. See docs/benchmarks.md.
 Exit status: 0 done, 2 bad arguments, 1 failure.
 )";
-
-std::string ReadCpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      auto colon = line.find(':');
-      if (colon != std::string::npos) {
-        auto value = line.substr(colon + 1);
-        value.erase(0, value.find_first_not_of(" \t"));
-        return value;
-      }
-    }
-  }
-  return "unknown";
-}
 
 std::string ReadLoadAverage() {
   std::ifstream in("/proc/loadavg");
@@ -154,24 +137,10 @@ std::vector<std::string> Options::All(const std::string& name) const {
 
 // ---------------------------------------------------------------- context
 
-int AvailableCores() {
-  cpu_set_t cpus;
-  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
 int SetThreads(int requested, int local_size) {
-  const int threads = requested > 0 ? requested : std::max(1, AvailableCores() / std::max(1, local_size));
+  const int threads = requested > 0 ? requested : std::max(1, UsableCores() / std::max(1, local_size));
   torch::set_num_threads(threads);
   return threads;
-}
-
-// What follows `key` on its line of LibTorch's build summary (at::show_config()), or "?".
-std::string SummaryValue(const std::string& summary, const std::string& key) {
-  const auto at = summary.find(key);
-  if (at == std::string::npos) return "?";
-  const auto start = at + key.size();
-  return TrimRight(summary.substr(start, summary.find('\n', start) - start));
 }
 
 Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommunicator& world) {
@@ -181,15 +150,15 @@ Context GatherContext(const distributed::MpiRuntime& mpi, distributed::MpiCommun
   c.world_size = world.size();
   c.local_size = mpi.LocalSize();
   c.cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  c.usable_cores = AvailableCores();
+  c.usable_cores = UsableCores();
   c.load_average = ReadLoadAverage();
-  c.cpu_model = ReadCpuModel();
+  c.cpu_model = DetectCpu().model_name;
   c.mkldnn = at::hasMKLDNN();
   const BlasInfo blas = DetectBlas();
   c.blas_core = blas.library == BlasLibrary::kOpenBlas ? blas.core : blas.name + " (own CPU dispatch)";
   c.blas_config = blas.library == BlasLibrary::kOpenBlas
                       ? blas.config
-                      : "ATen CPU capability " + SummaryValue(at::show_config(), "CPU capability usage: ");
+                      : "ATen CPU capability " + AtenCpuCapability();
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");
   c.openblas_coretype_env = coretype ? coretype : "(unset)";
   return c;

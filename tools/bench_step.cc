@@ -107,8 +107,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   const int accum = spec.schedule().grad_accum_steps();
   const int ranks = world.size(), ep = spec.parallel().expert_parallel_size();
   const int64_t tokens_per_step = batch * seq_len * accum * ranks;
-  const int64_t matmul_params =
-      counts.active - (m.tie_embeddings() ? 0 : static_cast<int64_t>(m.vocab_size()) * m.d_model());
+  const int64_t matmul_params = model->MatmulParametersPerToken();
   const double flops_per_token = model->TrainingFlopsPerToken(seq_len);
   if (is_main) {
     PrintContext(context);

@@ -112,10 +112,13 @@ ParameterCounts TransformerImpl::CountParameters() const {
   return counts;
 }
 
-double TransformerImpl::TrainingFlopsPerToken(int64_t seq_len) const {
+int64_t TransformerImpl::MatmulParametersPerToken() const {
   const int64_t embedding = spec_.tie_embeddings() ? 0 : int64_t{spec_.vocab_size()} * spec_.d_model();
-  const double matmul_params = static_cast<double>(CountParameters().active - embedding);
-  return 6.0 * matmul_params +
+  return CountParameters().active - embedding;
+}
+
+double TransformerImpl::TrainingFlopsPerToken(int64_t seq_len) const {
+  return 6.0 * static_cast<double>(MatmulParametersPerToken()) +
          12.0 * spec_.num_layers() * spec_.d_model() * static_cast<double>(seq_len);
 }
 

@@ -69,6 +69,8 @@ class TransformerImpl : public torch::nn::Module {
   // when it is not tied to the LM head: a lookup); the second term is attention's scores and
   // weighted values without discounting the causal mask (the PaLM convention).
   double TrainingFlopsPerToken(int64_t seq_len) const;
+  // That N.
+  int64_t MatmulParametersPerToken() const;
   const ModelSpec& spec() const { return spec_; }
   std::vector<Block>& blocks() { return blocks_; }
 

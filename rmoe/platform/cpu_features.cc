@@ -1,9 +1,12 @@
 #include "rmoe/platform/cpu_features.h"
 
+#include <sched.h>
 #include <strings.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -96,6 +99,12 @@ CpuFeatures DetectCpu() {
   if (cpu.model_name.empty()) cpu.model_name = cpu.vendor;
 #endif
   return cpu;
+}
+
+int UsableCores() {
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
+  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 std::string OpenBlasCoreFor(const CpuFeatures& cpu) {

@@ -30,6 +30,9 @@ struct CpuFeatures {
 // This machine's CPU (x86 cpuid; elsewhere only model_name from /proc/cpuinfo).
 CpuFeatures DetectCpu();
 
+// The cores this process may run on (its affinity mask; mpirun binds ranks), at least 1.
+int UsableCores();
+
 enum class BlasLibrary { kOpenBlas, kMkl, kOther };
 
 // What to do about the BLAS kernels before the first product.

@@ -1,7 +1,6 @@
 #include "rmoe/platform/host_report.h"
 
 #include <dlfcn.h>
-#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,7 +11,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <thread>
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
@@ -48,12 +46,6 @@ double CpuMhz() {
     return colon == std::string::npos ? 0 : std::atof(line.c_str() + colon + 1);
   }
   return 0;
-}
-
-int UsableCores() {
-  cpu_set_t cpus;
-  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
-  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 // The user's OPENBLAS_CORETYPE, or null when unset or set by SelectBlasKernels.
@@ -133,6 +125,10 @@ BlasInfo DetectBlas() {
   }
   info.name = "unknown (neither OpenBLAS nor MKL)";
   return info;
+}
+
+std::string AtenCpuCapability() {
+  return SummaryValue(at::show_config(), "CPU capability usage: ");
 }
 
 void SelectBlasKernels(char** argv) {
@@ -233,7 +229,7 @@ HostReport DescribeHost(bool probe, bool bf16_requested, int ranks_on_node) {
     }
   }
   r.torch_version = TORCH_VERSION;
-  r.aten_capability = SummaryValue(at::show_config(), "CPU capability usage: ");
+  r.aten_capability = AtenCpuCapability();
   r.onednn = at::hasMKLDNN();
   r.threads = torch::get_num_threads();
   r.usable_cores = UsableCores();

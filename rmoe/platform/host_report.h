@@ -26,6 +26,9 @@ struct BlasInfo {
 // LibTorch works).
 BlasInfo DetectBlas();
 
+// The vector ISA ATen's kernels run with here: DEFAULT, AVX2, AVX512 (its build summary).
+std::string AtenCpuCapability();
+
 // Called first in main(), before MPI and before any product. With OpenBLAS and no
 // OPENBLAS_CORETYPE set, re-executes the program (same pid, arguments and environment) with
 // the core DecideBlasCore chose, since OpenBLAS reads the variable only when it is loaded.

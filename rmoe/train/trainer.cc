@@ -1,7 +1,6 @@
 #include "rmoe/train/trainer.h"
 
 #include <malloc.h>
-#include <sched.h>
 #include <unistd.h>
 
 #include <climits>
@@ -10,7 +9,6 @@
 #include <cmath>
 #include <filesystem>
 #include <optional>
-#include <thread>
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
@@ -40,9 +38,7 @@ double LearningRate(const JobSpec& spec, int step) {
 
 int ChooseThreadCount(const JobSpec& spec) {
   if (spec.runtime().num_threads() > 0) return spec.runtime().num_threads();
-  cpu_set_t cpus;
-  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return std::max(1, CPU_COUNT(&cpus));
-  return std::max(1u, std::thread::hardware_concurrency());
+  return UsableCores();
 }
 
 void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, double norm,
