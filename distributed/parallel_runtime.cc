@@ -11,7 +11,7 @@
 #include <absl/strings/str_cat.h>
 
 #include "distributed/expert_parallel.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/train/trainer.h"
 
 namespace rmoe::distributed {

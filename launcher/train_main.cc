@@ -17,7 +17,7 @@
 #include "distributed/nccl_communicator.h"
 #endif
 #include "distributed/parallel_runtime.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"

@@ -8,7 +8,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/train/model_io.h"
 #include "rmoe/train/progress.h"

@@ -12,7 +12,7 @@
 
 #include "distributed/parallel_runtime.h"
 #include "distributed/timed_communicator.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/model/transformer.h"
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/trainer.h"

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "distributed/checkpoint.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 
 namespace {
 

@@ -26,7 +26,7 @@
 #include "absl/strings/strip.h"
 #include "google/protobuf/text_format.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/data/byte_tokenizer.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/data/sampler.h"

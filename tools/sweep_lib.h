@@ -17,7 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "job.pb.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "sweep.pb.h"
 
 namespace rmoe::sweep {

@@ -6,7 +6,7 @@
 
 #include <absl/strings/str_cat.h>
 
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/data/dataset.h"
 
 namespace rmoe {

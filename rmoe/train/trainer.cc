@@ -13,7 +13,7 @@
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/model/fused_ops.h"
 #include "rmoe/model/routing_stats.h"

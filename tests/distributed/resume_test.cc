@@ -13,7 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "distributed/parallel_runtime.h"
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 #include "rmoe/train/trainer.h"
 #include "tests/distributed/mpi_test_env.h"
 

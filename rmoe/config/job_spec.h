@@ -4,8 +4,8 @@
 // what a user sees first when a config is wrong: each names the file position or the full
 // field path, the offending value and what would have been accepted. Torch-free on purpose,
 // so the data tools can use it too.
-#ifndef RMOE_LAUNCHER_JOB_SPEC_H_
-#define RMOE_LAUNCHER_JOB_SPEC_H_
+#ifndef RMOE_CONFIG_JOB_SPEC_H_
+#define RMOE_CONFIG_JOB_SPEC_H_
 
 #include <string>
 #include <vector>
@@ -68,4 +68,4 @@ std::string JobSpecToText(const JobSpec& spec);
 
 }  // namespace rmoe
 
-#endif  // RMOE_LAUNCHER_JOB_SPEC_H_
+#endif  // RMOE_CONFIG_JOB_SPEC_H_

@@ -1,4 +1,4 @@
-#include "launcher/job_spec.h"
+#include "rmoe/config/job_spec.h"
 
 #include <algorithm>
 #include <cerrno>
