@@ -1,6 +1,8 @@
 #include "distributed/expert_parallel.h"
 
+#include <algorithm>
 #include <numeric>
+#include <unordered_set>
 
 namespace rmoe::distributed {
 namespace {
@@ -129,6 +131,25 @@ void GatherExperts(Transformer& model, Communicator& ep_group) {
                      ep_group.AllGather(bank->w2));
     layer->set_dispatcher(std::make_shared<LocalDispatcher>());
   });
+}
+
+bool ParameterPartition::IsExpert(const torch::Tensor& parameter) const {
+  return std::any_of(experts.begin(), experts.end(), [&](const torch::Tensor& p) {
+    return p.unsafeGetTensorImpl() == parameter.unsafeGetTensorImpl();
+  });
+}
+
+ParameterPartition PartitionParameters(Transformer& model) {
+  std::unordered_set<const void*> expert_params;
+  ForEachMoELayer(model, [&](MoELayer& layer) {
+    for (auto& p : layer->experts()->parameters()) expert_params.insert(p.unsafeGetTensorImpl());
+  });
+  ParameterPartition partition;
+  for (auto& p : model->parameters()) {
+    (expert_params.count(p.unsafeGetTensorImpl()) ? partition.experts : partition.replicated)
+        .push_back(p);
+  }
+  return partition;
 }
 
 }  // namespace rmoe::distributed

@@ -43,4 +43,13 @@ void ShardExperts(Transformer& model, std::shared_ptr<Communicator> ep_group);
 // The inverse of ShardExperts: every rank gets all experts back (for saving a whole model).
 void GatherExperts(Transformer& model, Communicator& ep_group);
 
+// The model's parameters split by how they are synchronised and saved: replicated on every
+// rank, or the experts this rank holds (a slice of each MoE layer's experts when sharded).
+struct ParameterPartition {
+  std::vector<torch::Tensor> replicated;
+  std::vector<torch::Tensor> experts;
+  bool IsExpert(const torch::Tensor& parameter) const;
+};
+ParameterPartition PartitionParameters(Transformer& model);
+
 }  // namespace rmoe::distributed

@@ -8,16 +8,14 @@
 // that hold a replica of it.
 #pragma once
 
-#include <chrono>
 #include <memory>
-#include <optional>
 #include <vector>
 
 #include <absl/status/statusor.h>
 #include <torch/torch.h>
 
-#include "distributed/checkpoint.h"
 #include "distributed/communicator.h"
+#include "distributed/expert_parallel.h"
 #include "distributed/timed_communicator.h"
 #include "rmoe/train/parallel.h"
 
@@ -52,49 +50,22 @@ class DistributedRuntime : public ParallelRuntime {
   int world_size() const override { return groups_.world->size(); }
   int local_size() const override { return local_size_; }
 
-  void PrepareModel(Transformer& model) override;
+  void ShardExperts(Transformer& model) override;
+  void GatherExperts(Transformer& model) override;
   void SynchronizeGradients(Transformer& model) override;
   double ClipGradients(Transformer& model, double max_norm) override;
   double Average(double value) override;
   void SumOverRanks(torch::Tensor& tensor) override;
-  void PrepareForSave(Transformer& model) override;
   double TakeCommunicationSeconds() override { return timer_ ? timer_->TakeSeconds() : 0; }
-  absl::StatusOr<std::string> SaveCheckpoint(const JobSpec& job, const TrainingProgress& progress,
-                                             Transformer& model,
-                                             torch::optim::Optimizer& optimizer) override;
-  absl::Status PollCheckpoint() override;
-  absl::Status FinishCheckpoints() override;
-  std::vector<CheckpointReport> TakeCheckpointReports() override;
-  absl::StatusOr<TrainingProgress> LoadCheckpoint(const std::string& path, const JobSpec& job,
-                                                  Transformer& model,
-                                                  torch::optim::Optimizer& optimizer) override;
+
+  const ProcessGroups& groups() const { return groups_; }
 
  private:
-  // Splits the model's parameters into replicated ones and this rank's expert shards.
-  void Classify(Transformer& model);
-  // The model's parameters and AdamW moments as this rank holds them, each named and placed
-  // in its global tensor, every row marked for exactly one writer in the world. Creates
-  // empty moments first when `create_optimizer_state` (before a load).
-  std::vector<ShardedTensor> StateTensors(Transformer& model, torch::optim::Optimizer& optimizer,
-                                          bool create_optimizer_state);
-
   ProcessGroups groups_;
   int local_size_;
   std::shared_ptr<TimedCommunicator> timer_;
   size_t bucket_bytes_;
-  std::vector<torch::Tensor> replicated_, experts_;
-
-  // The save in flight (checkpoint.async_save): begun, not yet committed.
-  struct InFlight {
-    std::unique_ptr<PendingCheckpoint> pending;
-    std::chrono::steady_clock::time_point start;
-    double stall_seconds = 0;  // the training loop's share so far
-    bool async = false;
-  };
-  // Commits the save in flight (waiting for this rank's writer) and reports it.
-  absl::Status FinishInFlight();
-  std::optional<InFlight> in_flight_;
-  std::vector<CheckpointReport> reports_;
+  ParameterPartition parameters_;
 };
 
 }  // namespace rmoe::distributed

@@ -12,6 +12,7 @@
 #include <mpi.h>
 #include <torch/version.h>
 
+#include "distributed/checkpointer.h"
 #include "distributed/mpi_communicator.h"
 #if RMOE_HAVE_NCCL
 #include "distributed/nccl_communicator.h"
@@ -124,13 +125,14 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
     return 0;
   }
 
+  rmoe::distributed::ShardedCheckpointer checkpointer(*groups);
   rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
   rmoe::TrainOptions options;
   options.quiet = quiet;
   options.resume = resume == kResumeLatest ? rmoe::CheckpointRoot(*spec) : resume;
   options.stop_requested = &g_stop_requested;
   InstallStopHandlers();
-  auto summary = rmoe::Train(*spec, options, &runtime);
+  auto summary = rmoe::Train(*spec, options, &runtime, &checkpointer);
   if (!summary.ok()) {
     Fail(1, std::string(summary.status().message()));
     // Other ranks may be waiting in a collective for this one: end the whole job.

@@ -99,7 +99,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   Transformer model(spec.model());
   model->train();
   const ParameterCounts counts = model->CountParameters();
-  runtime.PrepareModel(model);
+  runtime.ShardExperts(model);
   auto optimizer = MakeOptimizer(spec, model);
 
   const auto& m = spec.model();

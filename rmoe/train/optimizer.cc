@@ -1,5 +1,8 @@
 #include "rmoe/train/optimizer.h"
 
+#include <algorithm>
+#include <cmath>
+
 namespace rmoe {
 
 torch::Tensor FusedAdamW::step(LossClosure closure) {
@@ -71,6 +74,23 @@ double SquaredGradientNorm(const std::vector<torch::Tensor>& params) {
   // One reduction per gradient (no squared temporary), then a single read-back.
   auto norms = torch::stack(at::_foreach_norm(grads, 2)).to(torch::kDouble);
   return norms.square().sum().item<double>();
+}
+
+double LearningRate(const JobSpec& spec, int step) {
+  const double peak = spec.optimizer().lr();
+  const int warmup = spec.schedule().warmup_steps();
+  const int total = spec.schedule().steps();
+  if (step < warmup) return peak * (step + 1) / warmup;
+  const double floor = peak * spec.schedule().min_lr_ratio();
+  const int decay_steps = std::max(total - 1 - warmup, 1);
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / decay_steps);
+  return floor + 0.5 * (peak - floor) * (1.0 + std::cos(M_PI * progress));
+}
+
+void SetLearningRate(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
 }
 
 }  // namespace rmoe

@@ -25,6 +25,13 @@ class FusedAdamW : public torch::optim::AdamW {
 // gains toward zero hurts).
 std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
 
+// The learning rate at optimizer step `step` (0-based): linear warm-up to lr over
+// warmup_steps, then cosine decay to min_lr_ratio * lr at the last step.
+double LearningRate(const JobSpec& spec, int step);
+
+// Sets every parameter group's learning rate.
+void SetLearningRate(torch::optim::Optimizer& optimizer, double lr);
+
 // Sum over `params` of the squared L2 norms of their gradients (undefined ones count 0), in
 // double, with one synchronisation point however many parameters there are.
 double SquaredGradientNorm(const std::vector<torch::Tensor>& params);

@@ -3,74 +3,38 @@
 #include <malloc.h>
 #include <unistd.h>
 
-#include <climits>
-
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <filesystem>
-#include <optional>
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 
 #include "rmoe/config/job_spec.h"
-#include "rmoe/data/dataset.h"
 #include "rmoe/model/fused_ops.h"
-#include "rmoe/model/routing_stats.h"
-#include "rmoe/platform/host_report.h"
+#include "rmoe/platform/cpu_features.h"
 #include "rmoe/train/model_io.h"
-#include "rmoe/train/optimizer.h"
-#include "rmoe/train/progress.h"
 
 namespace rmoe {
 namespace fs = std::filesystem;
+namespace {
 
-double LearningRate(const JobSpec& spec, int step) {
-  const double peak = spec.optimizer().lr();
-  const int warmup = spec.schedule().warmup_steps();
-  const int total = spec.schedule().steps();
-  if (step < warmup) return peak * (step + 1) / warmup;
-  const double floor = peak * spec.schedule().min_lr_ratio();
-  const int decay_steps = std::max(total - 1 - warmup, 1);
-  const double progress = std::min(1.0, static_cast<double>(step - warmup) / decay_steps);
-  return floor + 0.5 * (peak - floor) * (1.0 + std::cos(M_PI * progress));
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+
+// [B, T+1] tokens -> (inputs [B, T], targets [B, T]).
+std::pair<torch::Tensor, torch::Tensor> SplitInputsTargets(const torch::Tensor& window) {
+  const int64_t t = window.size(1) - 1;
+  return {window.narrow(1, 0, t), window.narrow(1, 1, t)};
+}
+
+}  // namespace
 
 int ChooseThreadCount(const JobSpec& spec) {
   if (spec.runtime().num_threads() > 0) return spec.runtime().num_threads();
   return UsableCores();
-}
-
-void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, double norm,
-                          double max_norm) {
-  if (max_norm <= 0) return;
-  const double scale = max_norm / (norm + 1e-6);
-  if (scale >= 1.0) return;
-  torch::NoGradGuard no_grad;
-  for (const auto& p : params) {
-    if (p.grad().defined()) p.grad().mul_(scale);
-  }
-}
-
-double ParallelRuntime::ClipGradients(Transformer& model, double max_norm) {
-  const double norm = std::sqrt(SquaredGradientNorm(model->parameters()));
-  ScaleGradientsToNorm(model->parameters(), norm, max_norm);
-  return norm;
-}
-
-absl::StatusOr<std::string> ParallelRuntime::SaveCheckpoint(const JobSpec&,
-                                                            const TrainingProgress&,
-                                                            Transformer&,
-                                                            torch::optim::Optimizer&) {
-  return absl::UnimplementedError(
-      "checkpoints are written by rmoe_train's distributed runtime (distributed/)");
-}
-
-absl::StatusOr<TrainingProgress> ParallelRuntime::LoadCheckpoint(const std::string&,
-                                                                 const JobSpec&, Transformer&,
-                                                                 torch::optim::Optimizer&) {
-  return absl::UnimplementedError(
-      "checkpoints are read by rmoe_train's distributed runtime (distributed/)");
 }
 
 std::string CheckpointRoot(const JobSpec& spec) {
@@ -94,21 +58,6 @@ torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor
   return FusedCrossEntropy(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}));
 }
 
-namespace {
-
-void SetLearningRate(torch::optim::Optimizer& optimizer, double lr) {
-  for (auto& group : optimizer.param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-  }
-}
-
-// [B, T+1] tokens -> (inputs [B, T], targets [B, T]).
-std::pair<torch::Tensor, torch::Tensor> SplitInputsTargets(const torch::Tensor& window) {
-  const int64_t t = window.size(1) - 1;
-  return {window.narrow(1, 0, t), window.narrow(1, 1, t)};
-}
-
-
 std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
   std::string json = "[";
   size_t moe_index = 0;
@@ -121,7 +70,8 @@ std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
     JsonObject record;
     record.Add("layer", static_cast<int64_t>(layer))
         .Add("tokens_per_expert", per_expert)
-        .Add("load_cv", CoefficientOfVariation(std::vector<double>(per_expert.begin(), per_expert.end())))
+        .Add("load_cv",
+             CoefficientOfVariation(std::vector<double>(per_expert.begin(), per_expert.end())))
         .Add("dropped", moe.dropped)
         .Add("assignments", moe.assignments)
         .Add("router_entropy", moe.router_entropy.item<double>())
@@ -132,8 +82,6 @@ std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
   }
   return json + "]";
 }
-
-}  // namespace
 
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
                 int seq_len, int batches, ParallelRuntime& runtime, RoutingStatistics* routing) {
@@ -162,286 +110,348 @@ double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_
   return runtime.Average(total / per_rank);
 }
 
-absl::StatusOr<TrainSummary> Train(const JobSpec& job, const TrainOptions& options,
-                                   ParallelRuntime* parallel) {
-  const auto wall_start = std::chrono::steady_clock::now();
-  ParallelRuntime single_process;
-  ParallelRuntime& runtime = parallel ? *parallel : single_process;
-  JobSpec spec = job;
-  auto dataset = Dataset::Open(spec.data().dataset_dir());
+void LoggingWindow::Add(const StepResult& step, int64_t step_tokens, double step_comm_seconds) {
+  ++steps;
+  tokens += step_tokens;
+  seconds += step.seconds;
+  comm_seconds += step_comm_seconds;
+  forward_seconds += step.forward_seconds;
+  router_seconds += step.router_seconds;
+}
+
+// ---------------------------------------------------------------------------------------
+// Set-up
+
+Trainer::Trainer(const JobSpec& spec, const TrainOptions& options, ParallelRuntime& runtime,
+                 Checkpointer* checkpointer)
+    : spec_(spec), options_(options), runtime_(runtime), checkpointer_(checkpointer) {}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec,
+                                                         const TrainOptions& options,
+                                                         ParallelRuntime* runtime,
+                                                         Checkpointer* checkpointer) {
+  static ParallelRuntime world_of_one;
+  if (checkpointer == nullptr && (spec.checkpoint().interval() > 0 || !options.resume.empty())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint.interval = ", spec.checkpoint().interval(),
+        options.resume.empty() ? "" : " and a resume path",
+        " need a checkpointer, and this trainer has none: train with rmoe_train, or set "
+        "checkpoint.interval = 0"));
+  }
+  std::unique_ptr<Trainer> trainer(
+      new Trainer(spec, options, runtime ? *runtime : world_of_one, checkpointer));
+  if (auto status = trainer->OpenData(); !status.ok()) return status;
+  if (auto status = trainer->OpenOutputs(); !status.ok()) return status;
+  if (auto status = trainer->BuildModel(); !status.ok()) return status;
+  trainer->PrintHeader();
+  return trainer;
+}
+
+absl::Status Trainer::OpenData() {
+  auto dataset = Dataset::Open(spec_.data().dataset_dir());
   if (!dataset.ok()) return dataset.status();
-  auto vocab = ResolveVocabSize(spec);
+  dataset_.emplace(*std::move(dataset));
+  auto vocab = ResolveVocabSize(spec_);
   if (!vocab.ok()) return vocab.status();
-  spec.mutable_model()->set_vocab_size(*vocab);
+  spec_.mutable_model()->set_vocab_size(*vocab);
+  const auto& schedule = spec_.schedule();
+  auto eval_sampler = EvalSampler::Create(dataset_->val(), schedule.seq_len());
+  if (!eval_sampler.ok()) return eval_sampler.status();
+  eval_sampler_.emplace(*std::move(eval_sampler));
+  // Each validation window counts once, even when the split is smaller than
+  // eval_batches * micro_batch_size windows.
+  eval_batches_ = std::max(1, std::min(schedule.eval_batches(),
+                                       eval_sampler_->num_windows() / schedule.micro_batch_size()));
+  window_ = torch::empty({schedule.micro_batch_size(), schedule.seq_len() + 1}, torch::kLong);
+  const int64_t world = runtime_.world_size();
+  samples_per_step_ =
+      static_cast<int64_t>(schedule.micro_batch_size()) * schedule.grad_accum_steps() * world;
+  tokens_per_step_ = samples_per_step_ * schedule.seq_len();
+  return absl::OkStatus();
+}
 
-  TrainSummary summary;
+absl::Status Trainer::OpenOutputs() {
   // Ranks on one machine share its cores.
-  summary.threads = spec.runtime().num_threads() > 0
-                        ? spec.runtime().num_threads()
-                        : std::max(1, ChooseThreadCount(spec) / runtime.local_size());
-  torch::set_num_threads(summary.threads);
+  summary_.threads = spec_.runtime().num_threads() > 0
+                         ? spec_.runtime().num_threads()
+                         : std::max(1, ChooseThreadCount(spec_) / runtime_.local_size());
+  torch::set_num_threads(summary_.threads);
+  if (!runtime_.is_main()) return absl::OkStatus();
   // What this run computes on, measured before training starts (about 0.2 s).
-  std::optional<HostReport> host;
-  if (runtime.is_main()) {
-    host = DescribeHost(/*probe=*/true, spec.runtime().precision() == RuntimeSpec::BF16,
-                        runtime.local_size());
+  host_ = DescribeHost(/*probe=*/true, spec_.runtime().precision() == RuntimeSpec::BF16,
+                       runtime_.local_size());
+  const fs::path output_dir(spec_.output_dir());
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot create output_dir ", output_dir.string(),
+                                            ": ", ec.message()));
   }
+  auto writer = MetricsWriter::Open(spec_.logging().has_metrics_file()
+                                        ? spec_.logging().metrics_file()
+                                        : (output_dir / "metrics.jsonl").string(),
+                                    /*append=*/!options_.resume.empty());
+  if (!writer.ok()) return writer.status();
+  metrics_.emplace(*std::move(writer));
+  metrics_->Write(host_->Json());
+  return absl::OkStatus();
+}
 
-  torch::manual_seed(spec.seed());
-  const LowPrecisionMatmulGuard precision(MatmulDtype(spec));
-  if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
-
-  const fs::path output_dir(spec.output_dir());
-  std::optional<MetricsWriter> metrics;  // the main rank's
-  if (runtime.is_main()) {
-    std::error_code ec;
-    fs::create_directories(output_dir, ec);
-    if (ec) {
-      return absl::InternalError(absl::StrCat("cannot create output_dir ", output_dir.string(),
-                                              ": ", ec.message()));
-    }
-    auto writer = MetricsWriter::Open(spec.logging().has_metrics_file()
-                                          ? spec.logging().metrics_file()
-                                          : (output_dir / "metrics.jsonl").string(),
-                                      /*append=*/!options.resume.empty());
-    if (!writer.ok()) return writer.status();
-    metrics.emplace(*std::move(writer));
-    metrics->Write(host->Json());
-  }
-
-  Transformer model(spec.model());
-  model->train();
-  summary.parameters = model->CountParameters();
-  runtime.PrepareModel(model);
-  auto optimizer = MakeOptimizer(spec, model);
-  TrainingProgress position;
-  if (!options.resume.empty()) {
-    auto restored = runtime.LoadCheckpoint(options.resume, spec, model, *optimizer);
+absl::Status Trainer::BuildModel() {
+  torch::manual_seed(spec_.seed());
+  precision_.emplace(MatmulDtype(spec_));
+  if (spec_.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
+  model_ = Transformer(spec_.model());
+  model_->train();
+  summary_.parameters = model_->CountParameters();
+  flops_per_token_ = model_->TrainingFlopsPerToken(spec_.schedule().seq_len());
+  runtime_.ShardExperts(model_);
+  optimizer_ = MakeOptimizer(spec_, model_);
+  if (!options_.resume.empty()) {
+    auto restored = checkpointer_->Load(options_.resume, spec_, model_, *optimizer_);
     if (!restored.ok()) return restored.status();
-    position = *restored;
-    if (position.step >= spec.schedule().steps()) {
+    position_ = *restored;
+    if (position_.step >= spec_.schedule().steps()) {
       return absl::FailedPreconditionError(absl::StrFormat(
           "the checkpoint is at step %d and schedule.steps = %d: nothing left to train "
           "(raise schedule.steps to continue)",
-          position.step, spec.schedule().steps()));
+          position_.step, spec_.schedule().steps()));
     }
   }
-  const int first_step = static_cast<int>(position.step);
-  summary.first_step = first_step;
-
-  const auto& schedule = spec.schedule();
-  const int batch = schedule.micro_batch_size(), seq_len = schedule.seq_len();
-  const int accum = schedule.grad_accum_steps();
+  summary_.first_step = static_cast<int>(position_.step);
+  last_val_ = position_.last_val_loss;
+  best_val_ = position_.best_val_loss;
   // Every rank reads its own samples; together they read what one rank would read with a
   // world_size times larger batch (see TrainSampler).
-  auto train_sampler =
-      TrainSampler::Create(dataset->train(), seq_len, spec.seed(), runtime.rank(),
-                           runtime.world_size(), static_cast<uint64_t>(position.consumed_samples));
+  auto train_sampler = TrainSampler::Create(
+      dataset_->train(), spec_.schedule().seq_len(), spec_.seed(), runtime_.rank(),
+      runtime_.world_size(), static_cast<uint64_t>(position_.consumed_samples));
   if (!train_sampler.ok()) return train_sampler.status();
-  auto eval_sampler = EvalSampler::Create(dataset->val(), seq_len);
-  if (!eval_sampler.ok()) return eval_sampler.status();
-  // Each validation window counts once, even when the split is smaller than
-  // eval_batches * micro_batch_size windows.
-  const int eval_batches =
-      std::max(1, std::min(schedule.eval_batches(), eval_sampler->num_windows() / batch));
-  auto window = torch::empty({batch, seq_len + 1}, torch::kLong);
+  train_sampler_.emplace(*std::move(train_sampler));
+  return absl::OkStatus();
+}
 
-  const bool interactive = isatty(fileno(stderr));
-  if (host && !options.quiet && !(interactive || options.progress_to_non_terminal)) {
+void Trainer::PrintHeader() {
+  interactive_ = isatty(fileno(stderr));
+  const bool show_progress = !options_.quiet && (interactive_ || options_.progress_to_non_terminal);
+  if (host_ && !options_.quiet && !show_progress) {
     // No progress log: the warnings still reach the user.
-    for (const auto& warning : host->warnings) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+    for (const auto& warning : host_->warnings) std::fprintf(stderr, "warning: %s\n", warning.c_str());
   }
-  std::optional<ProgressBar> progress;
-  if (runtime.is_main() && !options.quiet && (interactive || options.progress_to_non_terminal)) {
-    progress.emplace(schedule.steps(), interactive, first_step);
-    for (const auto& line : host->Lines()) progress->Print(line);
-    const auto& p = summary.parameters;
-    progress->Print(absl::StrFormat(
-        "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d ranks x %d "
-        "threads, %d tokens/step; train %d tokens, val %d tokens",
-        spec.name(), p.total / 1e6, p.active / 1e6, p.expert / 1e6, runtime.world_size(),
-        summary.threads, batch * seq_len * accum * runtime.world_size(),
-        dataset->train().size(), dataset->val().size()));
-  }
+  if (!runtime_.is_main() || !show_progress) return;
+  progress_.emplace(spec_.schedule().steps(), interactive_, summary_.first_step);
+  for (const auto& line : host_->Lines()) progress_->Print(line);
+  const auto& p = summary_.parameters;
+  progress_->Print(absl::StrFormat(
+      "%s: %.2fM parameters (%.2fM active per token, %.2fM in experts), %d ranks x %d "
+      "threads, %d tokens/step; train %d tokens, val %d tokens",
+      spec_.name(), p.total / 1e6, p.active / 1e6, p.expert / 1e6, runtime_.world_size(),
+      summary_.threads, tokens_per_step_, dataset_->train().size(), dataset_->val().size()));
+}
 
-  double last_val = position.last_val_loss, best_val = position.best_val_loss, train_seconds = 0;
-  int64_t tokens_since_log = 0;
-  double seconds_since_log = 0, comm_seconds_since_log = 0, tokens_per_second = 0;
-  double forward_seconds_since_log = 0, router_seconds_since_log = 0;
-  int steps_since_log = 0;
-  const int64_t tokens_per_step =
-      static_cast<int64_t>(batch) * seq_len * accum * runtime.world_size();
-  const int64_t samples_per_step = static_cast<int64_t>(batch) * accum * runtime.world_size();
-  const double flops_per_token = model->TrainingFlopsPerToken(seq_len);
-  const int64_t consumed_at_start = position.consumed_samples;
-  // Saves that committed (during a save, or later for a background one): progress, metrics.
-  auto report_checkpoints = [&] {
-    for (const auto& saved : runtime.TakeCheckpointReports()) {
-      summary.last_checkpoint = saved.dir;
-      if (metrics) metrics->Write(JsonObject()
-                                      .Add("type", std::string("checkpoint"))
-                                      .Add("step", saved.step)
-                                      .Add("seconds", saved.seconds)
-                                      .Add("stall_seconds", saved.stall_seconds)
-                                      .Add("bytes", saved.bytes)
-                                      .AddRaw("async", saved.async ? "true" : "false"));
-      if (progress) {
-        progress->Print(absl::StrFormat(
-            "checkpoint saved to %s (%.2f s%s, %.1f MiB)", saved.dir, saved.seconds,
-            saved.async ? absl::StrFormat(" in the background, training stalled %.2f s",
-                                          saved.stall_seconds)
-                        : "",
-            saved.bytes / 1048576.0));
-      }
-    }
-  };
-  int step = first_step;
-  for (; step < schedule.steps(); ++step) {
-    const auto step_start = std::chrono::steady_clock::now();
-    const double lr = LearningRate(spec, step);
-    SetLearningRate(*optimizer, lr);
-    optimizer->zero_grad(/*set_to_none=*/true);
-    double step_loss = 0, step_router_loss = 0;
-    ModelOutput output;
-    for (int micro = 0; micro < accum; ++micro) {
-      const uint64_t first_sample =
-          (static_cast<uint64_t>(step - first_step) * accum + micro) * batch;
-      train_sampler->FillBatch(first_sample, batch, window.data_ptr<int64_t>());
-      auto [inputs, targets] = SplitInputsTargets(window);
-      const auto forward_start = std::chrono::steady_clock::now();
-      output = model->forward(inputs);
-      forward_seconds_since_log +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - forward_start).count();
-      for (const auto& moe : output.moe) router_seconds_since_log += moe.router_seconds;
-      auto lm_loss = LanguageModelLoss(output.logits, targets);
-      // Averaged over ranks so that every rank sees a divergence and stops together.
-      const double lm_value = runtime.Average(lm_loss.item<double>());
-      if (!std::isfinite(lm_value)) {
-        return absl::InternalError(absl::StrFormat(
-            "the training loss became %f at step %d (micro-batch %d, lr %.3g): training "
-            "diverged; lower optimizer.lr, raise schedule.warmup_steps or keep "
-            "optimizer.grad_clip on",
-            lm_value, step, micro, lr));
-      }
-      ((lm_loss + output.router_loss) / accum).backward();
-      step_loss += lm_value / accum;
-      step_router_loss += output.router_loss.item<double>() / accum;
-    }
-    runtime.SynchronizeGradients(model);
-    const double grad_norm = runtime.ClipGradients(model, spec.optimizer().grad_clip());
-    optimizer->step();
+// ---------------------------------------------------------------------------------------
+// The loop
 
-    const double step_seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
-    train_seconds += step_seconds;
-    tokens_since_log += tokens_per_step;
-    seconds_since_log += step_seconds;
-    comm_seconds_since_log += runtime.TakeCommunicationSeconds();
-    ++steps_since_log;
-    const int done = step + 1;
-    const bool last = done == schedule.steps();
-    const bool log_step = done % spec.logging().interval() == 0 || last;
-    if (log_step) {
-      tokens_per_second = tokens_since_log / seconds_since_log;
-      const double step_s = seconds_since_log / steps_since_log;
-      const double comm_s = comm_seconds_since_log / steps_since_log;
-      const double forward_s = forward_seconds_since_log / steps_since_log;
-      const double router_s = router_seconds_since_log / steps_since_log;
-      forward_seconds_since_log = 0;
-      router_seconds_since_log = 0;
-      tokens_since_log = 0;
-      seconds_since_log = 0;
-      comm_seconds_since_log = 0;
-      steps_since_log = 0;
-      JsonObject record;
-      record.Add("type", std::string("train"))
-          .Add("step", static_cast<int64_t>(done))
-          .Add("lr", lr)
-          .Add("loss", step_loss)
-          .Add("router_loss", step_router_loss)
-          .Add("grad_norm", grad_norm)
-          .Add("tokens_per_s", tokens_per_second)
-          .Add("gflops_per_s", tokens_per_second * flops_per_token / 1e9)  // all ranks
-          .Add("step_s", step_s)  // mean over the steps since the last record
-          .Add("comm_s", comm_s)  // of which communication (this rank's view)
-          .Add("forward_s", forward_s)  // of which the model's forward passes
-          .Add("router_s", router_s)    // of which the routers' forward (all MoE layers)
-          .Add("tokens", static_cast<int64_t>(done) * tokens_per_step)
-          .Add("elapsed_s", train_seconds)
-          .AddRaw("moe", MoEMetricsJson(output, spec.model()));
-      if (metrics) metrics->Write(record);
-    }
-    const int eval_interval = schedule.eval_interval();
-    if (last || (eval_interval > 0 && done % eval_interval == 0)) {
-      RoutingStatistics routing(MoELayerIndices(spec.model()), spec.model().moe().num_experts());
-      last_val = Evaluate(model, *eval_sampler, batch, seq_len, eval_batches, runtime, &routing);
-      runtime.TakeCommunicationSeconds();  // evaluation's, not a training step's
-      best_val = std::min(best_val, last_val);
-      if (metrics) metrics->Write(JsonObject()
-                         .Add("type", std::string("eval"))
-                         .Add("step", static_cast<int64_t>(done))
-                         .Add("val_loss", last_val)
-                         .Add("val_ppl", std::exp(last_val))
-                         .AddRaw("routing", routing.ToJson()));
-      if (progress) {
-        progress->Print(absl::StrFormat("step %d: val loss %.4f (ppl %.2f)", done, last_val,
-                                        std::exp(last_val)));
-      }
-    }
+absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& options,
+                                   ParallelRuntime* runtime, Checkpointer* checkpointer) {
+  auto trainer = Trainer::Create(spec, options, runtime, checkpointer);
+  if (!trainer.ok()) return trainer.status();
+  return (*trainer)->Run();
+}
+
+absl::StatusOr<TrainSummary> Trainer::Run() {
+  const int last_step = spec_.schedule().steps();
+  int step = summary_.first_step;
+  while (step < last_step) {
+    auto result = Step(step);
+    if (!result.ok()) return result.status();
+    const int done = ++step;
+    window_since_log_.Add(*result, tokens_per_step_, runtime_.TakeCommunicationSeconds());
+    const bool log_step = done % spec_.logging().interval() == 0 || done == last_step;
+    if (log_step) LogTrainRecord(done, *result);
+    MaybeEvaluate(done);
     // A terminal gets a live bar; a log file gets one line per logging step.
-    if (progress && (interactive || log_step)) {
-      progress->Update(done, step_loss, last_val, tokens_per_second);
+    if (progress_ && (interactive_ || log_step)) {
+      progress_->Update(done, result->loss, last_val_, tokens_per_second_);
     }
-    summary.final_train_loss = step_loss;
-
-    // A background save commits at a step boundary once every rank has written its shard.
-    if (auto polled = runtime.PollCheckpoint(); !polled.ok()) return polled;
-    runtime.TakeCommunicationSeconds();  // the save's, not a training step's
-    report_checkpoints();
-
-    // Every rank must agree to stop (a signal may reach them at different times).
-    const bool stop = options.stop_requested &&
-                      runtime.Average(options.stop_requested->load() ? 1.0 : 0.0) > 0;
-    const int interval = spec.checkpoint().interval();
-    if (stop || (interval > 0 && (done % interval == 0 || last))) {
-      position.step = done;
-      position.consumed_samples = consumed_at_start + (done - first_step) * samples_per_step;
-      position.best_val_loss = best_val;
-      position.last_val_loss = last_val;
-      auto saved = runtime.SaveCheckpoint(spec, position, model, *optimizer);
-      if (!saved.ok()) return saved.status();
-      runtime.TakeCommunicationSeconds();  // the save's, not a training step's
-      report_checkpoints();
-    }
+    summary_.final_train_loss = result->loss;
+    if (auto status = CommitFinishedSave(); !status.ok()) return status;
+    const bool stop = StopRequested();
+    if (auto status = MaybeCheckpoint(done, stop); !status.ok()) return status;
     if (stop) {
-      summary.stopped_early = true;
-      ++step;
+      summary_.stopped_early = true;
       break;
     }
   }
-  // A save still in flight commits before the run ends (or stops).
-  if (auto finished = runtime.FinishCheckpoints(); !finished.ok()) return finished;
-  runtime.TakeCommunicationSeconds();
-  report_checkpoints();
-  if (progress) progress->Finish();
+  return Finish(step);
+}
 
-  summary.steps = step;
-  summary.final_val_loss = last_val;
-  summary.best_val_loss = best_val;
-  summary.tokens_per_second = tokens_per_step * (step - first_step) / train_seconds;
-  summary.gflops_per_second = summary.tokens_per_second * flops_per_token / 1e9;
-  if (host) summary.fp32_probe_gflops = host->fp32_gflops;
-  summary.wall_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
-  if (summary.stopped_early) return summary;  // the checkpoint holds it; the run continues later
-  summary.model_dir = (output_dir / "model").string();
-  runtime.PrepareForSave(model);
-  if (runtime.is_main()) {
-    if (auto status = SaveModel(summary.model_dir, spec, model); !status.ok()) return status;
+absl::StatusOr<StepResult> Trainer::Step(int step) {
+  const auto step_start = std::chrono::steady_clock::now();
+  const auto& schedule = spec_.schedule();
+  const int batch = schedule.micro_batch_size(), accum = schedule.grad_accum_steps();
+  StepResult result;
+  result.lr = LearningRate(spec_, step);
+  SetLearningRate(*optimizer_, result.lr);
+  optimizer_->zero_grad(/*set_to_none=*/true);
+  for (int micro = 0; micro < accum; ++micro) {
+    const uint64_t first_sample =
+        (static_cast<uint64_t>(step - summary_.first_step) * accum + micro) * batch;
+    train_sampler_->FillBatch(first_sample, batch, window_.data_ptr<int64_t>());
+    auto [inputs, targets] = SplitInputsTargets(window_);
+    const auto forward_start = std::chrono::steady_clock::now();
+    result.output = model_->forward(inputs);
+    result.forward_seconds += SecondsSince(forward_start);
+    for (const auto& moe : result.output.moe) result.router_seconds += moe.router_seconds;
+    auto lm_loss = LanguageModelLoss(result.output.logits, targets);
+    // Averaged over ranks so that every rank sees a divergence and stops together.
+    const double lm_value = runtime_.Average(lm_loss.item<double>());
+    if (!std::isfinite(lm_value)) {
+      return absl::InternalError(absl::StrFormat(
+          "the training loss became %f at step %d (micro-batch %d, lr %.3g): training "
+          "diverged; lower optimizer.lr, raise schedule.warmup_steps or keep "
+          "optimizer.grad_clip on",
+          lm_value, step, micro, result.lr));
+    }
+    ((lm_loss + result.output.router_loss) / accum).backward();
+    result.loss += lm_value / accum;
+    result.router_loss += result.output.router_loss.item<double>() / accum;
   }
-  summary.wall_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
-  return summary;
+  runtime_.SynchronizeGradients(model_);
+  result.grad_norm = runtime_.ClipGradients(model_, spec_.optimizer().grad_clip());
+  optimizer_->step();
+  result.seconds = SecondsSince(step_start);
+  train_seconds_ += result.seconds;
+  return result;
+}
+
+void Trainer::LogTrainRecord(int done, const StepResult& result) {
+  const LoggingWindow window = std::exchange(window_since_log_, {});
+  tokens_per_second_ = window.TokensPerSecond();
+  if (!metrics_) return;
+  metrics_->Write(JsonObject()
+                      .Add("type", std::string("train"))
+                      .Add("step", static_cast<int64_t>(done))
+                      .Add("lr", result.lr)
+                      .Add("loss", result.loss)
+                      .Add("router_loss", result.router_loss)
+                      .Add("grad_norm", result.grad_norm)
+                      .Add("tokens_per_s", tokens_per_second_)
+                      .Add("gflops_per_s", tokens_per_second_ * flops_per_token_ / 1e9)
+                      // Means over the steps since the last record: step time, and of it
+                      // communication (this rank's view), forward passes, routers.
+                      .Add("step_s", window.PerStep(window.seconds))
+                      .Add("comm_s", window.PerStep(window.comm_seconds))
+                      .Add("forward_s", window.PerStep(window.forward_seconds))
+                      .Add("router_s", window.PerStep(window.router_seconds))
+                      .Add("tokens", static_cast<int64_t>(done) * tokens_per_step_)
+                      .Add("elapsed_s", train_seconds_)
+                      .AddRaw("moe", MoEMetricsJson(result.output, spec_.model())));
+}
+
+void Trainer::MaybeEvaluate(int done) {
+  const int interval = spec_.schedule().eval_interval();
+  if (done != spec_.schedule().steps() && !(interval > 0 && done % interval == 0)) return;
+  const auto& schedule = spec_.schedule();
+  RoutingStatistics routing(MoELayerIndices(spec_.model()), spec_.model().moe().num_experts());
+  last_val_ = Evaluate(model_, *eval_sampler_, schedule.micro_batch_size(), schedule.seq_len(),
+                       eval_batches_, runtime_, &routing);
+  runtime_.TakeCommunicationSeconds();  // evaluation's, not a training step's
+  best_val_ = std::min(best_val_, last_val_);
+  if (metrics_) {
+    metrics_->Write(JsonObject()
+                        .Add("type", std::string("eval"))
+                        .Add("step", static_cast<int64_t>(done))
+                        .Add("val_loss", last_val_)
+                        .Add("val_ppl", std::exp(last_val_))
+                        .AddRaw("routing", routing.ToJson()));
+  }
+  if (progress_) {
+    progress_->Print(absl::StrFormat("step %d: val loss %.4f (ppl %.2f)", done, last_val_,
+                                     std::exp(last_val_)));
+  }
+}
+
+bool Trainer::StopRequested() {
+  // Every rank must agree to stop (a signal may reach them at different times).
+  return options_.stop_requested &&
+         runtime_.Average(options_.stop_requested->load() ? 1.0 : 0.0) > 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Checkpoints and the end of the run
+
+absl::Status Trainer::CommitFinishedSave() {
+  if (checkpointer_ == nullptr) return absl::OkStatus();
+  // A background save commits at a step boundary once every rank has written its shard.
+  if (auto polled = checkpointer_->Poll(); !polled.ok()) return polled;
+  runtime_.TakeCommunicationSeconds();  // the save's, not a training step's
+  ReportCheckpoints();
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::MaybeCheckpoint(int done, bool stop) {
+  const int interval = spec_.checkpoint().interval();
+  const bool due = interval > 0 && (done % interval == 0 || done == spec_.schedule().steps());
+  if ((!stop && !due) || checkpointer_ == nullptr) return absl::OkStatus();
+  position_.consumed_samples += (done - position_.step) * samples_per_step_;
+  position_.step = done;
+  position_.best_val_loss = best_val_;
+  position_.last_val_loss = last_val_;
+  auto saved = checkpointer_->Save(spec_, position_, model_, *optimizer_);
+  if (!saved.ok()) return saved.status();
+  runtime_.TakeCommunicationSeconds();  // the save's, not a training step's
+  ReportCheckpoints();
+  return absl::OkStatus();
+}
+
+void Trainer::ReportCheckpoints() {
+  for (const auto& saved : checkpointer_->TakeReports()) {
+    summary_.last_checkpoint = saved.dir;
+    if (metrics_) {
+      metrics_->Write(JsonObject()
+                          .Add("type", std::string("checkpoint"))
+                          .Add("step", saved.step)
+                          .Add("seconds", saved.seconds)
+                          .Add("stall_seconds", saved.stall_seconds)
+                          .Add("bytes", saved.bytes)
+                          .AddRaw("async", saved.async ? "true" : "false"));
+    }
+    if (progress_) {
+      progress_->Print(absl::StrFormat(
+          "checkpoint saved to %s (%.2f s%s, %.1f MiB)", saved.dir, saved.seconds,
+          saved.async ? absl::StrFormat(" in the background, training stalled %.2f s",
+                                        saved.stall_seconds)
+                      : "",
+          saved.bytes / 1048576.0));
+    }
+  }
+}
+
+absl::StatusOr<TrainSummary> Trainer::Finish(int steps) {
+  if (checkpointer_ != nullptr) {
+    // A save still in flight commits before the run ends (or stops).
+    if (auto finished = checkpointer_->Finish(); !finished.ok()) return finished;
+    runtime_.TakeCommunicationSeconds();
+    ReportCheckpoints();
+  }
+  if (progress_) progress_->Finish();
+  summary_.steps = steps;
+  summary_.final_val_loss = last_val_;
+  summary_.best_val_loss = best_val_;
+  summary_.tokens_per_second = tokens_per_step_ * (steps - summary_.first_step) / train_seconds_;
+  summary_.gflops_per_second = summary_.tokens_per_second * flops_per_token_ / 1e9;
+  if (host_) summary_.fp32_probe_gflops = host_->fp32_gflops;
+  summary_.wall_seconds = SecondsSince(wall_start_);
+  // A stopped run's checkpoint holds it; the run continues later.
+  if (summary_.stopped_early) return summary_;
+  summary_.model_dir = (fs::path(spec_.output_dir()) / "model").string();
+  runtime_.GatherExperts(model_);
+  if (runtime_.is_main()) {
+    if (auto status = SaveModel(summary_.model_dir, spec_, model_); !status.ok()) return status;
+  }
+  summary_.wall_seconds = SecondsSince(wall_start_);
+  return summary_;
 }
 
 }  // namespace rmoe

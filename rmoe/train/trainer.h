@@ -1,21 +1,32 @@
-// Single-process training: AdamW with warm-up + cosine decay, gradient accumulation and
-// clipping, periodic evaluation, a progress bar, a JSON-lines metrics file and the trained
-// model saved for generation. Structured around one step function so that the
-// expert-parallel issue only has to add gradient synchronisation and sharded data.
+// Training: AdamW with warm-up + cosine decay, gradient accumulation and clipping, periodic
+// evaluation, checkpoints, a progress bar, a JSON-lines metrics file and the trained model
+// saved for generation.
+//
+// The Trainer is a short loop over Step(), MaybeEvaluate() and MaybeCheckpoint(); what a
+// multi-rank run adds comes in through ParallelRuntime (gradient sync, expert sharding) and
+// Checkpointer (sharded checkpoints), both implemented in distributed/.
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <memory>
+#include <optional>
 #include <string>
 
 #include <absl/status/statusor.h>
 #include <torch/torch.h>
 
 #include "proto/job.pb.h"
+#include "rmoe/data/dataset.h"
 #include "rmoe/data/sampler.h"
+#include "rmoe/model/layers.h"
 #include "rmoe/model/routing_stats.h"
 #include "rmoe/model/transformer.h"
+#include "rmoe/platform/host_report.h"
+#include "rmoe/train/checkpointer.h"
 #include "rmoe/train/optimizer.h"
 #include "rmoe/train/parallel.h"
+#include "rmoe/train/progress.h"
 
 namespace rmoe {
 
@@ -46,13 +57,29 @@ struct TrainSummary {
   std::string model_dir;
 };
 
-// The learning rate at optimizer step `step` (0-based): linear warm-up to lr over
-// warmup_steps, then cosine decay to min_lr_ratio * lr at the last step.
-double LearningRate(const JobSpec& spec, int step);
+// What one optimizer step did.
+struct StepResult {
+  double lr = 0;
+  double loss = 0;         // mean LM loss over the micro-batches and ranks (nats/token)
+  double router_loss = 0;  // this rank's weighted auxiliary losses, mean over micro-batches
+  double grad_norm = 0;    // before clipping
+  double seconds = 0;
+  double forward_seconds = 0;  // the model's forward passes
+  double router_seconds = 0;   // the routers' forward, all MoE layers
+  ModelOutput output;          // of the last micro-batch, for the routing metrics
+};
 
-// Mean next-token cross-entropy of logits [B, T, V] against targets [B, T], as training
-// and evaluation compute it.
-torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets);
+// The steps since the last train record: the record reports their means.
+struct LoggingWindow {
+  int steps = 0;
+  int64_t tokens = 0;
+  double seconds = 0, comm_seconds = 0, forward_seconds = 0, router_seconds = 0;
+
+  void Add(const StepResult& step, int64_t step_tokens, double step_comm_seconds);
+  double TokensPerSecond() const { return seconds > 0 ? tokens / seconds : 0; }
+  // `total` (one of the sums above) per step.
+  double PerStep(double total) const { return steps > 0 ? total / steps : 0; }
+};
 
 // Intra-op threads: runtime.num_threads, or every core this process may run on.
 int ChooseThreadCount(const JobSpec& spec);
@@ -69,10 +96,9 @@ std::optional<torch::ScalarType> MatmulDtype(const JobSpec& spec);
 // Where checkpoints go: checkpoint.directory, or <output_dir>/checkpoints.
 std::string CheckpointRoot(const JobSpec& spec);
 
-// Runs the job described by a validated spec, on this rank of `parallel` (null: a world
-// of one). Errors (missing data, NaN loss, I/O) come back as a status naming what went wrong.
-absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& options = {},
-                                   ParallelRuntime* parallel = nullptr);
+// Mean next-token cross-entropy of logits [B, T, V] against targets [B, T], as training
+// and evaluation compute it.
+torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets);
 
 // Mean next-token cross-entropy over `batches` micro-batches of the validation split, the
 // batches spread over the ranks of `runtime`. `routing`, when given, accumulates the
@@ -80,5 +106,84 @@ absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& opti
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
                 int seq_len, int batches, ParallelRuntime& runtime,
                 RoutingStatistics* routing = nullptr);
+
+// The per-MoE-layer part of a train record: tokens per expert, load, drops, entropy, losses.
+std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model);
+
+class Trainer {
+ public:
+  // Opens the data, builds the model and optimizer (restoring them when options.resume is
+  // set) and the run's outputs. `runtime` null: a world of one. `checkpointer` null: no
+  // checkpoints (then checkpoint.interval must be 0 and options.resume empty).
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec,
+                                                         const TrainOptions& options,
+                                                         ParallelRuntime* runtime,
+                                                         Checkpointer* checkpointer);
+
+  // Trains to schedule.steps (or a stop request), then saves the model.
+  absl::StatusOr<TrainSummary> Run();
+
+  // One optimizer step: accumulate gradients over the micro-batches, synchronise, clip,
+  // update. Fails when the loss stops being finite.
+  absl::StatusOr<StepResult> Step(int step);
+  // After step `done`: a validation pass when eval_interval says so or it is the last.
+  void MaybeEvaluate(int done);
+  // Commits a background save once every rank has written it (a collective poll).
+  absl::Status CommitFinishedSave();
+  // After step `done`: saves when checkpoint.interval says so, at the last step, or when
+  // `stop` asks for it.
+  absl::Status MaybeCheckpoint(int done, bool stop);
+  // The end of the loop at step `steps`: commits saves in flight, saves the model.
+  absl::StatusOr<TrainSummary> Finish(int steps);
+
+  Transformer& model() { return model_; }
+  int first_step() const { return summary_.first_step; }
+
+ private:
+  Trainer(const JobSpec& spec, const TrainOptions& options, ParallelRuntime& runtime,
+          Checkpointer* checkpointer);
+  absl::Status OpenData();
+  absl::Status OpenOutputs();
+  absl::Status BuildModel();
+  void PrintHeader();
+  void LogTrainRecord(int done, const StepResult& result);
+  void ReportCheckpoints();
+  bool StopRequested();
+
+  JobSpec spec_;  // with the vocabulary size resolved
+  TrainOptions options_;
+  ParallelRuntime& runtime_;
+  Checkpointer* checkpointer_;
+  std::chrono::steady_clock::time_point wall_start_ = std::chrono::steady_clock::now();
+
+  std::optional<Dataset> dataset_;
+  std::optional<TrainSampler> train_sampler_;
+  std::optional<EvalSampler> eval_sampler_;
+  int eval_batches_ = 1;
+  torch::Tensor window_;  // [micro_batch_size, seq_len + 1] tokens
+
+  std::optional<LowPrecisionMatmulGuard> precision_;  // runtime.precision, while training
+  Transformer model_{nullptr};
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  TrainingProgress position_;  // where the run started; updated at each save
+  int64_t tokens_per_step_ = 0, samples_per_step_ = 0;
+  double flops_per_token_ = 0;
+
+  std::optional<HostReport> host_;          // the main rank's
+  std::optional<MetricsWriter> metrics_;    // the main rank's
+  std::optional<ProgressBar> progress_;     // the main rank's, unless quiet
+  bool interactive_ = false;                // stderr is a terminal
+
+  LoggingWindow window_since_log_;
+  double train_seconds_ = 0;
+  double tokens_per_second_ = 0;  // of the last logging window
+  double last_val_ = NAN, best_val_ = INFINITY;
+  TrainSummary summary_;
+};
+
+// Trainer::Create + Run.
+absl::StatusOr<TrainSummary> Train(const JobSpec& spec, const TrainOptions& options = {},
+                                   ParallelRuntime* runtime = nullptr,
+                                   Checkpointer* checkpointer = nullptr);
 
 }  // namespace rmoe

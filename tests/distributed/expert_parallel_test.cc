@@ -199,7 +199,7 @@ TEST_P(TrainingEquivalence, TwentyStepsMatchOneRankAccumulatingTheSameMicroBatch
   Transformer reference(spec);
   model->to(dtype);
   reference->to(dtype);
-  runtime.PrepareModel(model);
+  runtime.ShardExperts(model);
   auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.1);
   torch::optim::AdamW optimizer(model->parameters(), options);
   torch::optim::AdamW reference_optimizer(reference->parameters(), options);
@@ -272,7 +272,7 @@ TEST(RoutingStatistics, SummedOverRanksEqualOneProcessRoutingEveryBatch) {
   Transformer reference(spec);
   model->to(torch::kDouble);
   reference->to(torch::kDouble);
-  runtime.PrepareModel(model);
+  runtime.ShardExperts(model);
   torch::NoGradGuard no_grad;
   const std::vector<int> moe_layers = MoELayerIndices(spec);
   ASSERT_EQ(moe_layers.size(), 3u);

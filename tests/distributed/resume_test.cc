@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include "distributed/checkpointer.h"
 #include "distributed/parallel_runtime.h"
 #include "rmoe/config/job_spec.h"
 #include "rmoe/train/trainer.h"
@@ -59,11 +60,12 @@ absl::Status TrainOn(int ranks, const JobSpec& spec, const std::string& resume =
     auto groups = ProcessGroups::Create(group, spec.parallel().expert_parallel_size(),
                                         spec.model().moe().num_experts());
     if (!groups.ok()) return groups.status();
+    ShardedCheckpointer checkpointer(*groups);
     DistributedRuntime runtime(*groups, 1);
     TrainOptions options;
     options.quiet = true;
     options.resume = resume;
-    auto summary = Train(spec, options, &runtime);
+    auto summary = Train(spec, options, &runtime, &checkpointer);
     result = summary.status();
   }
   world->Barrier();
