@@ -1,6 +1,7 @@
 // Training: the learning-rate schedule, the saved model round trip, and an end-to-end run
 // on real text (the State of the Union corpus) that must learn far more than unigram
 // statistics.
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -246,5 +247,206 @@ TEST_F(RealText, ADivergingRunStopsWithAMessage) {
   EXPECT_FALSE(fs::exists(*dir_ / "diverge" / "model")) << "a diverged model must not be saved";
 }
 
+
+// Stands in for the sharded checkpointer: records what the trainer asks of it. A save
+// "commits" at once, or, with `background`, at the next Poll or Finish.
+class RecordingCheckpointer : public Checkpointer {
+ public:
+  absl::StatusOr<std::string> Save(const JobSpec&, const TrainingProgress& progress,
+                                   Transformer&, torch::optim::Optimizer&) override {
+    saved.push_back(progress);
+    const std::string dir = "ckpt/step_" + std::to_string(progress.step);
+    CheckpointReport report;
+    report.dir = dir;
+    report.step = progress.step;
+    report.async = background;
+    (background ? in_flight : committed).push_back(report);
+    return dir;
+  }
+  absl::Status Poll() override {
+    ++polls;
+    return Commit();
+  }
+  absl::Status Finish() override {
+    ++finishes;
+    return Commit();
+  }
+  std::vector<CheckpointReport> TakeReports() override { return std::exchange(committed, {}); }
+  absl::StatusOr<TrainingProgress> Load(const std::string& path, const JobSpec&, Transformer&,
+                                        torch::optim::Optimizer&) override {
+    loaded_from = path;
+    return restore;
+  }
+
+  bool background = false;
+  absl::Status poll_error = absl::OkStatus();
+  TrainingProgress restore;
+  std::vector<TrainingProgress> saved;
+  std::vector<CheckpointReport> in_flight, committed;
+  int polls = 0, finishes = 0;
+  std::string loaded_from;
+
+ private:
+  absl::Status Commit() {
+    if (!poll_error.ok()) return poll_error;
+    for (auto& r : std::exchange(in_flight, {})) committed.push_back(r);
+    return absl::OkStatus();
+  }
+};
+
+std::vector<std::string> RecordsOfType(const fs::path& metrics, const std::string& type) {
+  std::vector<std::string> records;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("\"type\":\"" + type + "\"") != std::string::npos) records.push_back(line);
+  }
+  return records;
+}
+
+TEST(LoggingWindow, SumsStepsAndReportsMeansPerStep) {
+  LoggingWindow window;
+  EXPECT_EQ(window.TokensPerSecond(), 0);
+  EXPECT_EQ(window.PerStep(window.seconds), 0);
+  StepResult a, b;
+  a.seconds = 1.0, a.forward_seconds = 0.5, a.router_seconds = 0.1;
+  b.seconds = 3.0, b.forward_seconds = 1.5, b.router_seconds = 0.3;
+  window.Add(a, 100, 0.2);
+  window.Add(b, 100, 0.4);
+  EXPECT_EQ(window.steps, 2);
+  EXPECT_DOUBLE_EQ(window.TokensPerSecond(), 200 / 4.0);
+  EXPECT_DOUBLE_EQ(window.PerStep(window.seconds), 2.0);
+  EXPECT_DOUBLE_EQ(window.PerStep(window.comm_seconds), 0.3);
+  EXPECT_DOUBLE_EQ(window.PerStep(window.forward_seconds), 1.0);
+  EXPECT_DOUBLE_EQ(window.PerStep(window.router_seconds), 0.2);
+}
+
+TEST_F(RealText, CheckpointsNeedACheckpointer) {
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(Job("no_checkpointer", {"checkpoint.interval=5"}), options);
+  ASSERT_FALSE(summary.ok());
+  EXPECT_EQ(summary.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(summary.status().message().find("checkpoint.interval = 5"), std::string::npos)
+      << summary.status();
+}
+
+TEST_F(RealText, SavesAtEachIntervalAndTheLastStepWithTheSamplesConsumed) {
+  const JobSpec spec = Job("intervals", {"schedule.warmup_steps=1", "schedule.steps=7", "checkpoint.interval=3",
+                                         "schedule.eval_interval=0", "schedule.micro_batch_size=4",
+                                         "schedule.grad_accum_steps=2"});
+  RecordingCheckpointer checkpointer;
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(spec, options, nullptr, &checkpointer);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  ASSERT_EQ(checkpointer.saved.size(), 3u);
+  const int64_t samples_per_step = 4 * 2;
+  for (size_t i = 0; i < 3; ++i) {
+    const int64_t step = i < 2 ? 3 * (i + 1) : 7;
+    EXPECT_EQ(checkpointer.saved[i].step, step);
+    EXPECT_EQ(checkpointer.saved[i].consumed_samples, step * samples_per_step);
+  }
+  // The last save saw the final validation.
+  EXPECT_DOUBLE_EQ(checkpointer.saved.back().last_val_loss, summary->final_val_loss);
+  EXPECT_EQ(checkpointer.polls, 7) << "one poll per step boundary";
+  EXPECT_EQ(checkpointer.finishes, 1);
+  EXPECT_EQ(summary->last_checkpoint, "ckpt/step_7");
+  EXPECT_EQ(RecordsOfType(*dir_ / "intervals" / "metrics.jsonl", "checkpoint").size(), 3u);
+}
+
+TEST_F(RealText, BackgroundSavesAreReportedWhenTheyCommit) {
+  const JobSpec spec = Job("background", {"schedule.warmup_steps=1", "schedule.steps=4", "checkpoint.interval=2",
+                                          "schedule.eval_interval=0"});
+  RecordingCheckpointer checkpointer;
+  checkpointer.background = true;
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(spec, options, nullptr, &checkpointer);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  // Step 2's save commits at step 3's poll; step 4's at the end.
+  EXPECT_EQ(summary->last_checkpoint, "ckpt/step_4");
+  const auto records = RecordsOfType(*dir_ / "background" / "metrics.jsonl", "checkpoint");
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_NE(records[0].find("\"step\":2"), std::string::npos) << records[0];
+  EXPECT_NE(records[0].find("\"async\":true"), std::string::npos) << records[0];
+}
+
+TEST_F(RealText, AFailedBackgroundSaveStopsTraining) {
+  RecordingCheckpointer checkpointer;
+  checkpointer.poll_error = absl::DataLossError("rank 1: disk full");
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(Job("failed_save", {"schedule.warmup_steps=1", "schedule.steps=3"}), options, nullptr, &checkpointer);
+  ASSERT_FALSE(summary.ok());
+  EXPECT_EQ(summary.status().message(), "rank 1: disk full");
+  EXPECT_EQ(checkpointer.polls, 1);
+}
+
+TEST_F(RealText, AStopRequestSavesAfterTheStepInHandAndSavesNoModel) {
+  RecordingCheckpointer checkpointer;
+  std::atomic<bool> stop{true};
+  TrainOptions options;
+  options.quiet = true;
+  options.stop_requested = &stop;
+  auto summary = Train(Job("stopped", {"schedule.steps=50", "checkpoint.interval=0"}), options,
+                       nullptr, &checkpointer);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_TRUE(summary->stopped_early);
+  EXPECT_EQ(summary->steps, 1);
+  ASSERT_EQ(checkpointer.saved.size(), 1u);
+  EXPECT_EQ(checkpointer.saved[0].step, 1);
+  EXPECT_TRUE(summary->model_dir.empty());
+  EXPECT_FALSE(fs::exists(*dir_ / "stopped" / "model"));
+}
+
+TEST_F(RealText, AResumedRunContinuesFromTheRestoredStep) {
+  RecordingCheckpointer checkpointer;
+  checkpointer.restore.step = 5;
+  checkpointer.restore.consumed_samples = 5 * 16;
+  checkpointer.restore.best_val_loss = 0.5;  // better than this run will reach
+  TrainOptions options;
+  options.quiet = true;
+  options.resume = "somewhere/step_5";
+  auto summary = Train(Job("resumed", {"schedule.warmup_steps=1", "schedule.steps=8", "checkpoint.interval=0",
+                                    "logging.interval=1"}), options,
+                       nullptr, &checkpointer);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(checkpointer.loaded_from, "somewhere/step_5");
+  EXPECT_EQ(summary->first_step, 5);
+  EXPECT_EQ(summary->steps, 8);
+  EXPECT_DOUBLE_EQ(summary->best_val_loss, 0.5);
+  const auto records = RecordsOfType(*dir_ / "resumed" / "metrics.jsonl", "train");
+  ASSERT_FALSE(records.empty());
+  EXPECT_NE(records.front().find("\"step\":6"), std::string::npos) << records.front();
+
+  // A checkpoint at or past schedule.steps leaves nothing to train.
+  checkpointer.restore.step = 8;
+  auto done = Train(Job("resumed_done", {"schedule.warmup_steps=1", "schedule.steps=8", "checkpoint.interval=0"}), options,
+                    nullptr, &checkpointer);
+  ASSERT_FALSE(done.ok());
+  EXPECT_NE(done.status().message().find("nothing left to train"), std::string::npos)
+      << done.status();
+}
+
+TEST_F(RealText, StepsFollowTheScheduleAndLowerTheLoss) {
+  const JobSpec spec =
+      Job("steps", {"schedule.steps=40", "schedule.warmup_steps=4", "checkpoint.interval=0"});
+  TrainOptions options;
+  options.quiet = true;
+  auto trainer = Trainer::Create(spec, options, nullptr, nullptr);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  std::vector<double> losses;
+  for (int step = 0; step < 40; ++step) {
+    auto result = (*trainer)->Step(step);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_GT(result->grad_norm, 0);
+    EXPECT_GT(result->seconds, 0);
+    EXPECT_GE(result->seconds, result->forward_seconds);
+    EXPECT_DOUBLE_EQ(result->lr, LearningRate(spec, step));
+    losses.push_back(result->loss);
+  }
+  const double first = (losses[0] + losses[1]) / 2, last = (losses[38] + losses[39]) / 2;
+  EXPECT_LT(last, first - 0.5) << "40 steps on one text should lower the loss";
+}
 }  // namespace
 }  // namespace rmoe
