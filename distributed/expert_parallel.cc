@@ -49,57 +49,57 @@ ExpertParallelDispatcher::ExpertParallelDispatcher(std::shared_ptr<Communicator>
               ep_group_->size());
 }
 
-torch::Tensor ExpertParallelDispatcher::Dispatch(const torch::Tensor& x,
-                                                 const RoutingDecision& decision,
-                                                 int64_t capacity, ExpertBank& experts,
-                                                 DispatchPlan* plan) {
+DispatchedTokens ExpertParallelDispatcher::Dispatch(const torch::Tensor& x,
+                                                   const DispatchPlan& plan) {
   const int ranks = ep_group_->size();
   const int64_t local_experts = num_experts_ / ranks;
-  TORCH_CHECK(experts->num_experts() == local_experts &&
-                  experts->first_expert() == ep_group_->rank() * local_experts,
-              "this rank holds experts [", experts->first_expert(), ", ",
-              experts->first_expert() + experts->num_experts(), ") but expert parallelism over ",
-              ranks, " ranks gives it ", local_experts, " experts from ",
-              ep_group_->rank() * local_experts);
-
+  TORCH_CHECK(static_cast<int64_t>(plan.tokens_per_expert.size()) == num_experts_,
+              "the dispatch plan covers ", plan.tokens_per_expert.size(),
+              " experts; the expert-parallel group shares ", num_experts_);
+  DispatchedTokens out;
+  DispatchHandle& handle = out.handle;
   // Sorted by global expert is also sorted by destination rank: experts are contiguous.
-  *plan = PlanDispatch(decision, num_experts_, capacity);
-  std::vector<int64_t> send_splits(ranks, 0);
+  handle.send_splits.assign(ranks, 0);
   for (int64_t e = 0; e < num_experts_; ++e) {
-    send_splits[e / local_experts] += plan->tokens_per_expert[e];
+    handle.send_splits[e / local_experts] += plan.tokens_per_expert[e];
   }
   // recv_counts[s * L + e]: tokens rank s sends to local expert e here.
-  const std::vector<int64_t> recv_counts = ep_group_->AllToAllCounts(plan->tokens_per_expert);
-  std::vector<int64_t> recv_splits(ranks, 0);
+  const std::vector<int64_t> recv_counts = ep_group_->AllToAllCounts(plan.tokens_per_expert);
+  handle.recv_splits.assign(ranks, 0);
   for (int s = 0; s < ranks; ++s) {
-    for (int64_t e = 0; e < local_experts; ++e) recv_splits[s] += recv_counts[s * local_experts + e];
+    for (int64_t e = 0; e < local_experts; ++e) {
+      handle.recv_splits[s] += recv_counts[s * local_experts + e];
+    }
   }
-
-  auto received = AllToAllWithGrad(*ep_group_, x.index_select(0, plan->token), send_splits,
-                                   recv_splits);
+  auto received = AllToAllWithGrad(*ep_group_, x.index_select(0, plan.token),
+                                   handle.send_splits, handle.recv_splits);
 
   // Arrivals are ordered (source rank, expert); the experts want (expert, source rank).
   std::vector<int64_t> order;
-  order.reserve(Sum(recv_splits));
+  order.reserve(Sum(handle.recv_splits));
   std::vector<int64_t> block_start(recv_counts.size());
   std::partial_sum(recv_counts.begin(), recv_counts.end() - 1, block_start.begin() + 1);
-  std::vector<int64_t> tokens_per_local_expert(local_experts, 0);
+  out.tokens_per_expert.assign(local_experts, 0);
   for (int64_t e = 0; e < local_experts; ++e) {
     for (int s = 0; s < ranks; ++s) {
       const int64_t block = s * local_experts + e;
       for (int64_t i = 0; i < recv_counts[block]; ++i) order.push_back(block_start[block] + i);
-      tokens_per_local_expert[e] += recv_counts[block];
+      out.tokens_per_expert[e] += recv_counts[block];
     }
   }
-  auto by_expert = torch::tensor(order, torch::kLong).to(x.device());
-  auto expert_out = experts->forward(received.index_select(0, by_expert), tokens_per_local_expert);
-  auto by_source = torch::empty_like(by_expert);
-  by_source.index_put_({by_expert}, torch::arange(by_expert.size(0), by_expert.options()));
-  auto returned = AllToAllWithGrad(*ep_group_, expert_out.index_select(0, by_source),
-                                   recv_splits, send_splits);
+  handle.by_expert = torch::tensor(order, torch::kLong).to(x.device());
+  out.rows = received.index_select(0, handle.by_expert);
+  return out;
+}
 
-  auto weighted = returned * plan->weight.unsqueeze(1).to(returned.scalar_type());
-  return torch::zeros_like(x).index_add(0, plan->token, weighted);
+torch::Tensor ExpertParallelDispatcher::Combine(const torch::Tensor& expert_out,
+                                                const DispatchHandle& handle) {
+  // Undo the regrouping by expert, then send each row back to the rank it came from.
+  auto by_source = torch::empty_like(handle.by_expert);
+  by_source.index_put_({handle.by_expert},
+                       torch::arange(handle.by_expert.size(0), handle.by_expert.options()));
+  return AllToAllWithGrad(*ep_group_, expert_out.index_select(0, by_source), handle.recv_splits,
+                          handle.send_splits);
 }
 
 namespace {

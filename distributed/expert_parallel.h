@@ -21,15 +21,16 @@ torch::Tensor AllToAllWithGrad(Communicator& comm, const torch::Tensor& x,
                                const std::vector<int64_t>& recv_splits);
 
 // The expert-parallel twin of LocalDispatcher, behind the same interface:
-//   plan (sort by global expert, capacity) -> exchange per-expert counts -> send tokens to
-//   their experts' ranks -> regroup by local expert -> run the local experts -> undo the
-//   regrouping -> send results back -> weight and combine.
-// Capacity decisions are made before any exchange, so they equal a single rank's.
+//   Dispatch: exchange per-expert counts -> send tokens to their experts' ranks -> regroup
+//             by local expert;
+//   Combine:  undo the regrouping -> send results back to the ranks they came from.
+// The plan (and so every capacity decision) is made before any exchange, from the
+// layer's global experts, so it equals a single rank's.
 class ExpertParallelDispatcher : public Dispatcher {
  public:
   ExpertParallelDispatcher(std::shared_ptr<Communicator> ep_group, int64_t num_experts);
-  torch::Tensor Dispatch(const torch::Tensor& x, const RoutingDecision& decision, int64_t capacity,
-                         ExpertBank& experts, DispatchPlan* plan) override;
+  DispatchedTokens Dispatch(const torch::Tensor& x, const DispatchPlan& plan) override;
+  torch::Tensor Combine(const torch::Tensor& expert_out, const DispatchHandle& handle) override;
 
  private:
   std::shared_ptr<Communicator> ep_group_;

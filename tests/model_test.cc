@@ -209,8 +209,8 @@ TEST(ExpertBank, DispatchMatchesNaivePerTokenLoop) {
   RoutingDecision decision;
   decision.expert_index = torch::stack({torch::randint(5, {tokens}), torch::randint(5, {tokens})}, 1);
   decision.weight = torch::rand({tokens, top_k});
-  DispatchPlan plan;
-  auto y = dispatcher.Dispatch(x, decision, /*capacity=*/0, experts, &plan);
+  const DispatchPlan plan = PlanDispatch(decision, 5, /*capacity=*/0);
+  auto y = RunExperts(dispatcher, x, plan, experts);
 
   auto expected = torch::zeros_like(x);
   for (int64_t n = 0; n < tokens; ++n) {
@@ -230,8 +230,8 @@ TEST(ExpertBank, EveryTokenToOneExpertAndEmptyExperts) {
   LocalDispatcher dispatcher;
   auto x = torch::randn({9, 5});
   RoutingDecision decision{torch::full({9, 1}, 2, torch::kLong), torch::ones({9, 1})};
-  DispatchPlan plan;
-  auto y = dispatcher.Dispatch(x, decision, 0, experts, &plan);
+  const DispatchPlan plan = PlanDispatch(decision, 4, 0);
+  auto y = RunExperts(dispatcher, x, plan, experts);
   EXPECT_EQ(plan.tokens_per_expert, (std::vector<int64_t>{0, 0, 9, 0}));
   EXPECT_TRUE(torch::allclose(y, NaiveSwiGLU(x, experts->w1[2], experts->w3[2], experts->w2[2]),
                               1e-5, 1e-6));

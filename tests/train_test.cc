@@ -309,7 +309,9 @@ TEST(LoggingWindow, SumsStepsAndReportsMeansPerStep) {
   EXPECT_EQ(window.PerStep(window.seconds), 0);
   StepResult a, b;
   a.seconds = 1.0, a.forward_seconds = 0.5, a.router_seconds = 0.1;
+  a.expert_seconds = 0.2, a.dispatch_seconds = 0.05;
   b.seconds = 3.0, b.forward_seconds = 1.5, b.router_seconds = 0.3;
+  b.expert_seconds = 0.6, b.dispatch_seconds = 0.15;
   window.Add(a, 100, 0.2);
   window.Add(b, 100, 0.4);
   EXPECT_EQ(window.steps, 2);
@@ -318,6 +320,8 @@ TEST(LoggingWindow, SumsStepsAndReportsMeansPerStep) {
   EXPECT_DOUBLE_EQ(window.PerStep(window.comm_seconds), 0.3);
   EXPECT_DOUBLE_EQ(window.PerStep(window.forward_seconds), 1.0);
   EXPECT_DOUBLE_EQ(window.PerStep(window.router_seconds), 0.2);
+  EXPECT_DOUBLE_EQ(window.PerStep(window.expert_seconds), 0.4);
+  EXPECT_DOUBLE_EQ(window.PerStep(window.dispatch_seconds), 0.1);
 }
 
 TEST_F(RealText, CheckpointsNeedACheckpointer) {

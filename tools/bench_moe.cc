@@ -158,10 +158,10 @@ struct LayerUnderTest {
     } else {
       auto logits = layer->router().forward(x, carry, nullptr);
       auto decision = Route(logits, nullptr);
-      DispatchPlan plan;
       LocalDispatcher dispatcher;
       auto flat = x.reshape({-1, x.size(-1)});
-      y = dispatcher.Dispatch(flat, decision, 0, layer->experts(), &plan).view_as(x);
+      y = RunExperts(dispatcher, flat, PlanDispatch(decision, experts, 0), layer->experts())
+              .view_as(x);
     }
     y.backward(grad_y);
   }

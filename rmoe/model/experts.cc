@@ -161,13 +161,24 @@ DispatchPlan PlanDispatch(const RoutingDecision& decision, int64_t num_experts,
   return plan;
 }
 
-torch::Tensor LocalDispatcher::Dispatch(const torch::Tensor& x, const RoutingDecision& decision,
-                                        int64_t capacity, ExpertBank& experts,
-                                        DispatchPlan* plan) {
-  *plan = PlanDispatch(decision, experts->num_experts(), capacity);
-  auto expert_out = experts->forward(x.index_select(0, plan->token), plan->tokens_per_expert);
-  auto weighted = expert_out * plan->weight.unsqueeze(1).to(expert_out.scalar_type());
-  return torch::zeros_like(x).index_add(0, plan->token, weighted);
+DispatchedTokens LocalDispatcher::Dispatch(const torch::Tensor& x, const DispatchPlan& plan) {
+  DispatchedTokens out;
+  out.rows = x.index_select(0, plan.token);
+  out.tokens_per_expert = plan.tokens_per_expert;
+  return out;
+}
+
+torch::Tensor WeightedCombine(const torch::Tensor& rows, const DispatchPlan& plan,
+                              int64_t num_tokens) {
+  auto weighted = rows * plan.weight.unsqueeze(1).to(rows.scalar_type());
+  return torch::zeros({num_tokens, rows.size(1)}, rows.options()).index_add(0, plan.token, weighted);
+}
+
+torch::Tensor RunExperts(Dispatcher& dispatcher, const torch::Tensor& x, const DispatchPlan& plan,
+                         ExpertBank& experts) {
+  auto dispatched = dispatcher.Dispatch(x, plan);
+  auto expert_out = experts->forward(dispatched.rows, dispatched.tokens_per_expert);
+  return WeightedCombine(dispatcher.Combine(expert_out, dispatched.handle), plan, x.size(0));
 }
 
 }  // namespace rmoe

@@ -66,20 +66,51 @@ int64_t ExpertCapacity(double capacity_factor, int64_t num_tokens, int64_t top_k
 DispatchPlan PlanDispatch(const RoutingDecision& decision, int64_t num_experts,
                           int64_t capacity);
 
+// Where dispatch put the rows of a plan, for combine to bring them back. The local
+// dispatcher needs none of it; the expert-parallel one fills it.
+struct DispatchHandle {
+  std::vector<int64_t> send_splits;  // rows sent to each rank of the expert-parallel group
+  std::vector<int64_t> recv_splits;  // rows received from each
+  torch::Tensor by_expert;           // received row -> row of the experts' input
+};
+
+// The experts' input: rows grouped by the experts held here.
+struct DispatchedTokens {
+  torch::Tensor rows;                      // [M, D]
+  std::vector<int64_t> tokens_per_expert;  // rows per local expert, in order
+  DispatchHandle handle;
+};
+
+// Moves tokens to the experts that hold them and the experts' outputs back, in two
+// separate steps so that communication and expert time can be measured (and later
+// overlapped) apart:
+//   plan (PlanDispatch) -> Dispatch -> ExpertBank::forward -> Combine -> WeightedCombine.
 class Dispatcher {
  public:
   virtual ~Dispatcher() = default;
-  // x: [N, D]. Returns sum_j weight[n, j] * expert_{index[n, j]}(x[n]) for each token
-  // (dropped assignments contribute nothing), and fills `plan` for metrics.
-  virtual torch::Tensor Dispatch(const torch::Tensor& x, const RoutingDecision& decision,
-                                 int64_t capacity, ExpertBank& experts, DispatchPlan* plan) = 0;
+  // x: [N, D]; `plan` over the layer's global experts.
+  virtual DispatchedTokens Dispatch(const torch::Tensor& x, const DispatchPlan& plan) = 0;
+  // The experts' output rows [M, D] -> one row per kept assignment of the plan, in plan
+  // order ([plan.token.size(0), D]).
+  virtual torch::Tensor Combine(const torch::Tensor& expert_out, const DispatchHandle& handle) = 0;
 };
 
-// Every expert lives in this process: permute, run grouped, weight, scatter-add back.
+// Every expert lives in this process: rows in plan order are already grouped by expert.
 class LocalDispatcher : public Dispatcher {
  public:
-  torch::Tensor Dispatch(const torch::Tensor& x, const RoutingDecision& decision,
-                         int64_t capacity, ExpertBank& experts, DispatchPlan* plan) override;
+  DispatchedTokens Dispatch(const torch::Tensor& x, const DispatchPlan& plan) override;
+  torch::Tensor Combine(const torch::Tensor& expert_out, const DispatchHandle& handle) override {
+    return expert_out;
+  }
 };
+
+// sum_j weight[n, j] * rows of token n: the plan-ordered rows of Combine scattered back to
+// their tokens ([num_tokens, D]); dropped assignments contribute nothing.
+torch::Tensor WeightedCombine(const torch::Tensor& rows, const DispatchPlan& plan,
+                              int64_t num_tokens);
+
+// The whole path for callers that need no timing: dispatch, run `experts`, combine, weight.
+torch::Tensor RunExperts(Dispatcher& dispatcher, const torch::Tensor& x, const DispatchPlan& plan,
+                         ExpertBank& experts);
 
 }  // namespace rmoe

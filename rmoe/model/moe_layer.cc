@@ -3,6 +3,13 @@
 #include <chrono>
 
 namespace rmoe {
+namespace {
+
+double Seconds(std::chrono::steady_clock::duration duration) {
+  return std::chrono::duration<double>(duration).count();
+}
+
+}  // namespace
 
 TopKRouting RouteTopK(const torch::Tensor& logits, int64_t top_k, bool renormalize) {
   TopKRouting routing;
@@ -43,15 +50,21 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouterCarry& carry,
   const int64_t top_k = spec_.top_k();
   const auto router_start = std::chrono::steady_clock::now();
   auto logits = router_->forward(x, carry, token_state);
-  const double router_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - router_start).count();
+  const double router_seconds = Seconds(std::chrono::steady_clock::now() - router_start);
   auto routing = RouteTopK(logits, top_k, spec_.renormalize());
 
   auto flat = x.reshape({-1, x.size(-1)});
   const int64_t capacity =
       ExpertCapacity(spec_.capacity_factor(), flat.size(0), top_k, spec_.num_experts());
-  DispatchPlan plan;
-  auto routed = dispatcher_->Dispatch(flat, routing.decision, capacity, experts_, &plan);
+  const DispatchPlan plan = PlanDispatch(routing.decision, spec_.num_experts(), capacity);
+  const auto dispatch_start = std::chrono::steady_clock::now();
+  auto dispatched = dispatcher_->Dispatch(flat, plan);
+  const auto experts_start = std::chrono::steady_clock::now();
+  auto expert_out = experts_->forward(dispatched.rows, dispatched.tokens_per_expert);
+  const auto combine_start = std::chrono::steady_clock::now();
+  auto rows = dispatcher_->Combine(expert_out, dispatched.handle);
+  const auto combine_end = std::chrono::steady_clock::now();
+  auto routed = WeightedCombine(rows, plan, flat.size(0));
   auto y = routed.view_as(x);
   if (!shared_expert_.is_empty()) {
     y = spec_.moe_weight() * y + spec_.shared_expert_weight() * shared_expert_(x);
@@ -73,6 +86,8 @@ MoEOutput MoELayerImpl::forward(const torch::Tensor& x, RouterCarry& carry,
   out.dropped = plan.dropped;
   out.assignments = flat.size(0) * top_k;
   out.router_seconds = router_seconds;
+  out.expert_seconds = Seconds(combine_start - experts_start);
+  out.dispatch_seconds = Seconds(experts_start - dispatch_start) + Seconds(combine_end - combine_start);
   return out;
 }
 

@@ -1,5 +1,5 @@
-// One MoE layer: router -> top-k -> dispatcher -> stacked SwiGLU experts -> weighted
-// combine, plus an optional shared expert and the router's auxiliary losses.
+// One MoE layer: router -> top-k -> plan -> dispatch -> stacked SwiGLU experts -> combine ->
+// weighted sum, plus an optional shared expert and the router's auxiliary losses.
 #pragma once
 
 #include <memory>
@@ -25,6 +25,10 @@ struct MoEOutput {
   // Wall time of the router's forward (logits only; top-k and the losses excluded). CPU
   // kernels run synchronously, so this is the router's cost; on CUDA it is launch time.
   double router_seconds = 0;
+  // Wall time of the experts' forward, and of moving tokens to them and back (dispatch and
+  // combine: the all-to-alls with expert parallelism). Same caveat on CUDA.
+  double expert_seconds = 0;
+  double dispatch_seconds = 0;
 };
 
 // Computes top-k routing from router logits [N, E]: probabilities in the logits' dtype,

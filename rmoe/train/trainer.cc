@@ -117,6 +117,8 @@ void LoggingWindow::Add(const StepResult& step, int64_t step_tokens, double step
   comm_seconds += step_comm_seconds;
   forward_seconds += step.forward_seconds;
   router_seconds += step.router_seconds;
+  expert_seconds += step.expert_seconds;
+  dispatch_seconds += step.dispatch_seconds;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -302,7 +304,11 @@ absl::StatusOr<StepResult> Trainer::Step(int step) {
     const auto forward_start = std::chrono::steady_clock::now();
     result.output = model_->forward(inputs);
     result.forward_seconds += SecondsSince(forward_start);
-    for (const auto& moe : result.output.moe) result.router_seconds += moe.router_seconds;
+    for (const auto& moe : result.output.moe) {
+      result.router_seconds += moe.router_seconds;
+      result.expert_seconds += moe.expert_seconds;
+      result.dispatch_seconds += moe.dispatch_seconds;
+    }
     auto lm_loss = LanguageModelLoss(result.output.logits, targets);
     // Averaged over ranks so that every rank sees a divergence and stops together.
     const double lm_value = runtime_.Average(lm_loss.item<double>());
@@ -339,11 +345,14 @@ void Trainer::LogTrainRecord(int done, const StepResult& result) {
                       .Add("tokens_per_s", tokens_per_second_)
                       .Add("gflops_per_s", tokens_per_second_ * flops_per_token_ / 1e9)
                       // Means over the steps since the last record: step time, and of it
-                      // communication (this rank's view), forward passes, routers.
+                      // communication (this rank's view), forward passes, and in them the
+                      // routers, the experts and the token dispatch and combine.
                       .Add("step_s", window.PerStep(window.seconds))
                       .Add("comm_s", window.PerStep(window.comm_seconds))
                       .Add("forward_s", window.PerStep(window.forward_seconds))
                       .Add("router_s", window.PerStep(window.router_seconds))
+                      .Add("experts_s", window.PerStep(window.expert_seconds))
+                      .Add("dispatch_s", window.PerStep(window.dispatch_seconds))
                       .Add("tokens", static_cast<int64_t>(done) * tokens_per_step_)
                       .Add("elapsed_s", train_seconds_)
                       .AddRaw("moe", MoEMetricsJson(result.output, spec_.model())));

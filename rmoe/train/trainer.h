@@ -66,6 +66,8 @@ struct StepResult {
   double seconds = 0;
   double forward_seconds = 0;  // the model's forward passes
   double router_seconds = 0;   // the routers' forward, all MoE layers
+  double expert_seconds = 0;   // the experts' forward, all MoE layers
+  double dispatch_seconds = 0;  // moving tokens to the experts and back, all MoE layers
   ModelOutput output;          // of the last micro-batch, for the routing metrics
 };
 
@@ -74,6 +76,7 @@ struct LoggingWindow {
   int steps = 0;
   int64_t tokens = 0;
   double seconds = 0, comm_seconds = 0, forward_seconds = 0, router_seconds = 0;
+  double expert_seconds = 0, dispatch_seconds = 0;
 
   void Add(const StepResult& step, int64_t step_tokens, double step_comm_seconds);
   double TokensPerSecond() const { return seconds > 0 ? tokens / seconds : 0; }
