@@ -6,6 +6,10 @@
 
 namespace rmoe {
 
+torch::ScalarType FullPrecisionType(torch::ScalarType activation_dtype) {
+  return activation_dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
 InitScales InitScales::FromSpec(const ModelSpec& model) {
   InitScales scales;
   scales.std = model.init_std();

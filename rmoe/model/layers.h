@@ -25,6 +25,9 @@ class LowPrecisionMatmulGuard {
  private:
   std::optional<torch::ScalarType> previous_;
 };
+// The dtype of what must not lose precision whatever the activations' dtype: the routers'
+// math, the logits and the losses. fp32, or fp64 for a double model.
+torch::ScalarType FullPrecisionType(torch::ScalarType activation_dtype);
 // The dtype products run in under the innermost guard, or none.
 std::optional<torch::ScalarType> LowPrecisionMatmulDtype();
 // `t` cast to that dtype (unchanged when no guard is active or `t` is not floating point).

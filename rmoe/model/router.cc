@@ -6,10 +6,6 @@
 
 namespace rmoe {
 
-torch::ScalarType RouterComputeType(torch::ScalarType dtype) {
-  return dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
-}
-
 namespace {
 
 int64_t GateCount(RouterSpec::Cell cell) { return cell == RouterSpec::GRU ? 3 : 1; }
@@ -82,7 +78,7 @@ class LinearRouter : public Router {
         "gate", NormalWeight(model.moe().num_experts(), model.d_model(), init.std));
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor*) override {
-    auto flat = x.reshape({-1, x.size(-1)}).to(RouterComputeType(x.scalar_type()));
+    auto flat = x.reshape({-1, x.size(-1)}).to(FullPrecisionType(x.scalar_type()));
     return LinearNoBias(flat, gate_);
   }
 
@@ -99,7 +95,7 @@ class LayerRecurrentRouter : public Router {
         "gate", RecurrentRouterWeight(model.router(), model.moe().num_experts(), hidden));
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor*) override {
-    auto flat = x.reshape({-1, x.size(-1)}).to(RouterComputeType(x.scalar_type()));
+    auto flat = x.reshape({-1, x.size(-1)}).to(FullPrecisionType(x.scalar_type()));
     auto input_gates = cell_->ProjectInput(LinearNoBias(flat, proj_));
     carry.layer_state = cell_->Step(input_gates, carry.layer_state);
     return LinearNoBias(carry.layer_state, gate_);
@@ -121,7 +117,7 @@ class TokenRecurrentRouter : public Router {
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor* token_state) override {
     const int64_t batch = x.size(0), steps = x.size(1);
-    auto input = x.to(RouterComputeType(x.scalar_type()));
+    auto input = x.to(FullPrecisionType(x.scalar_type()));
     // Everything that does not depend on h is batched over all tokens up front.
     auto input_gates = cell_->ProjectInput(LinearNoBias(input, proj_));  // [B, T, G*H]
     auto states = cell_->Scan(input_gates, token_state ? *token_state : torch::Tensor());

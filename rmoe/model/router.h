@@ -20,9 +20,6 @@
 
 namespace rmoe {
 
-// The dtype router math uses for activations of type `dtype`.
-torch::ScalarType RouterComputeType(torch::ScalarType dtype);
-
 // State that flows between routers during one forward pass.
 struct RouterCarry {
   // Layer recurrence: [B*T, H], the state left by the previous MoE layer; undefined before
@@ -53,7 +50,7 @@ TORCH_MODULE(RecurrentCell);
 
 class Router : public torch::nn::Module {
  public:
-  // x: [B, T, D]. Returns logits [B*T, E] in RouterComputeType(x). `token_state`, when
+  // x: [B, T, D]. Returns logits [B*T, E] in FullPrecisionType(x). `token_state`, when
   // given, is the token-recurrent router's [B, H] state from earlier decoding steps,
   // replaced by the state after this call's last position (ignored by other routers).
   virtual torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry,

@@ -33,12 +33,12 @@ BlockImpl::BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, RouterCarry& carry, KVCache* kv_cache,
-                                 torch::Tensor* router_state,
+                                 torch::Tensor* router_token_state,
                                  std::vector<MoEOutput>* moe_outputs) {
   auto h = x + attn_(attn_norm_(x), kv_cache);
   auto normed = ffn_norm_(h);
   if (moe_.is_empty()) return h + ffn_(normed);
-  auto moe_out = moe_(normed, carry, router_state);
+  auto moe_out = moe_(normed, carry, router_token_state);
   h = h + moe_out.y;
   moe_outputs->push_back(std::move(moe_out));
   return h;
@@ -73,7 +73,7 @@ TransformerImpl::TransformerImpl(const ModelSpec& model) : spec_(model) {
 DecodeCache TransformerImpl::NewCache() const {
   DecodeCache cache;
   cache.attention.resize(blocks_.size());
-  cache.router_state.resize(blocks_.size());
+  cache.router_token_state.resize(blocks_.size());
   return cache;
 }
 
@@ -84,12 +84,12 @@ ModelOutput TransformerImpl::forward(const torch::Tensor& tokens, DecodeCache* c
   ModelOutput out;
   for (size_t layer = 0; layer < blocks_.size(); ++layer) {
     x = blocks_[layer]->forward(x, carry, cache ? &cache->attention[layer] : nullptr,
-                                cache ? &cache->router_state[layer] : nullptr, &out.moe);
+                                cache ? &cache->router_token_state[layer] : nullptr, &out.moe);
   }
   x = final_norm_(x);
   const auto& head_weight = lm_head_.is_empty() ? embedding_->weight : lm_head_->weight;
   // Logits and the loss stay in fp32 even when activations are lower precision.
-  auto logits_type = RouterComputeType(x.scalar_type());
+  auto logits_type = FullPrecisionType(x.scalar_type());
   out.logits = torch::matmul(x, head_weight.t()).to(logits_type);
 
   out.router_loss = torch::zeros({}, x.options().dtype(logits_type));

@@ -18,7 +18,7 @@ namespace rmoe {
 // Everything generation carries from one decoding step to the next.
 struct DecodeCache {
   std::vector<KVCache> attention;            // per layer
-  std::vector<torch::Tensor> router_state;   // per layer: token-recurrent router state [B, H]
+  std::vector<torch::Tensor> router_token_state;  // per layer: token-recurrent state [B, H]
   int64_t length() const { return attention.empty() ? 0 : attention.front().length(); }
 };
 
@@ -36,7 +36,8 @@ class BlockImpl : public torch::nn::Module {
             RecurrentCell shared_router_cell);
   // Appends this block's MoE output (if it is an MoE block) to `moe_outputs`.
   torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, KVCache* kv_cache,
-                        torch::Tensor* router_state, std::vector<MoEOutput>* moe_outputs);
+                        torch::Tensor* router_token_state,
+                        std::vector<MoEOutput>* moe_outputs);
   bool is_moe() const { return !moe_.is_empty(); }
   MoELayer& moe() { return moe_; }
 
