@@ -2,11 +2,29 @@
 // the whole by global shapes, and a marker written last commits it. Loading reads, for the
 // layout at hand, whatever rows each rank needs, whichever layout saved them.
 //
-//   <root>/step_00000120/shard_00003.bin   rank 3's pieces, back to back
-//   <root>/step_00000120/manifest.pb       framed CheckpointManifest (proto/checkpoint.proto)
-//   <root>/step_00000120/COMMITTED         written after every shard and the manifest are
-//                                          durable; without it the directory is not a checkpoint
-//   <root>/latest                          the committed step directory's name, replaced atomically
+// On-disk layout of one checkpoint (docs/checkpoints.md has the full story):
+//
+//   <root>/step_<step:08d>/shard_<rank:05d>.bin
+//       The rows this rank writes (ShardedTensor::write), one piece per tensor, back to back
+//       with no padding, in the order the tensors were passed. Raw little-endian element
+//       bytes of the contiguous tensor (C order). A rank that writes nothing writes no file.
+//   <root>/step_<step:08d>/manifest.pb
+//       The CheckpointManifest (proto/checkpoint.proto), framed so that truncation and
+//       corruption are detected (all integers little-endian):
+//         offset  size  field
+//              0     8  magic "RMOECKPT"
+//              8     4  uint32 format version (= manifest.format_version)
+//             12     8  uint64 payload length N
+//             20     N  payload: the binary-serialised CheckpointManifest
+//           20+N     4  uint32 CRC-32C of the payload
+//       The file is exactly 24 + N bytes; anything else is an error.
+//   <root>/step_<step:08d>/COMMITTED
+//       Written last; its presence makes the directory a checkpoint. Contents: "step N\n".
+//   <root>/latest
+//       The name of the newest committed step directory plus "\n", replaced atomically.
+//
+// How a save commits (the protocol, step by step) is described in checkpoint_writer.cc;
+// checkpoint_reader.cc reads, checkpoint_manifest.cc frames and checks the manifest.
 #pragma once
 
 #include <cstdint>
