@@ -14,8 +14,8 @@
 //      doubles as the error flag exchange).
 //   3. Rank 0 merges the records, checks that every tensor's rows are covered exactly once,
 //      copies CheckpointState::extra_files into the directory (fsynced; not checksummed),
-//      writes and fsyncs manifest.pb and the directory. [Test hook: with
-//      RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S=<seconds> in the environment rank 0 sleeps here.]
+//      writes and fsyncs manifest.pb and the directory. [Test hook: rank 0 sleeps here for
+//      CheckpointWriteOptions::pause_before_commit_seconds.]
 //      Everyone learns whether that worked (the barrier before the commit).
 //   4. Rank 0 writes COMMITTED (fsync file and directory), replaces <root>/latest
 //      (latest.tmp, fsync, rename, fsync root), then deletes committed checkpoints beyond
@@ -58,9 +58,6 @@ using namespace checkpoint_internal;  // NOLINT(build/namespaces)
 namespace {
 
 namespace fs = std::filesystem;
-
-constexpr char kPauseEnv[] = "RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S";
-constexpr char kWriteDelayEnv[] = "RMOE_CKPT_TEST_DELAY_BACKGROUND_WRITE_S";
 
 // ------------------------------------------------------------------------------------------
 // collective agreement
@@ -253,16 +250,6 @@ absl::Status CopyExtraFiles(const std::string& dir, const std::vector<std::strin
 // ------------------------------------------------------------------------------------------
 // committing
 
-double EnvSeconds(const char* name) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const double seconds = std::strtod(value, &end);
-  return (end != value && seconds > 0) ? seconds : 0;
-}
-
-double PauseSeconds() { return EnvSeconds(kPauseEnv); }
-
 // The step directory `root`'s resolution currently returns, if any.
 std::string CurrentCheckpointName(const std::string& root) {
   auto current = ResolveCheckpoint(root);
@@ -366,20 +353,20 @@ int64_t ShardBytes(const std::vector<std::string>& partials) {
 struct PendingCheckpoint::Impl {
   std::string root, dir, what;
   CheckpointState state;
-  int keep_last = 0;
+  CheckpointWriteOptions options;
   ShardJob shard;
   // Written by the writer before `done` is set; read by the owner after joining it.
   absl::Status status;
   std::atomic<bool> done{false};
   std::thread writer;
-  double test_delay_seconds = 0;  // kWriteDelayEnv, read on the caller's thread
+  double write_delay_seconds = 0;  // the test hook, for a background write only
   bool finished = false;
   int64_t total_bytes = 0;
 
   // The shard write, on whichever thread runs it: no collective calls.
   void Write() {
-    if (test_delay_seconds > 0)
-      std::this_thread::sleep_for(std::chrono::duration<double>(test_delay_seconds));
+    if (write_delay_seconds > 0)
+      std::this_thread::sleep_for(std::chrono::duration<double>(write_delay_seconds));
     try {
       status = WriteShardFile(&shard);
     } catch (const std::exception& e) {  // c10::Error, std::bad_alloc
@@ -407,11 +394,11 @@ struct PendingCheckpoint::Impl {
     if (auto s = MergeManifests(partials, &manifest); !s.ok()) return s;
     if (auto s = CopyExtraFiles(dir, state.extra_files); !s.ok()) return s;
     if (auto s = WriteManifest(dir, manifest); !s.ok()) return s;
-    if (const double pause = PauseSeconds(); pause > 0) {
+    if (const double pause = options.pause_before_commit_seconds; pause > 0) {
       std::fprintf(stderr,
-                   "rmoe checkpoint: test hook %s: manifest of %s written, pausing %g s before "
-                   "the commit\n",
-                   kPauseEnv, dir.c_str(), pause);
+                   "rmoe checkpoint: test hook pause_before_commit_seconds: manifest of %s "
+                   "written, pausing %g s before the commit\n",
+                   dir.c_str(), pause);
       std::fflush(stderr);
       std::this_thread::sleep_for(std::chrono::duration<double>(pause));
     }
@@ -422,7 +409,7 @@ struct PendingCheckpoint::Impl {
   absl::Status CommitAndPrune() {
     if (auto s = Commit(root, dir, state.step); !s.ok()) return s;
     try {
-      Prune(root, state.step, keep_last);
+      Prune(root, state.step, options.keep_last);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "rmoe checkpoint: warning: pruning %s: %s\n", root.c_str(), e.what());
     }
@@ -444,15 +431,16 @@ int64_t PendingCheckpoint::total_bytes() const { return impl_->total_bytes; }
 
 absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
     const std::string& root, const CheckpointState& state,
-    const std::vector<ShardedTensor>& tensors, Communicator& world, int keep_last,
-    bool background) {
+    const std::vector<ShardedTensor>& tensors, Communicator& world,
+    const CheckpointWriteOptions& options) {
+  const bool background = options.background;
   const int rank = world.rank();
   auto impl = std::make_unique<PendingCheckpoint::Impl>();
   impl->root = root;
   impl->dir = JoinPath(root, StepDirName(state.step));
   impl->what = absl::StrCat("saving checkpoint ", impl->dir);
   impl->state = state;
-  impl->keep_last = keep_last;
+  impl->options = options;
 
   // 1. The step directory.
   absl::Status status = absl::OkStatus();
@@ -479,7 +467,7 @@ absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
     impl->done.store(true);
   } else if (background) {
     // Test hook: the background write starts this much later (training goes on meanwhile).
-    impl->test_delay_seconds = EnvSeconds(kWriteDelayEnv);
+    impl->write_delay_seconds = options.delay_background_write_seconds;
     try {
       impl->writer = std::thread([p = impl.get()] { p->Write(); });
     } catch (const std::system_error&) {
@@ -532,10 +520,21 @@ absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint& pending, Communi
 
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
                                            const std::vector<ShardedTensor>& tensors,
-                                           Communicator& world, int keep_last) {
-  auto pending = BeginCheckpoint(root, state, tensors, world, keep_last, /*background=*/false);
+                                           Communicator& world,
+                                           const CheckpointWriteOptions& options) {
+  CheckpointWriteOptions synchronous = options;
+  synchronous.background = false;  // it would wait for the write at once anyway
+  auto pending = BeginCheckpoint(root, state, tensors, world, synchronous);
   if (!pending.ok()) return pending.status();
   return FinishCheckpoint(**pending, world);
+}
+
+absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
+                                           const std::vector<ShardedTensor>& tensors,
+                                           Communicator& world, int keep_last) {
+  CheckpointWriteOptions options;
+  options.keep_last = keep_last;
+  return SaveCheckpoint(root, state, tensors, world, options);
 }
 
 }  // namespace rmoe::distributed

@@ -218,7 +218,8 @@ absl::StatusOr<std::string> DistributedRuntime::SaveCheckpoint(const JobSpec& jo
     }
   }
   auto pending = BeginCheckpoint(CheckpointRoot(job), state, StateTensors(model, optimizer, false),
-                                 *groups_.world, job.checkpoint().keep_last(), async);
+                                 *groups_.world,
+                                 CheckpointWriteOptions{job.checkpoint().keep_last(), async});
   if (!pending.ok()) return pending.status();
   const std::string dir = (*pending)->dir();
   in_flight_ = InFlight{*std::move(pending), start, SecondsSince(start), async};
