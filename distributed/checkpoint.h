@@ -2,11 +2,29 @@
 // the whole by global shapes, and a marker written last commits it. Loading reads, for the
 // layout at hand, whatever rows each rank needs, whichever layout saved them.
 //
-//   <root>/step_00000120/shard_00003.bin   rank 3's pieces, back to back
-//   <root>/step_00000120/manifest.pb       framed CheckpointManifest (proto/checkpoint.proto)
-//   <root>/step_00000120/COMMITTED         written after every shard and the manifest are
-//                                          durable; without it the directory is not a checkpoint
-//   <root>/latest                          the committed step directory's name, replaced atomically
+// On-disk layout of one checkpoint (docs/checkpoints.md has the full story):
+//
+//   <root>/step_<step:08d>/shard_<rank:05d>.bin
+//       The rows this rank writes (ShardedTensor::write), one piece per tensor, back to back
+//       with no padding, in the order the tensors were passed. Raw little-endian element
+//       bytes of the contiguous tensor (C order). A rank that writes nothing writes no file.
+//   <root>/step_<step:08d>/manifest.pb
+//       The CheckpointManifest (proto/checkpoint.proto), framed so that truncation and
+//       corruption are detected (all integers little-endian):
+//         offset  size  field
+//              0     8  magic "RMOECKPT"
+//              8     4  uint32 format version (= manifest.format_version)
+//             12     8  uint64 payload length N
+//             20     N  payload: the binary-serialised CheckpointManifest
+//           20+N     4  uint32 CRC-32C of the payload
+//       The file is exactly 24 + N bytes; anything else is an error.
+//   <root>/step_<step:08d>/COMMITTED
+//       Written last; its presence makes the directory a checkpoint. Contents: "step N\n".
+//   <root>/latest
+//       The name of the newest committed step directory plus "\n", replaced atomically.
+//
+// How a save commits (the protocol, step by step) is described in checkpoint_writer.cc;
+// checkpoint_reader.cc reads, checkpoint_manifest.cc frames and checks the manifest.
 #pragma once
 
 #include <cstdint>
@@ -53,11 +71,36 @@ struct CheckpointState {
   std::vector<std::string> extra_files;
 };
 
+// How a save is written (BeginCheckpoint, SaveCheckpoint).
+struct CheckpointWriteOptions {
+  // After the commit, committed checkpoints beyond the newest `keep_last` (this one
+  // included) are deleted; 0 keeps them all.
+  int keep_last = 0;
+  // BeginCheckpoint copies the rows this rank writes and writes its shard on a background
+  // thread (see there). SaveCheckpoint waits for the write either way.
+  bool background = false;
+
+  // Test hooks, for tests that must catch a save half-way; 0 (the default) disables them.
+  // Rank 0 sleeps this long after the manifest is durable and before COMMITTED, saying so on
+  // stderr ("rmoe checkpoint: test hook pause_before_commit_seconds: manifest of DIR
+  // written, pausing S s before the commit"), so that a fault test can kill a rank while
+  // the save is pending.
+  double pause_before_commit_seconds = 0;
+  // A background writer sleeps this long before it writes, so that a save stays in flight
+  // while the caller goes on (no effect without `background`).
+  double delay_background_write_seconds = 0;
+};
+
 // Collective over `world`. Each rank writes and fsyncs its shard file; if every rank
 // succeeded, rank 0 writes the manifest, and after a barrier the COMMITTED marker and the
-// `latest` pointer; then committed checkpoints beyond the newest `keep_last` are deleted.
-// An error on any rank makes every rank return an error and nothing is committed.
+// `latest` pointer; then committed checkpoints beyond the newest `options.keep_last` are
+// deleted. An error on any rank makes every rank return an error and nothing is committed.
 // Returns the checkpoint directory. (BeginCheckpoint + FinishCheckpoint.)
+absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
+                                           const std::vector<ShardedTensor>& tensors,
+                                           Communicator& world,
+                                           const CheckpointWriteOptions& options);
+// The same with the default options but `keep_last`.
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const CheckpointState& state,
                                            const std::vector<ShardedTensor>& tensors,
                                            Communicator& world, int keep_last);
@@ -87,7 +130,7 @@ class PendingCheckpoint {
  private:
   friend absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
       const std::string&, const CheckpointState&, const std::vector<ShardedTensor>&,
-      Communicator&, int, bool);
+      Communicator&, const CheckpointWriteOptions&);
   friend absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint&, Communicator&);
   explicit PendingCheckpoint(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
@@ -95,17 +138,18 @@ class PendingCheckpoint {
 
 // The first half of SaveCheckpoint, collective over `world`, on the thread that makes MPI
 // calls: rank 0 prepares the step directory (everyone learns whether that worked), then
-// every rank takes what it writes and this rank's generator state. With `background`, the
-// rows this rank writes are copied (cloned) first, so the caller may change its tensors as
-// soon as this returns, and a background thread writes and fsyncs the shard file; this
-// thread calls nothing collective. Without it, the shard is written before this returns and
-// the tensors must stay unchanged until then. Errors of the shard write (including invalid
-// tensors) surface in FinishCheckpoint, on every rank; an error here is the same on every
-// rank and leaves nothing in flight.
+// every rank takes what it writes and this rank's generator state. With
+// `options.background`, the rows this rank writes are copied (cloned) first, so the caller
+// may change its tensors as soon as this returns, and a background thread writes and fsyncs
+// the shard file; this thread calls nothing collective. Without it, the shard is written
+// before this returns and the tensors must stay unchanged until then. Errors of the shard
+// write (including invalid tensors) surface in FinishCheckpoint, on every rank; an error
+// here is the same on every rank and leaves nothing in flight. Only rank 0's keep_last and
+// pause_before_commit_seconds matter.
 absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
     const std::string& root, const CheckpointState& state,
-    const std::vector<ShardedTensor>& tensors, Communicator& world, int keep_last,
-    bool background);
+    const std::vector<ShardedTensor>& tensors, Communicator& world,
+    const CheckpointWriteOptions& options);
 
 // The second half, collective over the same `world` and on the MPI thread: waits for this
 // rank's writer, then gathers every rank's piece records (the error exchange), rank 0 copies

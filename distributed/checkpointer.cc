@@ -60,7 +60,8 @@ TrainingProgress ProgressOf(const CheckpointManifest& manifest) {
 
 }  // namespace
 
-ShardedCheckpointer::ShardedCheckpointer(ProcessGroups groups) : groups_(std::move(groups)) {}
+ShardedCheckpointer::ShardedCheckpointer(ProcessGroups groups, CheckpointTestHooks hooks)
+    : groups_(std::move(groups)), hooks_(hooks) {}
 
 std::vector<ShardedTensor> ShardedCheckpointer::StateTensors(Transformer& model,
                                                             torch::optim::Optimizer& optimizer,
@@ -136,8 +137,13 @@ absl::StatusOr<std::string> ShardedCheckpointer::Save(const JobSpec& job,
       if (fs::is_regular_file(file, ec)) state.extra_files.push_back(file.string());
     }
   }
+  CheckpointWriteOptions options;
+  options.keep_last = job.checkpoint().keep_last();
+  options.background = async;
+  options.pause_before_commit_seconds = hooks_.pause_before_commit_seconds;
+  options.delay_background_write_seconds = hooks_.delay_background_write_seconds;
   auto pending = BeginCheckpoint(CheckpointRoot(job), state, StateTensors(model, optimizer, false),
-                                 *groups_.world, job.checkpoint().keep_last(), async);
+                                 *groups_.world, options);
   if (!pending.ok()) return pending.status();
   const std::string dir = (*pending)->dir();
   in_flight_ = InFlight{*std::move(pending), start, SecondsSince(start), async};

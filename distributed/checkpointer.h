@@ -18,9 +18,15 @@
 
 namespace rmoe::distributed {
 
+// For tests that must catch a save half-way (see CheckpointWriteOptions); 0 disables each.
+struct CheckpointTestHooks {
+  double pause_before_commit_seconds = 0;
+  double delay_background_write_seconds = 0;
+};
+
 class ShardedCheckpointer : public Checkpointer {
  public:
-  explicit ShardedCheckpointer(ProcessGroups groups);
+  explicit ShardedCheckpointer(ProcessGroups groups, CheckpointTestHooks hooks = {});
 
   absl::StatusOr<std::string> Save(const JobSpec& job, const TrainingProgress& progress,
                                    Transformer& model, torch::optim::Optimizer& optimizer) override;
@@ -42,6 +48,7 @@ class ShardedCheckpointer : public Checkpointer {
   int rank() const { return groups_.world->rank(); }
 
   ProcessGroups groups_;
+  CheckpointTestHooks hooks_;
   // The save in flight (checkpoint.async_save): begun, not yet committed.
   struct InFlight {
     std::unique_ptr<PendingCheckpoint> pending;

@@ -32,43 +32,20 @@ std::string ErrorString(int rc) {
   return std::string(text, length);
 }
 
-int64_t Product(c10::IntArrayRef sizes, size_t from) {
-  int64_t p = 1;
-  for (size_t i = from; i < sizes.size(); ++i) p *= sizes[i];
-  return p;
-}
+constexpr char kWho[] = "MpiCommunicator";
 
 // Empty if `tensor` can be communicated; otherwise why not, naming the operation.
 std::string TensorProblem(const torch::Tensor& tensor, const char* op, bool needs_rows) {
-  std::ostringstream out;
-  if (!tensor.defined()) {
-    out << "MpiCommunicator::" << op << ": the tensor is undefined";
-  } else if (!tensor.device().is_cpu()) {
-    out << "MpiCommunicator::" << op << ": the tensor is on " << tensor.device()
-        << "; MPI communicates CPU tensors only (CUDA tensors go through the NCCL "
-           "communicator and are never copied to the host)";
-  } else if (needs_rows && tensor.dim() == 0) {
-    out << "MpiCommunicator::" << op << ": needs a tensor with at least one dimension (rows "
-        << "along dim 0), got a scalar";
-  }
-  return out.str();
+  return TensorArgumentProblem(
+      kWho, op, tensor, needs_rows, [](const torch::Tensor& t) { return t.device().is_cpu(); },
+      "MPI communicates CPU tensors only (CUDA tensors go through the NCCL communicator and are "
+      "never copied to the host)");
 }
 
 void CheckTensor(const torch::Tensor& tensor, const char* op) {
   const std::string problem = TensorProblem(tensor, op, /*needs_rows=*/false);
   TORCH_CHECK(problem.empty(), problem);
 }
-
-// What each rank contributes to the argument agreement of AllToAll and AllGather.
-struct Meta {
-  int64_t error = 0;           // 1: this rank's arguments are invalid (it throws its reason)
-  int64_t needs_fallback = 0;  // 1: a count or displacement of this rank exceeds the limit
-  int64_t rows = 0;            // dim 0 (AllGather)
-  int64_t row_bytes = 0;
-  int64_t dtype = 0;
-  int64_t shape_hash = 0;
-};
-constexpr int kMetaFields = sizeof(Meta) / sizeof(int64_t);
 
 // Frees an MPI_Comm on scope exit unless released.
 struct CommGuard {
@@ -200,6 +177,15 @@ torch::Tensor ReceiveBufferPool::Get(const std::vector<int64_t>& shape,
   return torch::empty({0}, options).set_(backing.storage(), 0, shape, strides);
 }
 
+std::vector<CollectiveMeta> MpiCommunicator::ExchangeMeta(const CollectiveMeta& local,
+                                                          const char* operation) const {
+  std::vector<CollectiveMeta> all(size_);
+  Check(MPI_Allgather(&local, kCollectiveMetaFields, MPI_INT64_T, all.data(), kCollectiveMetaFields,
+                      MPI_INT64_T, comm_),
+        operation, "MPI_Allgather");
+  return all;
+}
+
 torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
                                          const std::vector<int64_t>& send_splits,
                                          const std::vector<int64_t>& recv_splits) {
@@ -210,45 +196,25 @@ torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
     problem = SplitsProblem("MpiCommunicator", rank_, size_, send, send_splits, recv_splits);
   }
 
-  Meta local;
-  std::vector<int64_t> send_bytes(size_), recv_bytes(size_), send_offsets(size_), recv_offsets(size_);
-  int64_t row_bytes = 0;
-  if (!problem.empty()) {
-    local.error = 1;
-  } else {
-    row_bytes = Product(send.sizes(), 1) * send.element_size();
-    int64_t send_total = 0, recv_total = 0;
-    for (int r = 0; r < size_; ++r) {
-      send_offsets[r] = send_total;
-      recv_offsets[r] = recv_total;
-      send_bytes[r] = send_splits[r] * row_bytes;
-      recv_bytes[r] = recv_splits[r] * row_bytes;
-      send_total += send_bytes[r];
-      recv_total += recv_bytes[r];
-    }
+  CollectiveMeta local = LocalMeta(problem, send);
+  const int64_t row_bytes = local.row_bytes;
+  AllToAllLayout layout;
+  if (problem.empty()) {
+    layout = LayOutAllToAll(send_splits, recv_splits, row_bytes);
     // Counts and displacements are at most the totals.
-    local.needs_fallback = send_total > max_message_bytes_ || recv_total > max_message_bytes_;
-    local.row_bytes = row_bytes;
-    local.dtype = static_cast<int64_t>(send.scalar_type());
-    local.shape_hash = TrailingShapeHash(send);
+    local.needs_fallback =
+        layout.send_total > max_message_bytes_ || layout.recv_total > max_message_bytes_;
   }
 
-  std::vector<Meta> all(size_);
-  Check(MPI_Allgather(&local, kMetaFields, MPI_INT64_T, all.data(), kMetaFields, MPI_INT64_T, comm_),
-        "AllToAll", "MPI_Allgather");
-  TORCH_CHECK(problem.empty(), problem);
+  const std::vector<CollectiveMeta> all = ExchangeMeta(local, "AllToAll");
+  CheckAgreement(kWho, "AllToAll", rank_, problem, local, all, "invalid arguments");
   bool fallback = false;
-  for (int r = 0; r < size_; ++r) {
-    TORCH_CHECK(!all[r].error, "MpiCommunicator::AllToAll: rank ", r,
-                " of this communicator passed invalid arguments (it reports why)");
-    TORCH_CHECK(all[r].dtype == local.dtype && all[r].shape_hash == local.shape_hash,
-                "MpiCommunicator::AllToAll: the tensors disagree across ranks: rank ", rank_,
-                " has ", DescribeRows(local.dtype, local.row_bytes), ", rank ", r, " has ",
-                DescribeRows(all[r].dtype, all[r].row_bytes),
-                " (the dims after the first and the dtype must agree)");
-    fallback = fallback || all[r].needs_fallback;
-  }
+  for (const CollectiveMeta& m : all) fallback = fallback || m.needs_fallback;
 
+  const std::vector<int64_t>& send_bytes = layout.send_bytes;
+  const std::vector<int64_t>& recv_bytes = layout.recv_bytes;
+  const std::vector<int64_t>& send_offsets = layout.send_offsets;
+  const std::vector<int64_t>& recv_offsets = layout.recv_offsets;
   const torch::Tensor source = send.contiguous();
   std::vector<int64_t> out_shape = send.sizes().vec();
   out_shape[0] = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
@@ -316,48 +282,23 @@ std::vector<int64_t> MpiCommunicator::AllToAllCounts(const std::vector<int64_t>&
 
 torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor) {
   const std::string problem = TensorProblem(tensor, "AllGather", /*needs_rows=*/true);
-  Meta local;
-  if (!problem.empty()) {
-    local.error = 1;
-  } else {
-    local.rows = tensor.size(0);
-    local.row_bytes = Product(tensor.sizes(), 1) * tensor.element_size();
-    local.dtype = static_cast<int64_t>(tensor.scalar_type());
-    local.shape_hash = TrailingShapeHash(tensor);
-  }
-  std::vector<Meta> all(size_);
-  Check(MPI_Allgather(&local, kMetaFields, MPI_INT64_T, all.data(), kMetaFields, MPI_INT64_T, comm_),
-        "AllGather", "MPI_Allgather");
-  TORCH_CHECK(problem.empty(), problem);
-  int64_t total_rows = 0;
-  for (int r = 0; r < size_; ++r) {
-    TORCH_CHECK(!all[r].error, "MpiCommunicator::AllGather: rank ", r,
-                " of this communicator passed an invalid tensor (it reports why)");
-    TORCH_CHECK(all[r].dtype == local.dtype && all[r].shape_hash == local.shape_hash,
-                "MpiCommunicator::AllGather: the tensors disagree across ranks: rank ", rank_,
-                " has ", DescribeRows(local.dtype, local.row_bytes), ", rank ", r, " has ",
-                DescribeRows(all[r].dtype, all[r].row_bytes),
-                " (the dims after the first and the dtype must agree)");
-    total_rows += all[r].rows;
-  }
+  const CollectiveMeta local = LocalMeta(problem, tensor);
+  const std::vector<CollectiveMeta> all = ExchangeMeta(local, "AllGather");
+  CheckAgreement(kWho, "AllGather", rank_, problem, local, all, "an invalid tensor");
+  const int64_t row_bytes = local.row_bytes;
+  const AllGatherLayout layout = LayOutAllGather(all, row_bytes);
 
   const torch::Tensor source = tensor.contiguous();
   std::vector<int64_t> out_shape = tensor.sizes().vec();
-  out_shape[0] = total_rows;
+  out_shape[0] = layout.total_rows;
   torch::Tensor result = torch::empty(out_shape, tensor.options());
-  const int64_t row_bytes = local.row_bytes;
-  if (row_bytes == 0 || total_rows == 0) return result;
+  if (row_bytes == 0 || layout.total_rows == 0) return result;
   char* out = static_cast<char*>(result.data_ptr());
-  std::vector<int64_t> bytes(size_), offsets(size_);
-  int64_t total_bytes = 0;
-  for (int r = 0; r < size_; ++r) {
-    bytes[r] = all[r].rows * row_bytes;
-    offsets[r] = total_bytes;
-    total_bytes += bytes[r];
-  }
+  const std::vector<int64_t>& bytes = layout.bytes;
+  const std::vector<int64_t>& offsets = layout.offsets;
 
   // Every rank knows every size, so all take the same path without further agreement.
-  if (total_bytes <= max_message_bytes_) {
+  if (layout.total_bytes <= max_message_bytes_) {
     const std::vector<int> counts(bytes.begin(), bytes.end()), displs(offsets.begin(), offsets.end());
     Check(MPI_Allgatherv(source.data_ptr(), counts[rank_], MPI_BYTE, out, counts.data(),
                          displs.data(), MPI_BYTE, comm_),

@@ -64,6 +64,8 @@
 
 namespace rmoe::distributed {
 
+struct CollectiveMeta;  // collective_args.h
+
 // A failed MPI call. what(): "rank R: <operation>: MPI_Xxx failed: <MPI error string>".
 class MpiError : public std::runtime_error {
  public:
@@ -141,6 +143,8 @@ class MpiCommunicator : public Communicator {
 
  private:
   void Check(int rc, const char* operation, const char* mpi_call) const;
+  // Every rank's CollectiveMeta, in rank order (MPI_Allgather).
+  std::vector<CollectiveMeta> ExchangeMeta(const CollectiveMeta& local, const char* operation) const;
 
   MPI_Comm comm_;
   bool owned_;

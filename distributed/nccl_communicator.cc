@@ -17,11 +17,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <initializer_list>
 #include <mutex>
 #include <numeric>
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 
 #if NCCL_VERSION_CODE < NCCL_VERSION(2, 7, 0)
 #error "NcclCommunicator needs NCCL 2.7 or newer (ncclSend / ncclRecv)"
@@ -78,22 +80,6 @@ double TimeoutFromEnv() {
               "\"");
   return value;
 }
-
-int64_t Product(c10::IntArrayRef sizes, size_t from) {
-  int64_t p = 1;
-  for (size_t i = from; i < sizes.size(); ++i) p *= sizes[i];
-  return p;
-}
-
-// What each rank contributes to AllGather's agreement on sizes and arguments.
-struct Meta {
-  int64_t error = 0;  // 1: this rank's tensor is invalid (it throws its reason)
-  int64_t rows = 0;
-  int64_t row_bytes = 0;
-  int64_t dtype = 0;
-  int64_t shape_hash = 0;
-};
-constexpr int kMetaFields = sizeof(Meta) / sizeof(int64_t);
 
 // How AllReduce reduces a dtype: the NCCL type and "sum" op, and the dtype the data is
 // reduced in (the tensor's own, or a wider one it is converted to and back).
@@ -234,12 +220,35 @@ class NcclCommunicator::Impl {
   // Hands work queued on our stream to the watchdog.
   void Watch(const char* op);
 
+  // How every collective that moves tensors runs, after its argument checks and CheckAlive:
+  // on our device, our stream waits for the current one, `tensors` are kept alive for our
+  // stream, `enqueue()` queues the NCCL calls (and copies) on stream(), NCCL finishes queueing
+  // them (WaitQueued), the watchdog gets them, and the current stream waits for them. Returns
+  // without waiting for the GPU.
+  template <typename Enqueue>
+  void Collective(const char* op, std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue);
+  // Collective up to WaitQueued, for callers that wait on the host instead (Barrier).
+  template <typename Enqueue>
+  void Queue(const char* op, std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue);
+  // In one NCCL group, `send(to)` and `recv(from)` for every other rank, paired so that no two
+  // ranks wait on each other (rank + i sends, rank - i receives); then WaitQueued, so that
+  // whatever the caller queues next on our stream comes after the group.
+  template <typename Send, typename Recv>
+  void WithEveryPeer(const char* op, Send&& send, Recv&& recv);
+  // ncclSend / ncclRecv of `bytes` bytes on our stream; nothing for 0 bytes.
+  void SendBytes(const char* op, const void* data, int64_t bytes, int peer);
+  void RecvBytes(const char* op, void* data, int64_t bytes, int peer);
+  // A device-to-device copy on our stream; nothing for 0 bytes.
+  void CopyOnStream(const char* op, void* dst, const void* src, int64_t bytes);
+
   // Pinned host and device int64 buffers of at least `elements` each.
   void EnsureBuffers(const char* op, size_t elements);
   // AllToAll (`gather` false: values.size() = k * size(), the k values for rank r go to rank r)
   // or AllGather (`gather` true: every rank's values, in rank order) of host int64 values, through
   // the device; waits for the result.
   std::vector<int64_t> HostExchange(const char* op, const std::vector<int64_t>& values, bool gather);
+  // Every rank's CollectiveMeta, in rank order (through HostExchange).
+  std::vector<CollectiveMeta> ExchangeMeta(const char* op, const CollectiveMeta& local);
 
   void WatchdogLoop();
   [[noreturn]] void Die(const char* op, const std::string& what);
@@ -633,23 +642,65 @@ void NcclCommunicator::Impl::Die(const char* op, const std::string& what) {
 
 std::string NcclCommunicator::Impl::TensorProblem(const torch::Tensor& tensor, const char* op,
                                                   bool needs_rows) const {
-  std::ostringstream out;
-  if (!tensor.defined()) {
-    out << "NcclCommunicator::" << op << ": the tensor is undefined";
-  } else if (!tensor.is_cuda() || tensor.device().index() != device_) {
-    out << "NcclCommunicator::" << op << ": the tensor is on " << tensor.device()
-        << "; this communicator communicates tensors on cuda:" << device_
-        << " (CPU tensors go through the MPI communicator)";
-  } else if (needs_rows && tensor.dim() == 0) {
-    out << "NcclCommunicator::" << op << ": needs a tensor with at least one dimension (rows "
-        << "along dim 0), got a scalar";
-  }
-  return out.str();
+  return TensorArgumentProblem(
+      "NcclCommunicator", op, tensor, needs_rows,
+      [this](const torch::Tensor& t) { return t.is_cuda() && t.device().index() == device_; },
+      "this communicator communicates tensors on cuda:" + std::to_string(device_) +
+          " (CPU tensors go through the MPI communicator)");
 }
 
 void NcclCommunicator::Impl::CheckTensor(const torch::Tensor& tensor, const char* op) const {
   const std::string problem = TensorProblem(tensor, op, /*needs_rows=*/false);
   TORCH_CHECK(problem.empty(), problem);
+}
+
+// ---- the shape of every collective ----------------------------------------------------------
+
+template <typename Enqueue>
+void NcclCommunicator::Impl::Queue(const char* op, std::initializer_list<torch::Tensor> tensors,
+                                   Enqueue&& enqueue) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  OrderAfterCurrent(op);
+  for (const torch::Tensor& t : tensors) KeepAlive(t);
+  enqueue();
+  WaitQueued(op);
+}
+
+template <typename Enqueue>
+void NcclCommunicator::Impl::Collective(const char* op, std::initializer_list<torch::Tensor> tensors,
+                                        Enqueue&& enqueue) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  Queue(op, tensors, std::forward<Enqueue>(enqueue));
+  Watch(op);
+  OrderBeforeCurrent(op);
+}
+
+template <typename Send, typename Recv>
+void NcclCommunicator::Impl::WithEveryPeer(const char* op, Send&& send, Recv&& recv) {
+  if (size_ == 1) return;
+  Group group(*this, op);
+  for (int i = 1; i < size_; ++i) {
+    send((rank_ + i) % size_);
+    recv((rank_ - i + size_) % size_);
+  }
+  group.End();
+  WaitQueued(op);
+}
+
+void NcclCommunicator::Impl::SendBytes(const char* op, const void* data, int64_t bytes, int peer) {
+  if (bytes <= 0) return;
+  RMOE_NCCL_CHECK(op, ncclSend(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, stream()));
+}
+
+void NcclCommunicator::Impl::RecvBytes(const char* op, void* data, int64_t bytes, int peer) {
+  if (bytes <= 0) return;
+  RMOE_NCCL_CHECK(op, ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, stream()));
+}
+
+void NcclCommunicator::Impl::CopyOnStream(const char* op, void* dst, const void* src, int64_t bytes) {
+  if (bytes <= 0) return;
+  RMOE_CUDA_CHECK(op, cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
+                                      stream()));
 }
 
 // ---- collectives ----------------------------------------------------------------------------
@@ -667,7 +718,6 @@ void NcclCommunicator::Impl::AllReduce(torch::Tensor& tensor, ReduceOp op) {
   if (tensor.numel() == 0) return;
 
   torch::NoGradGuard no_grad;
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   torch::Tensor work = reduction->work_dtype != dtype ? tensor.to(reduction->work_dtype)
                                                       : tensor.contiguous();
   ncclRedOp_t nccl_op = reduction->sum;
@@ -678,13 +728,11 @@ void NcclCommunicator::Impl::AllReduce(torch::Tensor& tensor, ReduceOp op) {
     divide = false;
   }
 #endif
-  OrderAfterCurrent(kOp);
-  KeepAlive(work);
-  RMOE_NCCL_CHECK(kOp, ncclAllReduce(work.data_ptr(), work.data_ptr(), static_cast<size_t>(work.numel()),
-                                     reduction->type, nccl_op, comm_, stream()));
-  WaitQueued(kOp);
-  Watch(kOp);
-  OrderBeforeCurrent(kOp);
+  Collective(kOp, {work}, [&] {
+    RMOE_NCCL_CHECK(kOp, ncclAllReduce(work.data_ptr(), work.data_ptr(),
+                                       static_cast<size_t>(work.numel()), reduction->type, nccl_op,
+                                       comm_, stream()));
+  });
   if (divide) work.div_(size_);
   if (!work.is_same(tensor)) tensor.copy_(work);
 }
@@ -701,57 +749,34 @@ torch::Tensor NcclCommunicator::Impl::AllToAll(const torch::Tensor& send,
   TORCH_CHECK(problem.empty(), problem);
   CheckAlive(kOp);
 
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   std::vector<int64_t> out_shape = send.sizes().vec();
   out_shape[0] = std::accumulate(recv_splits.begin(), recv_splits.end(), int64_t{0});
   torch::Tensor result = torch::empty(out_shape, send.options());
-  const int64_t row_bytes = Product(send.sizes(), 1) * static_cast<int64_t>(send.element_size());
+  const int64_t row_bytes = RowBytes(send);
   if (row_bytes == 0) return result;
 
-  std::vector<int64_t> send_bytes(size_), recv_bytes(size_), send_offsets(size_), recv_offsets(size_);
-  int64_t send_total = 0, recv_total = 0;
+  const AllToAllLayout layout = LayOutAllToAll(send_splits, recv_splits, row_bytes);
+  if (layout.send_total == 0 && layout.recv_total == 0) return result;
+  const std::vector<int64_t>& send_bytes = layout.send_bytes;
+  const std::vector<int64_t>& recv_bytes = layout.recv_bytes;
+  const std::vector<int64_t>& send_offsets = layout.send_offsets;
+  const std::vector<int64_t>& recv_offsets = layout.recv_offsets;
   bool peers = false;  // anything to or from another rank
   for (int r = 0; r < size_; ++r) {
-    send_offsets[r] = send_total;
-    recv_offsets[r] = recv_total;
-    send_bytes[r] = send_splits[r] * row_bytes;
-    recv_bytes[r] = recv_splits[r] * row_bytes;
-    send_total += send_bytes[r];
-    recv_total += recv_bytes[r];
     if (r != rank_ && (send_bytes[r] > 0 || recv_bytes[r] > 0)) peers = true;
   }
-  if (send_total == 0 && recv_total == 0) return result;
 
   const torch::Tensor source = send.contiguous();
   const char* src = static_cast<const char*>(source.data_ptr());
   char* dst = static_cast<char*>(result.data_ptr());
-  OrderAfterCurrent(kOp);
-  KeepAlive(source);
-  KeepAlive(result);
-  if (peers) {
-    Group group(*this, kOp);
-    for (int i = 1; i < size_; ++i) {
-      const int to = (rank_ + i) % size_;
-      const int from = (rank_ - i + size_) % size_;
-      if (send_bytes[to] > 0) {
-        RMOE_NCCL_CHECK(kOp, ncclSend(src + send_offsets[to], static_cast<size_t>(send_bytes[to]),
-                                      ncclUint8, to, comm_, stream()));
-      }
-      if (recv_bytes[from] > 0) {
-        RMOE_NCCL_CHECK(kOp, ncclRecv(dst + recv_offsets[from], static_cast<size_t>(recv_bytes[from]),
-                                      ncclUint8, from, comm_, stream()));
-      }
+  Collective(kOp, {source, result}, [&] {
+    if (peers) {
+      WithEveryPeer(
+          kOp, [&](int to) { SendBytes(kOp, src + send_offsets[to], send_bytes[to], to); },
+          [&](int from) { RecvBytes(kOp, dst + recv_offsets[from], recv_bytes[from], from); });
     }
-    group.End();
-    WaitQueued(kOp);
-  }
-  if (send_bytes[rank_] > 0) {
-    RMOE_CUDA_CHECK(kOp, cudaMemcpyAsync(dst + recv_offsets[rank_], src + send_offsets[rank_],
-                                         static_cast<size_t>(send_bytes[rank_]),
-                                         cudaMemcpyDeviceToDevice, stream()));
-  }
-  Watch(kOp);
-  OrderBeforeCurrent(kOp);
+    CopyOnStream(kOp, dst + recv_offsets[rank_], src + send_offsets[rank_], send_bytes[rank_]);
+  });
   return result;
 }
 
@@ -761,6 +786,7 @@ std::vector<int64_t> NcclCommunicator::Impl::HostExchange(const char* op,
   const size_t n_in = values.size();
   const size_t k = gather ? n_in : n_in / static_cast<size_t>(size_);
   const size_t n_out = gather ? n_in * static_cast<size_t>(size_) : n_in;
+  const int64_t block = static_cast<int64_t>(k * sizeof(int64_t));
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   EnsureBuffers(op, n_in + n_out);
   std::memcpy(pinned_, values.data(), n_in * sizeof(int64_t));
@@ -772,19 +798,10 @@ std::vector<int64_t> NcclCommunicator::Impl::HostExchange(const char* op,
     RMOE_NCCL_CHECK(op, ncclAllGather(in, out, k, ncclInt64, comm_, stream()));
     WaitQueued(op);
   } else {
-    if (size_ > 1) {
-      Group group(*this, op);
-      for (int i = 1; i < size_; ++i) {
-        const int to = (rank_ + i) % size_;
-        const int from = (rank_ - i + size_) % size_;
-        RMOE_NCCL_CHECK(op, ncclSend(in + to * k, k, ncclInt64, to, comm_, stream()));
-        RMOE_NCCL_CHECK(op, ncclRecv(out + from * k, k, ncclInt64, from, comm_, stream()));
-      }
-      group.End();
-      WaitQueued(op);
-    }
-    RMOE_CUDA_CHECK(op, cudaMemcpyAsync(out + rank_ * k, in + rank_ * k, k * sizeof(int64_t),
-                                        cudaMemcpyDeviceToDevice, stream()));
+    WithEveryPeer(
+        op, [&](int to) { SendBytes(op, in + to * k, block, to); },
+        [&](int from) { RecvBytes(op, out + from * k, block, from); });
+    CopyOnStream(op, out + rank_ * k, in + rank_ * k, block);
   }
   RMOE_CUDA_CHECK(op, cudaMemcpyAsync(pinned_ + n_in, out, n_out * sizeof(int64_t),
                                       cudaMemcpyDeviceToHost, stream()));
@@ -802,89 +819,49 @@ std::vector<int64_t> NcclCommunicator::Impl::AllToAllCounts(const std::vector<in
   return HostExchange(kOp, counts, /*gather=*/false);
 }
 
+std::vector<CollectiveMeta> NcclCommunicator::Impl::ExchangeMeta(const char* op,
+                                                                 const CollectiveMeta& local) {
+  std::vector<int64_t> mine(kCollectiveMetaFields);
+  std::memcpy(mine.data(), &local, sizeof(local));
+  const std::vector<int64_t> raw = HostExchange(op, mine, /*gather=*/true);
+  static_assert(std::is_trivially_copyable_v<CollectiveMeta>);
+  std::vector<CollectiveMeta> all(size_);
+  std::memcpy(static_cast<void*>(all.data()), raw.data(), all.size() * sizeof(CollectiveMeta));
+  return all;
+}
+
 torch::Tensor NcclCommunicator::Impl::AllGather(const torch::Tensor& tensor) {
   constexpr const char* kOp = "AllGather";
   const std::string problem = TensorProblem(tensor, kOp, /*needs_rows=*/true);
-  Meta local;
-  if (!problem.empty()) {
-    local.error = 1;
-  } else {
-    local.rows = tensor.size(0);
-    local.row_bytes = Product(tensor.sizes(), 1) * static_cast<int64_t>(tensor.element_size());
-    local.dtype = static_cast<int64_t>(tensor.scalar_type());
-    local.shape_hash = TrailingShapeHash(tensor);
-  }
+  const CollectiveMeta local = LocalMeta(problem, tensor);
   CheckAlive(kOp);
-  const std::vector<int64_t> raw = HostExchange(
-      kOp, {local.error, local.rows, local.row_bytes, local.dtype, local.shape_hash}, /*gather=*/true);
-  TORCH_CHECK(problem.empty(), problem);
-  std::vector<Meta> all(size_);
-  int64_t total_rows = 0;
-  bool even = true;
-  for (int r = 0; r < size_; ++r) {
-    const int64_t* m = raw.data() + r * kMetaFields;
-    all[r] = Meta{m[0], m[1], m[2], m[3], m[4]};
-    TORCH_CHECK(!all[r].error, "NcclCommunicator::AllGather: rank ", r,
-                " of this communicator passed an invalid tensor (it reports why)");
-    TORCH_CHECK(all[r].dtype == local.dtype && all[r].shape_hash == local.shape_hash,
-                "NcclCommunicator::AllGather: the tensors disagree across ranks: rank ", rank_,
-                " has ", DescribeRows(local.dtype, local.row_bytes), ", rank ", r, " has ",
-                DescribeRows(all[r].dtype, all[r].row_bytes),
-                " (the dims after the first and the dtype must agree)");
-    total_rows += all[r].rows;
-    even = even && all[r].rows == local.rows;
-  }
-
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-  std::vector<int64_t> out_shape = tensor.sizes().vec();
-  out_shape[0] = total_rows;
-  torch::Tensor result = torch::empty(out_shape, tensor.options());
+  const std::vector<CollectiveMeta> all = ExchangeMeta(kOp, local);
+  CheckAgreement("NcclCommunicator", kOp, rank_, problem, local, all, "an invalid tensor");
   const int64_t row_bytes = local.row_bytes;
-  if (row_bytes == 0 || total_rows == 0) return result;
+  const AllGatherLayout layout = LayOutAllGather(all, row_bytes);
+
+  std::vector<int64_t> out_shape = tensor.sizes().vec();
+  out_shape[0] = layout.total_rows;
+  torch::Tensor result = torch::empty(out_shape, tensor.options());
+  if (row_bytes == 0 || layout.total_rows == 0) return result;
 
   const torch::Tensor source = tensor.contiguous();
   const char* src = static_cast<const char*>(source.data_ptr());
   char* dst = static_cast<char*>(result.data_ptr());
-  OrderAfterCurrent(kOp);
-  KeepAlive(source);
-  KeepAlive(result);
-  std::vector<int64_t> bytes(size_), offsets(size_);
-  int64_t total_bytes = 0;
-  for (int r = 0; r < size_; ++r) {
-    bytes[r] = all[r].rows * row_bytes;
-    offsets[r] = total_bytes;
-    total_bytes += bytes[r];
-  }
-  if (even) {
-    // Every rank knows every size, so all take the same path.
-    RMOE_NCCL_CHECK(kOp, ncclAllGather(src, dst, static_cast<size_t>(bytes[rank_]), ncclUint8, comm_,
-                                       stream()));
-    WaitQueued(kOp);
-  } else {
-    if (size_ > 1) {
-      Group group(*this, kOp);
-      for (int i = 1; i < size_; ++i) {
-        const int to = (rank_ + i) % size_;
-        const int from = (rank_ - i + size_) % size_;
-        if (bytes[rank_] > 0) {
-          RMOE_NCCL_CHECK(kOp, ncclSend(src, static_cast<size_t>(bytes[rank_]), ncclUint8, to, comm_,
-                                        stream()));
-        }
-        if (bytes[from] > 0) {
-          RMOE_NCCL_CHECK(kOp, ncclRecv(dst + offsets[from], static_cast<size_t>(bytes[from]),
-                                        ncclUint8, from, comm_, stream()));
-        }
-      }
-      group.End();
-      WaitQueued(kOp);
+  const std::vector<int64_t>& bytes = layout.bytes;
+  const std::vector<int64_t>& offsets = layout.offsets;
+  Collective(kOp, {source, result}, [&] {
+    if (layout.even) {
+      // Every rank knows every size, so all take the same path.
+      RMOE_NCCL_CHECK(kOp, ncclAllGather(src, dst, static_cast<size_t>(bytes[rank_]), ncclUint8,
+                                         comm_, stream()));
+      return;
     }
-    if (bytes[rank_] > 0) {
-      RMOE_CUDA_CHECK(kOp, cudaMemcpyAsync(dst + offsets[rank_], src, static_cast<size_t>(bytes[rank_]),
-                                           cudaMemcpyDeviceToDevice, stream()));
-    }
-  }
-  Watch(kOp);
-  OrderBeforeCurrent(kOp);
+    WithEveryPeer(
+        kOp, [&](int to) { SendBytes(kOp, src, bytes[rank_], to); },
+        [&](int from) { RecvBytes(kOp, dst + offsets[from], bytes[from], from); });
+    CopyOnStream(kOp, dst + offsets[rank_], src, bytes[rank_]);
+  });
   return result;
 }
 
@@ -896,16 +873,12 @@ void NcclCommunicator::Impl::Broadcast(torch::Tensor& tensor, int root) {
   CheckAlive(kOp);
   if (tensor.numel() == 0) return;
   torch::NoGradGuard no_grad;
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   torch::Tensor work = tensor.contiguous();
-  OrderAfterCurrent(kOp);
-  KeepAlive(work);
   const size_t bytes = static_cast<size_t>(work.numel()) * work.element_size();
-  RMOE_NCCL_CHECK(kOp, ncclBroadcast(work.data_ptr(), work.data_ptr(), bytes, ncclUint8, root, comm_,
-                                     stream()));
-  WaitQueued(kOp);
-  Watch(kOp);
-  OrderBeforeCurrent(kOp);
+  Collective(kOp, {work}, [&] {
+    RMOE_NCCL_CHECK(kOp, ncclBroadcast(work.data_ptr(), work.data_ptr(), bytes, ncclUint8, root,
+                                       comm_, stream()));
+  });
   if (!work.is_same(tensor) && rank_ != root) tensor.copy_(work);
 }
 
@@ -915,9 +888,9 @@ void NcclCommunicator::Impl::Barrier() {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   EnsureBuffers(kOp, 1);
   int64_t* one = scratch_.data_ptr<int64_t>();  // its value does not matter
-  OrderAfterCurrent(kOp);
-  RMOE_NCCL_CHECK(kOp, ncclAllReduce(one, one, 1, ncclInt64, ncclSum, comm_, stream()));
-  WaitQueued(kOp);
+  Queue(kOp, {}, [&] {
+    RMOE_NCCL_CHECK(kOp, ncclAllReduce(one, one, 1, ncclInt64, ncclSum, comm_, stream()));
+  });
   RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
   WaitEvent(kOp, host_, "waiting for every rank to reach the barrier");
 }

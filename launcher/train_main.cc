@@ -46,6 +46,10 @@ progress and writes metrics and the model; errors name their rank.
                       layout may differ from the one that saved it; the model may not.
   --dry-run           print the resolved spec and parameter counts, train nothing
   --quiet             no progress output
+  --test-pause-before-commit S, --test-delay-background-write S
+                      fault-injection hooks for the checkpoint tests: rank 0 pauses S
+                      seconds before committing each save; background shard writes
+                      start S seconds late
   --version           the libraries this build uses (LibTorch and its CUDA, NCCL, MPI,
                       Protobuf) and whether a CUDA device is visible
   --help              this text
@@ -94,10 +98,18 @@ int Fail(int code, const std::string& message) {
   return code;
 }
 
+struct Arguments {
+  std::string job_path;
+  std::vector<std::string> overrides;
+  std::string resume;
+  bool dry_run = false, quiet = false;
+  rmoe::distributed::CheckpointTestHooks checkpoint_hooks;
+};
+
 // Everything after argument parsing, on every rank.
-int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path,
-                 const std::vector<std::string>& overrides, const std::string& resume,
-                 bool dry_run, bool quiet) {
+int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
+  const std::string& job_path = args.job_path;
+  const std::string& resume = args.resume;
   // Every collective goes through the timer, which splits step time into compute and
   // communication in the metrics.
   auto timer = std::make_shared<rmoe::distributed::TimedCommunicator>(
@@ -105,13 +117,13 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
                                                        [](rmoe::distributed::Communicator*) {}));
   std::shared_ptr<rmoe::distributed::Communicator> world = timer;
   // Every rank reads the same spec, so every rank reaches the same verdict on it.
-  auto spec = rmoe::LoadJobSpecWithOverrides(job_path, overrides);
+  auto spec = rmoe::LoadJobSpecWithOverrides(job_path, args.overrides);
   if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
   auto groups = rmoe::distributed::ProcessGroups::Create(
       world, spec->parallel().expert_parallel_size(), spec->model().moe().num_experts());
   if (!groups.ok()) return Fail(2, std::string(groups.status().message()));
 
-  if (dry_run) {
+  if (args.dry_run) {
     if (world->rank() != 0) return 0;
     auto vocab = rmoe::ResolveVocabSize(*spec);
     if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
@@ -125,10 +137,10 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const std::string& job_path
     return 0;
   }
 
-  rmoe::distributed::ShardedCheckpointer checkpointer(*groups);
+  rmoe::distributed::ShardedCheckpointer checkpointer(*groups, args.checkpoint_hooks);
   rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
   rmoe::TrainOptions options;
-  options.quiet = quiet;
+  options.quiet = args.quiet;
   options.resume = resume == kResumeLatest ? rmoe::CheckpointRoot(*spec) : resume;
   options.stop_requested = &g_stop_requested;
   InstallStopHandlers();
@@ -179,10 +191,7 @@ void PrintVersion() {
 }
 
 int Run(int argc, char** argv) {
-  std::string job_path;
-  std::vector<std::string> overrides;
-  std::string resume;
-  bool dry_run = false, quiet = false;
+  Arguments args;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -195,23 +204,31 @@ int Run(int argc, char** argv) {
     } else if (arg == "--job") {
       const char* v = value();
       if (!v) return Fail(2, "--job needs a path");
-      job_path = v;
+      args.job_path = v;
     } else if (arg == "--set") {
       const char* v = value();
       if (!v) return Fail(2, "--set needs FIELD=VALUE");
-      overrides.push_back(v);
+      args.overrides.push_back(v);
     } else if (arg == "--resume") {
       const bool has_path = i + 1 < argc && std::strncmp(argv[i + 1], "--", 2) != 0;
-      resume = has_path ? argv[++i] : kResumeLatest;
+      args.resume = has_path ? argv[++i] : kResumeLatest;
     } else if (arg == "--dry-run") {
-      dry_run = true;
+      args.dry_run = true;
     } else if (arg == "--quiet") {
-      quiet = true;
+      args.quiet = true;
+    } else if (arg == "--test-pause-before-commit" || arg == "--test-delay-background-write") {
+      const char* v = value();
+      char* end = nullptr;
+      const double seconds = v ? std::strtod(v, &end) : -1;
+      if (!v || *end != '\0' || !(seconds >= 0)) return Fail(2, arg + " needs SECONDS >= 0");
+      auto& hooks = args.checkpoint_hooks;
+      (arg == "--test-pause-before-commit" ? hooks.pause_before_commit_seconds
+                                           : hooks.delay_background_write_seconds) = seconds;
     } else {
       return Fail(2, "unknown argument \"" + arg + "\" (see --help)");
     }
   }
-  if (job_path.empty()) return Fail(2, "--job SPEC.pbtxt is required (see --help)");
+  if (args.job_path.empty()) return Fail(2, "--job SPEC.pbtxt is required (see --help)");
 
   // Before MPI starts: either may re-execute this program with other BLAS kernels.
   rmoe::SelectBlasKernels(argv);
@@ -221,7 +238,7 @@ int Run(int argc, char** argv) {
   rmoe::distributed::MpiRuntime mpi(&argc, &argv);
   // Exceptions are reported here, while MPI still knows this process's rank.
   try {
-    return TrainOnRanks(mpi, job_path, overrides, resume, dry_run, quiet);
+    return TrainOnRanks(mpi, args);
   } catch (const c10::Error& e) {
     Fail(1, e.what_without_backtrace());
   } catch (const std::exception& e) {

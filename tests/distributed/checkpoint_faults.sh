@@ -50,15 +50,14 @@ sigterm)
   ;;
 kill9)
   # Checkpoint every 2 steps; the save of step 4 pauses before committing and a rank dies.
-  export RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S=30
-  run first.log --set schedule.steps=100000 --set checkpoint.interval=2
+  run first.log --set schedule.steps=100000 --set checkpoint.interval=2 \
+    --test-pause-before-commit 30
   wait_for 90 test -f "$out/run/checkpoints/step_00000004/manifest.pb" || fail "no second save"
   [ -f "$out/run/checkpoints/step_00000004/COMMITTED" ] && fail "the paused save committed"
   victim=$(pgrep -P $job_pid | tail -1)
   kill -9 "$victim"
   wait $job_pid; rc=$?
   [ $rc -ne 0 ] || fail "the job exited 0 after a rank was killed"
-  unset RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S
   [ "$(cat "$out/run/checkpoints/latest")" = "step_00000002" ] || fail "latest moved: $(cat "$out/run/checkpoints/latest")"
   "$ckpt" verify "$out/run/checkpoints/step_00000002" > "$out/verify.log" 2>&1 || fail "step 2 is damaged"
   run resume.log --set schedule.steps=5 --set checkpoint.interval=0 --resume

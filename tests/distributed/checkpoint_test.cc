@@ -711,7 +711,9 @@ TEST_F(CheckpointTest, ResolveCheckpointErrors) {
 }
 
 TEST_F(CheckpointTest, PauseHookHoldsTheCommit) {
-  ASSERT_EQ(::setenv("RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S", "0.6", 1), 0);
+  CheckpointWriteOptions options;
+  options.keep_last = 2;
+  options.pause_before_commit_seconds = 0.6;
   std::atomic<int> seen{-1};
   std::thread watcher;
   if (rank() == 0) {
@@ -722,10 +724,9 @@ TEST_F(CheckpointTest, PauseHookHoldsTheCommit) {
     });
   }
   const auto start = std::chrono::steady_clock::now();
-  auto dir = SaveCheckpoint(root_, State(9), MixedTensors(rank(), size()), world(), 2);
+  auto dir = SaveCheckpoint(root_, State(9), MixedTensors(rank(), size()), world(), options);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  ::unsetenv("RMOE_CKPT_TEST_PAUSE_BEFORE_COMMIT_S");
   if (watcher.joinable()) watcher.join();
   ASSERT_TRUE(dir.ok()) << dir.status();
   EXPECT_GE(seconds, 0.6);
@@ -733,6 +734,28 @@ TEST_F(CheckpointTest, PauseHookHoldsTheCommit) {
     EXPECT_EQ(seen.load(), 1) << "during the pause: manifest written, not committed";
   }
   EXPECT_TRUE(fs::exists(*dir + "/COMMITTED"));
+}
+
+// The background write's delay keeps the save in flight after BeginCheckpoint returns; the
+// tensors may change meanwhile (the write holds a copy), and the commit writes what was passed.
+TEST_F(CheckpointTest, DelayedBackgroundWriteStaysInFlight) {
+  CheckpointWriteOptions options;
+  options.keep_last = 2;
+  options.background = true;
+  options.delay_background_write_seconds = 0.5;
+  std::vector<ShardedTensor> tensors = MixedTensors(rank(), size());
+  auto pending = BeginCheckpoint(root_, State(3), tensors, world(), options);
+  ASSERT_TRUE(pending.ok()) << pending.status();
+  EXPECT_FALSE((*pending)->WriteDone()) << "the write should still be held back";
+  for (auto& t : tensors) t.local.zero_();  // the caller goes on changing its tensors
+  auto dir = FinishCheckpoint(**pending, world());
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  EXPECT_TRUE((*pending)->WriteDone());
+  auto manifest = ReadManifest(*dir);
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  auto slots = MixedSlots();
+  ASSERT_TRUE(LoadTensors(*dir, *manifest, slots).ok());
+  ExpectMixed(slots);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ JobSpec TinyJob(const std::string& out, std::vector<std::string> overrides) {
 
 // Trains `spec` on the first `ranks` ranks of the world with the given EP size (the other
 // ranks wait). Returns the status on the participating ranks, OK elsewhere.
-absl::Status TrainOn(int ranks, const JobSpec& spec, const std::string& resume = "") {
+absl::Status TrainOn(int ranks, const JobSpec& spec, const std::string& resume = "",
+                     CheckpointTestHooks hooks = {}) {
   auto world = rmoe::testing::MpiWorld();
   std::shared_ptr<Communicator> group = world->Split(world->rank() < ranks ? 0 : -1, world->rank());
   absl::Status result = absl::OkStatus();
@@ -60,7 +61,7 @@ absl::Status TrainOn(int ranks, const JobSpec& spec, const std::string& resume =
     auto groups = ProcessGroups::Create(group, spec.parallel().expert_parallel_size(),
                                         spec.model().moe().num_experts());
     if (!groups.ok()) return groups.status();
-    ShardedCheckpointer checkpointer(*groups);
+    ShardedCheckpointer checkpointer(*groups, hooks);
     DistributedRuntime runtime(*groups, 1);
     TrainOptions options;
     options.quiet = true;
@@ -156,10 +157,11 @@ TEST(Resume, AsyncSaveWritesTheSameCheckpointAndResumesBitForBit) {
   // Background saves at 3, 6, 9, 12, each write held back 1 s (a test hook), so that every
   // save is still in flight when the next is due: training changes the parameters meanwhile,
   // and each save finishes the one before it (the last: the end of training).
-  ::setenv("RMOE_CKPT_TEST_DELAY_BACKGROUND_WRITE_S", "1", 1);
+  CheckpointTestHooks slow_writes;
+  slow_writes.delay_background_write_seconds = 1;
   const absl::Status slow = TrainOn(
-      ranks, TinyJob(dir + "/async_slow", {ep, "checkpoint.async_save=true", "checkpoint.interval=3"}));
-  ::unsetenv("RMOE_CKPT_TEST_DELAY_BACKGROUND_WRITE_S");
+      ranks, TinyJob(dir + "/async_slow", {ep, "checkpoint.async_save=true", "checkpoint.interval=3"}),
+      "", slow_writes);
   ASSERT_TRUE(slow.ok()) << slow;
   // Background saves that commit at the first step boundary where every rank is done.
   ASSERT_TRUE(
