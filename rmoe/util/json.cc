@@ -1,0 +1,255 @@
+#include "rmoe/util/json.h"
+
+#include <cmath>
+#include <cstdint>
+
+#include <absl/strings/ascii.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
+
+namespace rmoe {
+
+std::string JsonNumber(double value) {
+  return std::isfinite(value) ? absl::StrFormat("%.17g", value) : "null";
+}
+
+std::string JsonString(absl::string_view value) {
+  std::string out = "\"";
+  for (char c : value) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      out += absl::StrFormat("\\u%04x", c);
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+
+void JsonObject::Key(const std::string& key) {
+  if (!body_.empty()) body_ += ",";
+  body_ += JsonString(key) + ":";
+}
+JsonObject& JsonObject::Add(const std::string& key, double value) {
+  Key(key);
+  body_ += JsonNumber(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<std::string>& values) {
+  Key(key);
+  std::vector<std::string> quoted;
+  for (const auto& value : values) quoted.push_back(JsonString(value));
+  body_ += "[" + absl::StrJoin(quoted, ",") + "]";
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, int64_t value) {
+  Key(key);
+  body_ += absl::StrCat(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::string& value) {
+  Key(key);
+  body_ += JsonString(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<int64_t>& values) {
+  Key(key);
+  body_ += "[" + absl::StrJoin(values, ",") + "]";
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<double>& values) {
+  Key(key);
+  body_ += "[" + absl::StrJoin(values, ",", [](std::string* out, double v) { out->append(JsonNumber(v)); }) + "]";
+  return *this;
+}
+JsonObject& JsonObject::AddRaw(const std::string& key, const std::string& json) {
+  Key(key);
+  body_ += json;
+  return *this;
+}
+
+std::string JsonArray(const std::vector<JsonObject>& items) {
+  std::string out = "[";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + items[i].str();
+  return out + "]";
+}
+
+const JsonValue* JsonValue::Get(absl::string_view key) const {
+  for (const auto& [k, v] : object) {
+    if (k == key) return &v;
+  }
+  return nullptr;
+}
+
+double JsonValue::Number(absl::string_view key) const {
+  const JsonValue* v = Get(key);
+  return v != nullptr && v->type == kNumber ? v->number : std::numeric_limits<double>::quiet_NaN();
+}
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+class JsonParser {
+ public:
+  explicit JsonParser(absl::string_view text) : s_(text) {}
+
+  // The whole text must be one value (surrounding whitespace allowed).
+  bool ParseDocument(JsonValue* out) {
+    if (!Parse(out, 0)) return false;
+    SkipSpace();
+    return i_ == s_.size();
+  }
+
+ private:
+  void SkipSpace() {
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\r' || s_[i_] == '\n')) ++i_;
+  }
+  bool Consume(absl::string_view word) {
+    if (s_.substr(i_, word.size()) != word) return false;
+    i_ += word.size();
+    return true;
+  }
+
+  bool Parse(JsonValue* out, int depth) {
+    if (depth > 64) return false;
+    SkipSpace();
+    if (i_ >= s_.size()) return false;
+    const char c = s_[i_];
+    if (c == '{') return ParseObject(out, depth);
+    if (c == '[') return ParseArray(out, depth);
+    if (c == '"') {
+      out->type = JsonValue::kString;
+      return ParseString(&out->string);
+    }
+    if (Consume("true")) { out->type = JsonValue::kBool; out->boolean = true; return true; }
+    if (Consume("false")) { out->type = JsonValue::kBool; out->boolean = false; return true; }
+    if (Consume("null")) { out->type = JsonValue::kNull; return true; }
+    return ParseNumber(out);
+  }
+
+  bool ParseNumber(JsonValue* out) {
+    out->type = JsonValue::kNumber;
+    if (Consume("NaN")) { out->number = kNaN; return true; }
+    if (Consume("Infinity")) { out->number = HUGE_VAL; return true; }
+    if (Consume("-Infinity")) { out->number = -HUGE_VAL; return true; }
+    const size_t start = i_;
+    while (i_ < s_.size() && (absl::ascii_isdigit(static_cast<unsigned char>(s_[i_])) || s_[i_] == '-' ||
+                              s_[i_] == '+' || s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E')) {
+      ++i_;
+    }
+    return i_ > start && absl::SimpleAtod(s_.substr(start, i_ - start), &out->number);
+  }
+
+  static void AppendUtf8(uint32_t code, std::string* out) {
+    if (code < 0x80) {
+      *out += static_cast<char>(code);
+    } else if (code < 0x800) {
+      *out += static_cast<char>(0xC0 | (code >> 6));
+      *out += static_cast<char>(0x80 | (code & 0x3F));
+    } else if (code < 0x10000) {
+      *out += static_cast<char>(0xE0 | (code >> 12));
+      *out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+      *out += static_cast<char>(0x80 | (code & 0x3F));
+    } else {
+      *out += static_cast<char>(0xF0 | (code >> 18));
+      *out += static_cast<char>(0x80 | ((code >> 12) & 0x3F));
+      *out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+      *out += static_cast<char>(0x80 | (code & 0x3F));
+    }
+  }
+
+  bool ParseHex4(uint32_t* code) {
+    if (i_ + 4 > s_.size()) return false;
+    *code = 0;
+    for (int k = 0; k < 4; ++k) {
+      const char h = s_[i_++];
+      *code <<= 4;
+      if (h >= '0' && h <= '9') *code |= h - '0';
+      else if (h >= 'a' && h <= 'f') *code |= h - 'a' + 10;
+      else if (h >= 'A' && h <= 'F') *code |= h - 'A' + 10;
+      else return false;
+    }
+    return true;
+  }
+
+  bool ParseString(std::string* out) {
+    ++i_;  // the opening quote
+    while (i_ < s_.size()) {
+      const char c = s_[i_++];
+      if (c == '"') return true;
+      if (c != '\\') {
+        *out += c;
+        continue;
+      }
+      if (i_ >= s_.size()) return false;
+      const char e = s_[i_++];
+      switch (e) {
+        case '"': case '\\': case '/': *out += e; break;
+        case 'b': *out += '\b'; break;
+        case 'f': *out += '\f'; break;
+        case 'n': *out += '\n'; break;
+        case 'r': *out += '\r'; break;
+        case 't': *out += '\t'; break;
+        case 'u': {
+          uint32_t code;
+          if (!ParseHex4(&code)) return false;
+          if (code >= 0xD800 && code < 0xDC00 && Consume("\\u")) {
+            uint32_t low;
+            if (!ParseHex4(&low)) return false;
+            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+          }
+          AppendUtf8(code, out);
+          break;
+        }
+        default: return false;
+      }
+    }
+    return false;
+  }
+
+  bool ParseArray(JsonValue* out, int depth) {
+    out->type = JsonValue::kArray;
+    ++i_;
+    SkipSpace();
+    if (Consume("]")) return true;
+    while (true) {
+      out->array.emplace_back();
+      if (!Parse(&out->array.back(), depth + 1)) return false;
+      SkipSpace();
+      if (Consume("]")) return true;
+      if (!Consume(",")) return false;
+    }
+  }
+
+  bool ParseObject(JsonValue* out, int depth) {
+    out->type = JsonValue::kObject;
+    ++i_;
+    SkipSpace();
+    if (Consume("}")) return true;
+    while (true) {
+      SkipSpace();
+      if (i_ >= s_.size() || s_[i_] != '"') return false;
+      std::string key;
+      if (!ParseString(&key)) return false;
+      SkipSpace();
+      if (!Consume(":")) return false;
+      out->object.emplace_back(std::move(key), JsonValue());
+      if (!Parse(&out->object.back().second, depth + 1)) return false;
+      SkipSpace();
+      if (Consume("}")) return true;
+      if (!Consume(",")) return false;
+    }
+  }
+
+  absl::string_view s_;
+  size_t i_ = 0;
+};
+
+}  // namespace
+
+bool ParseJson(absl::string_view text, JsonValue* out) { return JsonParser(text).ParseDocument(out); }
+
+}  // namespace rmoe
