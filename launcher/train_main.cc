@@ -3,10 +3,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <vector>
 
+#include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 #include <google/protobuf/stubs/common.h>
 #include <mpi.h>
@@ -21,6 +21,7 @@
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
+#include "rmoe/util/cli.h"
 
 namespace {
 
@@ -177,38 +178,21 @@ void PrintVersion() {
 }
 
 int Run(int argc, char** argv) {
-  std::string job_path;
-  std::vector<std::string> overrides;
-  std::string resume;
-  bool dry_run = false, quiet = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (arg == "--version") {
-      PrintVersion();
-      return 0;
-    } else if (arg == "--job") {
-      const char* v = value();
-      if (!v) return Fail(2, "--job needs a path");
-      job_path = v;
-    } else if (arg == "--set") {
-      const char* v = value();
-      if (!v) return Fail(2, "--set needs FIELD=VALUE");
-      overrides.push_back(v);
-    } else if (arg == "--resume") {
-      const bool has_path = i + 1 < argc && std::strncmp(argv[i + 1], "--", 2) != 0;
-      resume = has_path ? argv[++i] : kResumeLatest;
-    } else if (arg == "--dry-run") {
-      dry_run = true;
-    } else if (arg == "--quiet") {
-      quiet = true;
-    } else {
-      return Fail(2, "unknown argument \"" + arg + "\" (see --help)");
-    }
+  rmoe::cli::Parser parser;
+  parser.Value("--job", "a path")
+      .Repeated("--set", "FIELD=VALUE")
+      .OptionalValue("--resume", kResumeLatest)
+      .Switch("--dry-run")
+      .Switch("--quiet")
+      .Switch("--version");
+  const auto args = parser.Parse(rmoe::cli::Arguments(argc, argv));
+  if (!args.ok()) return Fail(2, absl::StrCat(args.status().message(), " (see --help)"));
+  if (args->help()) return rmoe::cli::PrintUsage(kUsage);
+  if (args->Has("--version")) {
+    PrintVersion();
+    return 0;
   }
+  const std::string job_path = args->Get("--job");
   if (job_path.empty()) return Fail(2, "--job SPEC.pbtxt is required (see --help)");
 
   // Before MPI starts: either may re-execute this program with other BLAS kernels.
@@ -219,7 +203,8 @@ int Run(int argc, char** argv) {
   rmoe::distributed::MpiRuntime mpi(&argc, &argv);
   // Exceptions are reported here, while MPI still knows this process's rank.
   try {
-    return TrainOnRanks(mpi, job_path, overrides, resume, dry_run, quiet);
+    return TrainOnRanks(mpi, job_path, args->All("--set"), args->Get("--resume"),
+                        args->Has("--dry-run"), args->Has("--quiet"));
   } catch (const c10::Error& e) {
     Fail(1, e.what_without_backtrace());
   } catch (const std::exception& e) {

@@ -138,32 +138,22 @@ TEST(WriteFileAtomicallyTest, MissingDirectoryIsNamed) {
   EXPECT_THAT(Msg(status), HasSubstr(dir / "no/such/f.tmp"));
 }
 
-TEST(AtomicFileWriterTest, WritesInPiecesAndCommits) {
+TEST(AtomicFileWriterTest, OnlyACommitReplacesTheFile) {
   TempDir dir;
   Write(dir / "f", "old");
-  {
+  for (const bool commit : {false, true}) {
+    EXPECT_FALSE(fs::exists(dir / "f.tmp"));  // an abandoned writer removes its file
     absl::StatusOr<AtomicFileWriter> writer = AtomicFileWriter::Open(dir / "f");
     ASSERT_TRUE(writer.ok()) << writer.status();
     ASSERT_TRUE(writer->Append("new ").ok());
     ASSERT_TRUE(writer->Append("bytes").ok());
+    EXPECT_TRUE(fs::exists(dir / "f.tmp"));
     EXPECT_EQ(Read(dir / "f"), "old");  // nothing shows before the commit
+    if (!commit) continue;              // dropped: the temporary file must go with it
     ASSERT_TRUE(writer->Commit().ok());
     EXPECT_FALSE(writer->Append("more").ok());
   }
   EXPECT_EQ(Read(dir / "f"), "new bytes");
-  EXPECT_FALSE(fs::exists(dir / "f.tmp"));
-}
-
-TEST(AtomicFileWriterTest, AbandonedWriterLeavesTheOldFile) {
-  TempDir dir;
-  Write(dir / "f", "old");
-  {
-    absl::StatusOr<AtomicFileWriter> writer = AtomicFileWriter::Open(dir / "f");
-    ASSERT_TRUE(writer.ok()) << writer.status();
-    ASSERT_TRUE(writer->Append("half").ok());
-    EXPECT_TRUE(fs::exists(dir / "f.tmp"));
-  }
-  EXPECT_EQ(Read(dir / "f"), "old");
   EXPECT_FALSE(fs::exists(dir / "f.tmp"));
 }
 

@@ -1,5 +1,7 @@
 #include "rmoe/util/cli.h"
 
+#include <cstdio>
+
 #include <absl/status/status.h>
 #include <absl/strings/match.h>
 #include <absl/strings/str_cat.h>
@@ -24,6 +26,11 @@ absl::Status ValueError(absl::string_view flag, absl::string_view value, const a
 
 std::vector<std::string> Arguments(int argc, char** argv) {
   return argc > 1 ? std::vector<std::string>(argv + 1, argv + argc) : std::vector<std::string>{};
+}
+
+int PrintUsage(const char* usage) {
+  std::fputs(usage, stdout);
+  return 0;
 }
 
 bool AsksForHelp(const std::vector<std::string>& args) {

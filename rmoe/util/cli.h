@@ -22,6 +22,9 @@ namespace rmoe::cli {
 // argv[1..argc-1].
 std::vector<std::string> Arguments(int argc, char** argv);
 
+// Prints a program's usage text on stdout; returns 0, the exit status of --help.
+int PrintUsage(const char* usage);
+
 // Whether `args` holds --help or -h: programs with subcommands look before choosing one.
 bool AsksForHelp(const std::vector<std::string>& args);
 
