@@ -294,7 +294,8 @@ int Export(const std::string& path, const std::string& out, const std::string& c
   });
   uint64_t at = 0;
   std::string header =
-      "{\"__metadata__\":{\"format\":\"pt\",\"step\":" + rmoe::JsonString(std::to_string(m.step())) +
+      "{\"__metadata__\":{\"format\":\"pt\",\"step\":" +
+      rmoe::JsonString(std::to_string(m.step())) +
       ",\"consumed_samples\":" + rmoe::JsonString(std::to_string(m.consumed_samples())) +
       ",\"job\":" + rmoe::JsonString(m.job().name()) + "}";
   for (auto& item : items) {
@@ -340,7 +341,7 @@ int Export(const std::string& path, const std::string& out, const std::string& c
     options.add_whitespace = true;
     options.preserve_proto_field_names = true;
     std::string json;
-    const auto status = google::protobuf::util::MessageTormoe::JsonString(*spec, &json, options);
+    const auto status = google::protobuf::util::MessageToJsonString(*spec, &json, options);
     if (!status.ok()) return Fail("cannot convert the job spec to JSON: " + status.ToString());
     if (auto s = rmoe::WriteFileAtomically(config, json); !s.ok()) {
       return Fail(std::string(s.message()));

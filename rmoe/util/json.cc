@@ -250,6 +250,8 @@ class JsonParser {
 
 }  // namespace
 
-bool ParseJson(absl::string_view text, JsonValue* out) { return JsonParser(text).ParseDocument(out); }
+bool ParseJson(absl::string_view text, JsonValue* out) {
+  return JsonParser(text).ParseDocument(out);
+}
 
 }  // namespace rmoe
