@@ -1,5 +1,7 @@
 #include "distributed/mpi_communicator.h"
+
 #include "distributed/collective_args.h"
+#include "rmoe/util/env.h"
 
 #include <algorithm>
 #include <climits>
@@ -356,14 +358,9 @@ std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key) {
 namespace {
 MpiRuntime* g_runtime = nullptr;
 
-bool ReadEnvInt(const char* name, int* value) {
-  const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return false;
-  char* end = nullptr;
-  const long v = std::strtol(text, &end, 10);
-  if (*end != '\0' || v < 0 || v > INT_MAX) return false;
-  *value = static_cast<int>(v);
-  return true;
+// A launcher's variable, or -1 when it is unset or not a count (then MPI is asked instead).
+int LauncherCount(const char* name) {
+  return static_cast<int>(IntFromEnv(name, -1, 0, INT_MAX).value_or(-1));
 }
 
 void CheckInit(int rc, const char* call) {
@@ -397,8 +394,9 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   world_ = std::make_unique<MpiCommunicator>(dup, /*owned=*/true);
 
   int local_rank = 0, local_size = 0;
-  if (ReadEnvInt("OMPI_COMM_WORLD_LOCAL_RANK", &local_rank) &&
-      ReadEnvInt("OMPI_COMM_WORLD_LOCAL_SIZE", &local_size) && local_rank < local_size) {
+  local_rank = LauncherCount("OMPI_COMM_WORLD_LOCAL_RANK");
+  local_size = LauncherCount("OMPI_COMM_WORLD_LOCAL_SIZE");
+  if (local_rank >= 0 && local_size > 0 && local_rank < local_size) {
     local_rank_ = local_rank;
     local_size_ = local_size;
   } else {

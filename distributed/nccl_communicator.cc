@@ -1,5 +1,7 @@
 #include "distributed/nccl_communicator.h"
+
 #include "distributed/collective_args.h"
+#include "rmoe/util/env.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -71,14 +73,9 @@ std::string CudaErrorString(cudaError_t rc) {
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
 double TimeoutFromEnv() {
-  const char* text = std::getenv("RMOE_NCCL_TIMEOUT_S");
-  if (text == nullptr || *text == '\0') return 600;
-  char* end = nullptr;
-  const double value = std::strtod(text, &end);
-  TORCH_CHECK(*end == '\0' && std::isfinite(value) && value >= 0,
-              "RMOE_NCCL_TIMEOUT_S must be a number of seconds >= 0 (0: no timeout), got \"", text,
-              "\"");
-  return value;
+  auto seconds = NumberFromEnv("RMOE_NCCL_TIMEOUT_S", 600, {0});
+  TORCH_CHECK(seconds.ok(), std::string(seconds.status().message()), " (seconds; 0: no timeout)");
+  return *seconds;
 }
 
 // How AllReduce reduces a dtype: the NCCL type and "sum" op, and the dtype the data is

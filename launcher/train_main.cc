@@ -3,10 +3,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <vector>
 
+#include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 #include <google/protobuf/stubs/common.h>
 #include <mpi.h>
@@ -22,6 +22,7 @@
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
+#include "rmoe/util/cli.h"
 
 namespace {
 
@@ -191,44 +192,35 @@ void PrintVersion() {
 }
 
 int Run(int argc, char** argv) {
-  Arguments args;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (arg == "--version") {
-      PrintVersion();
-      return 0;
-    } else if (arg == "--job") {
-      const char* v = value();
-      if (!v) return Fail(2, "--job needs a path");
-      args.job_path = v;
-    } else if (arg == "--set") {
-      const char* v = value();
-      if (!v) return Fail(2, "--set needs FIELD=VALUE");
-      args.overrides.push_back(v);
-    } else if (arg == "--resume") {
-      const bool has_path = i + 1 < argc && std::strncmp(argv[i + 1], "--", 2) != 0;
-      args.resume = has_path ? argv[++i] : kResumeLatest;
-    } else if (arg == "--dry-run") {
-      args.dry_run = true;
-    } else if (arg == "--quiet") {
-      args.quiet = true;
-    } else if (arg == "--test-pause-before-commit" || arg == "--test-delay-background-write") {
-      const char* v = value();
-      char* end = nullptr;
-      const double seconds = v ? std::strtod(v, &end) : -1;
-      if (!v || *end != '\0' || !(seconds >= 0)) return Fail(2, arg + " needs SECONDS >= 0");
-      auto& hooks = args.checkpoint_hooks;
-      (arg == "--test-pause-before-commit" ? hooks.pause_before_commit_seconds
-                                           : hooks.delay_background_write_seconds) = seconds;
-    } else {
-      return Fail(2, "unknown argument \"" + arg + "\" (see --help)");
-    }
+  rmoe::cli::Parser parser;
+  parser.Value("--job", "a path")
+      .Repeated("--set", "FIELD=VALUE")
+      .OptionalValue("--resume", kResumeLatest)
+      .Switch("--dry-run")
+      .Switch("--quiet")
+      .Switch("--version")
+      .Value("--test-pause-before-commit", "SECONDS")
+      .Value("--test-delay-background-write", "SECONDS");
+  const auto parsed = parser.Parse(rmoe::cli::Arguments(argc, argv));
+  if (!parsed.ok()) return Fail(2, absl::StrCat(parsed.status().message(), " (see --help)"));
+  if (parsed->help()) return rmoe::cli::PrintUsage(kUsage);
+  if (parsed->Has("--version")) {
+    PrintVersion();
+    return 0;
   }
+  Arguments args;
+  args.job_path = parsed->Get("--job");
   if (args.job_path.empty()) return Fail(2, "--job SPEC.pbtxt is required (see --help)");
+  args.overrides = parsed->All("--set");
+  args.resume = parsed->Get("--resume");
+  args.dry_run = parsed->Has("--dry-run");
+  args.quiet = parsed->Has("--quiet");
+  auto pause = parsed->Number("--test-pause-before-commit", 0, {0});
+  auto delay = parsed->Number("--test-delay-background-write", 0, {0});
+  if (!pause.ok()) return Fail(2, std::string(pause.status().message()));
+  if (!delay.ok()) return Fail(2, std::string(delay.status().message()));
+  args.checkpoint_hooks.pause_before_commit_seconds = *pause;
+  args.checkpoint_hooks.delay_background_write_seconds = *delay;
 
   // Before MPI starts: either may re-execute this program with other BLAS kernels.
   rmoe::SelectBlasKernels(argv);

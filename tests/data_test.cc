@@ -15,10 +15,10 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
-#include "gtest/gtest.h"
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_split.h>
+#include <gtest/gtest.h>
 #include "rmoe/data/byte_tokenizer.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/data/sampler.h"

@@ -10,15 +10,18 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
-#include "tools/sweep_lib.h"
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_split.h>
+#include "rmoe/util/files.h"
+#include "tools/sweep/metrics.h"
+#include "tools/sweep/report.h"
+#include "tools/sweep/run.h"
+#include "tools/sweep/spec.h"
 
 namespace rmoe::sweep {
 namespace {
@@ -28,12 +31,8 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+// The file's text; "" when it cannot be read (the expectations then say what was missing).
+std::string ReadFile(const fs::path& path) { return rmoe::ReadFile(path.string()).value_or(""); }
 
 void WriteFile(const fs::path& path, const std::string& text) {
   std::ofstream out(path);

@@ -5,13 +5,13 @@
 
 #include <chrono>
 #include <cstdint>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "distributed/mpi_communicator.h"
-#include "rmoe/train/progress.h"  // JsonObject
+#include "rmoe/util/cli.h"
+#include "rmoe/util/json.h"
 
 namespace rmoe::bench {
 
@@ -25,13 +25,14 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// --name value options of one subcommand. Every option takes a value; `repeatable` ones
-// (--set) may be given several times. Unknown options throw UsageError.
+// --name value options of one subcommand (rmoe/util/cli.h). Every option takes a value;
+// `repeatable` ones (--set) may be given several times. Unknown options, and values that do
+// not parse, throw UsageError.
 class Options {
  public:
   Options(const std::vector<std::string>& args, const std::vector<std::string>& known,
           const std::vector<std::string>& repeatable = {});
-  bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  bool Has(const std::string& name) const { return args_.Has(name); }
   std::string String(const std::string& name, const std::string& fallback) const;
   int64_t Int(const std::string& name, int64_t fallback, int64_t min_value = 1) const;
   double Double(const std::string& name, double fallback) const;
@@ -39,7 +40,7 @@ class Options {
   std::vector<std::string> All(const std::string& name) const;
 
  private:
-  std::map<std::string, std::vector<std::string>> values_;
+  cli::Args args_;
 };
 
 // What the numbers were measured on. Numbers are only comparable within one context.
@@ -85,8 +86,6 @@ class Table {
   std::vector<std::vector<std::string>> rows_;
 };
 
-// "[{...},{...}]".
-std::string JsonArray(const std::vector<JsonObject>& items);
 // Writes {"benchmark": name, "context": {...}, <fields of `result`>} to `path` (rank 0).
 void WriteJson(const std::string& path, const std::string& benchmark, const Context& context,
                const JsonObject& result);

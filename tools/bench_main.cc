@@ -7,17 +7,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <set>
-#include <sstream>
 #include <thread>
 
-#include <absl/strings/numbers.h>
 #include <absl/strings/str_format.h>
-#include <absl/strings/str_split.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
 #include "rmoe/platform/host_report.h"
+#include "rmoe/util/files.h"
 #include "tools/bench_common.h"
 
 namespace rmoe::bench {
@@ -73,67 +70,42 @@ std::string TrimRight(std::string s) {
 
 // ---------------------------------------------------------------- options
 
+namespace {
+// The value of a typed getter, or a UsageError with its message.
+template <typename T>
+T OrThrow(absl::StatusOr<T> value) {
+  if (!value.ok()) throw UsageError(std::string(value.status().message()));
+  return *std::move(value);
+}
+}  // namespace
+
 Options::Options(const std::vector<std::string>& args, const std::vector<std::string>& known,
                  const std::vector<std::string>& repeatable) {
-  std::set<std::string> names(known.begin(), known.end());
-  names.insert("--json");
-  names.insert("--threads");
-  const std::set<std::string> multi(repeatable.begin(), repeatable.end());
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    if (!names.count(arg)) throw UsageError("unknown argument \"" + arg + "\" (see --help)");
-    if (i + 1 >= args.size()) throw UsageError(arg + " needs a value");
-    if (values_.count(arg) && !multi.count(arg)) throw UsageError(arg + " given twice");
-    values_[arg].push_back(args[++i]);
-  }
+  cli::Parser parser;
+  for (const std::string& name : known) parser.Value(name, "a value");
+  for (const std::string& name : repeatable) parser.Repeated(name, "a value");
+  parser.Value("--json", "a path").Value("--threads", "a number");
+  args_ = OrThrow(parser.Parse(args));
 }
 
 std::string Options::String(const std::string& name, const std::string& fallback) const {
-  auto it = values_.find(name);
-  return it == values_.end() ? fallback : it->second.back();
+  return args_.Get(name, fallback);
 }
 
 int64_t Options::Int(const std::string& name, int64_t fallback, int64_t min_value) const {
-  auto it = values_.find(name);
-  if (it == values_.end()) return fallback;
-  int64_t value;
-  if (!absl::SimpleAtoi(it->second.back(), &value) || value < min_value) {
-    throw UsageError(absl::StrFormat("%s %s: expected an integer >= %d", name, it->second.back(),
-                                     min_value));
-  }
-  return value;
+  return OrThrow(args_.Int(name, fallback, min_value));
 }
 
 double Options::Double(const std::string& name, double fallback) const {
-  auto it = values_.find(name);
-  if (it == values_.end()) return fallback;
-  double value;
-  if (!absl::SimpleAtod(it->second.back(), &value) || !(value > 0)) {
-    throw UsageError(name + " " + it->second.back() + ": expected a positive number");
-  }
-  return value;
+  return OrThrow(args_.Number(name, fallback, {0, HUGE_VAL, /*min_exclusive=*/true}));
 }
 
 std::vector<int64_t> Options::IntList(const std::string& name,
                                       const std::vector<int64_t>& fallback) const {
-  auto it = values_.find(name);
-  if (it == values_.end()) return fallback;
-  std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(it->second.back(), ',', absl::SkipEmpty())) {
-    int64_t value;
-    if (!absl::SimpleAtoi(part, &value) || value < 1) {
-      throw UsageError(name + " " + it->second.back() + ": expected positive integers, comma-separated");
-    }
-    out.push_back(value);
-  }
-  if (out.empty()) throw UsageError(name + " needs at least one value");
-  return out;
+  return OrThrow(args_.IntList(name, fallback, 1));
 }
 
-std::vector<std::string> Options::All(const std::string& name) const {
-  auto it = values_.find(name);
-  return it == values_.end() ? std::vector<std::string>{} : it->second;
-}
+std::vector<std::string> Options::All(const std::string& name) const { return args_.All(name); }
 
 // ---------------------------------------------------------------- context
 
@@ -267,23 +239,16 @@ void Table::Print() const {
   for (const auto& row : rows_) print(row);
 }
 
-std::string JsonArray(const std::vector<JsonObject>& items) {
-  std::string out = "[";
-  for (size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + items[i].str();
-  return out + "]";
-}
-
 void WriteJson(const std::string& path, const std::string& benchmark, const Context& context,
                const JsonObject& result) {
   if (path.empty()) return;
-  std::ofstream out(path, std::ios::out | std::ios::trunc);
-  if (!out) throw std::runtime_error("cannot open --json " + path);
   JsonObject record;
   record.Add("benchmark", benchmark)
       .AddRaw("context", ContextJson(context).str())
       .AddRaw("result", result.str());
-  out << record.str() << "\n";
-  if (!out.flush()) throw std::runtime_error("cannot write --json " + path);
+  if (auto s = WriteFileAtomically(path, record.str() + "\n"); !s.ok()) {
+    throw std::runtime_error("cannot write --json " + path + ": " + std::string(s.message()));
+  }
   std::printf("JSON written to %s\n", path.c_str());
 }
 
@@ -325,12 +290,7 @@ int main(int argc, char** argv) {
                  sub.c_str());
     return 2;
   }
-  for (const auto& a : args) {
-    if (a == "--help" || a == "-h") {
-      std::fputs(chosen->usage, stdout);
-      return 0;
-    }
-  }
+  if (rmoe::cli::AsksForHelp(args)) return rmoe::cli::PrintUsage(chosen->usage);
 
   // As rmoe_train: BLAS kernels for this CPU (unless OPENBLAS_CORETYPE is set), checked.
   rmoe::SelectBlasKernels(argv);

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <map>
 #include <set>
 #include <string>
@@ -14,6 +13,9 @@
 
 #include "distributed/checkpoint.h"
 #include "rmoe/config/job_spec.h"
+#include "rmoe/util/cli.h"
+#include "rmoe/util/files.h"
+#include "rmoe/util/json.h"
 
 namespace {
 
@@ -257,42 +259,6 @@ int Verify(const std::string& path) {
   return 0;
 }
 
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char ch : s) {
-    switch (ch) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      default:
-        if (ch < 0x20) {
-          char escaped[8];
-          std::snprintf(escaped, sizeof(escaped), "\\u%04x", ch);
-          out += escaped;
-        } else {
-          out += static_cast<char>(ch);
-        }
-    }
-  }
-  return out + "\"";
-}
-
-bool WriteAll(std::FILE* f, const void* data, size_t n) {
-  return n == 0 || std::fwrite(data, 1, n, f) == n;
-}
-
 int Export(const std::string& path, const std::string& out, const std::string& config) {
   Loaded c;
   if (!Load(path, &c)) return 1;
@@ -328,36 +294,29 @@ int Export(const std::string& path, const std::string& out, const std::string& c
   });
   uint64_t at = 0;
   std::string header =
-      "{\"__metadata__\":{\"format\":\"pt\",\"step\":" + JsonString(std::to_string(m.step())) +
-      ",\"consumed_samples\":" + JsonString(std::to_string(m.consumed_samples())) +
-      ",\"job\":" + JsonString(m.job().name()) + "}";
+      "{\"__metadata__\":{\"format\":\"pt\",\"step\":" +
+      rmoe::JsonString(std::to_string(m.step())) +
+      ",\"consumed_samples\":" + rmoe::JsonString(std::to_string(m.consumed_samples())) +
+      ",\"job\":" + rmoe::JsonString(m.job().name()) + "}";
   for (auto& item : items) {
     item.begin = at;
     at += static_cast<uint64_t>(item.bytes);
     std::string shape;
     for (int i = 0; i < item.record->shape_size(); ++i)
       shape += (i ? "," : "") + std::to_string(item.record->shape(i));
-    header += "," + JsonString(item.name) + ":{\"dtype\":\"" + item.dtype->safetensors +
+    header += "," + rmoe::JsonString(item.name) + ":{\"dtype\":\"" + item.dtype->safetensors +
               "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(item.begin) + "," +
               std::to_string(at) + "]}";
   }
   header += "}";
   header.append((8 - header.size() % 8) % 8, ' ');
 
-  const std::string tmp = out + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr) return Fail("cannot create " + tmp + ": " + std::strerror(errno));
-  auto abandon = [&](const std::string& message) {
-    std::fclose(f);
-    std::remove(tmp.c_str());
-    return Fail(message);
-  };
-  unsigned char size_bytes[8];
-  for (int i = 0; i < 8; ++i)
-    size_bytes[i] = static_cast<unsigned char>((header.size() >> (8 * i)) & 0xFF);
-  if (!WriteAll(f, size_bytes, 8) || !WriteAll(f, header.data(), header.size())) {
-    return abandon("cannot write " + tmp + ": " + std::strerror(errno));
-  }
+  auto file = rmoe::AtomicFileWriter::Open(out);
+  if (!file.ok()) return Fail(std::string(file.status().message()));
+  std::string size_bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) size_bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+  if (auto s = file->Append(size_bytes); !s.ok()) return Fail(std::string(s.message()));
+  if (auto s = file->Append(header); !s.ok()) return Fail(std::string(s.message()));
   for (const auto& item : items) {
     rmoe::distributed::ShardedTensor t;
     t.name = item.record->name();
@@ -365,17 +324,12 @@ int Export(const std::string& path, const std::string& out, const std::string& c
     t.local = torch::empty(t.global_shape, torch::TensorOptions().dtype(item.dtype->type));
     std::vector<rmoe::distributed::ShardedTensor> one = {t};
     const absl::Status status = rmoe::distributed::LoadTensors(c.dir, m, one);
-    if (!status.ok()) return abandon(std::string(status.message()));
-    if (!WriteAll(f, one[0].local.data_ptr(), static_cast<size_t>(item.bytes))) {
-      return abandon("cannot write " + tmp + ": " + std::strerror(errno));
-    }
+    if (!status.ok()) return Fail(std::string(status.message()));
+    const absl::string_view bytes(static_cast<const char*>(one[0].local.data_ptr()),
+                                  static_cast<size_t>(item.bytes));
+    if (auto s = file->Append(bytes); !s.ok()) return Fail(std::string(s.message()));
   }
-  if (std::fflush(f) != 0 || std::fclose(f) != 0) {
-    std::remove(tmp.c_str());
-    return Fail("cannot write " + tmp + ": " + std::strerror(errno));
-  }
-  if (std::rename(tmp.c_str(), out.c_str()) != 0)
-    return Fail("cannot rename " + tmp + " to " + out + ": " + std::strerror(errno));
+  if (auto s = file->Commit(); !s.ok()) return Fail(std::string(s.message()));
   std::printf("exported %zu model tensors (%s) of %s, step %lld, to %s\n", items.size(),
               HumanBytes(static_cast<int64_t>(at)).c_str(), c.dir.c_str(),
               static_cast<long long>(m.step()), out.c_str());
@@ -389,11 +343,9 @@ int Export(const std::string& path, const std::string& out, const std::string& c
     std::string json;
     const auto status = google::protobuf::util::MessageToJsonString(*spec, &json, options);
     if (!status.ok()) return Fail("cannot convert the job spec to JSON: " + status.ToString());
-    std::FILE* cf = std::fopen(config.c_str(), "wb");
-    if (cf == nullptr) return Fail("cannot create " + config + ": " + std::strerror(errno));
-    const bool ok = WriteAll(cf, json.data(), json.size());
-    if (std::fclose(cf) != 0 || !ok)
-      return Fail("cannot write " + config + ": " + std::strerror(errno));
+    if (auto s = rmoe::WriteFileAtomically(config, json); !s.ok()) {
+      return Fail(std::string(s.message()));
+    }
     std::printf("job spec written to %s\n", config.c_str());
   }
   return 0;
@@ -402,42 +354,27 @@ int Export(const std::string& path, const std::string& out, const std::string& c
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  for (const auto& a : args) {
-    if (a == "--help" || a == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-  }
+  const std::vector<std::string> args = rmoe::cli::Arguments(argc, argv);
+  if (rmoe::cli::AsksForHelp(args)) return rmoe::cli::PrintUsage(kUsage);
   if (args.empty()) return Usage("no command given");
   const std::string command = args[0];
-  std::string path, out, config;
-  bool tensors = false;
-  for (size_t i = 1; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (a == "--tensors" && command == "inspect") {
-      tensors = true;
-    } else if ((a == "--out" || a == "--config") && command == "export") {
-      if (i + 1 >= args.size()) return Usage(a + " needs a file name");
-      (a == "--out" ? out : config) = args[++i];
-    } else if (!a.empty() && a[0] == '-') {
-      return Usage("unknown option \"" + a + "\" for " + command);
-    } else if (path.empty()) {
-      path = a;
-    } else {
-      return Usage("unexpected argument \"" + a + "\"");
-    }
-  }
   if (command != "inspect" && command != "verify" && command != "export") {
     return Usage("unknown command \"" + command +
                  "\"; the commands are inspect, verify and export");
   }
-  if (path.empty()) return Usage(command + " needs a checkpoint PATH");
+  rmoe::cli::Parser parser("for " + command);
+  parser.Positionals(1);
+  if (command == "inspect") parser.Switch("--tensors");
+  if (command == "export") parser.Value("--out", "a file name").Value("--config", "a file name");
+  const auto flags = parser.Parse(std::vector<std::string>(args.begin() + 1, args.end()));
+  if (!flags.ok()) return Usage(std::string(flags.status().message()));
+  if (flags->positional().empty()) return Usage(command + " needs a checkpoint PATH");
+  const std::string& path = flags->positional()[0];
   try {
-    if (command == "inspect") return Inspect(path, tensors);
+    if (command == "inspect") return Inspect(path, flags->Has("--tensors"));
     if (command == "verify") return Verify(path);
-    if (out.empty()) return Usage("export needs --out FILE.safetensors");
-    return Export(path, out, config);
+    if (!flags->Has("--out")) return Usage("export needs --out FILE.safetensors");
+    return Export(path, flags->Get("--out"), flags->Get("--config"));
   } catch (const std::exception& e) {
     return Fail(e.what());
   }

@@ -2,6 +2,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +15,7 @@
 #include "rmoe/data/subprocess_tokenizer.h"
 #include "rmoe/model/generation.h"
 #include "rmoe/train/model_io.h"
+#include "rmoe/util/cli.h"
 
 namespace {
 namespace fs = std::filesystem;
@@ -99,57 +102,61 @@ bool IsCheckpointPath(const std::string& path) {
          !fs::exists(fs::path(path) / "model.pt", ec);
 }
 
-bool ParseNumber(const char* text, double* out) {
-  char* end = nullptr;
-  *out = std::strtod(text, &end);
-  return end != text && *end == '\0';
+struct Options {
+  std::string model_dir;  // a model directory or a checkpoint
+  std::string prompt;
+  rmoe::SamplingOptions sampling;
+  int threads = 0;
+};
+
+// The options, or a usage error. --help prints the usage here and yields no options.
+absl::StatusOr<std::optional<Options>> ParseOptions(int argc, char** argv) {
+  rmoe::cli::Parser parser;
+  parser.Value("--model", "a path").Value("--prompt", "a text");
+  for (const char* flag : {"--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+                           "--threads"}) {
+    parser.Value(flag, "a number");
+  }
+  auto args = parser.Parse(rmoe::cli::Arguments(argc, argv));
+  if (!args.ok()) return args.status();
+  if (args->help()) {
+    std::fputs(kUsage, stdout);
+    return std::optional<Options>();
+  }
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  Options o;
+  o.model_dir = args->Get("--model");
+  o.prompt = args->Get("--prompt");
+  auto max_new = args->Int("--max-new-tokens", o.sampling.max_new_tokens, 0, kMaxInt);
+  auto temperature = args->Number("--temperature", 0.8, {0});
+  auto top_k = args->Int("--top-k", o.sampling.top_k, 0, kMaxInt);
+  auto top_p = args->Number("--top-p", 0.95, {0, 1, /*min_exclusive=*/true});
+  auto seed = args->Int("--seed", static_cast<int64_t>(o.sampling.seed), 0);
+  auto threads = args->Int("--threads", 0, 0, kMaxInt);
+  for (const absl::Status& s : {max_new.status(), temperature.status(), top_k.status(),
+                                top_p.status(), seed.status(), threads.status()}) {
+    if (!s.ok()) return s;
+  }
+  o.sampling.max_new_tokens = static_cast<int>(*max_new);
+  o.sampling.temperature = *temperature;
+  o.sampling.top_k = static_cast<int>(*top_k);
+  o.sampling.top_p = *top_p;
+  o.sampling.seed = static_cast<uint64_t>(*seed);
+  o.threads = static_cast<int>(*threads);
+  if (o.model_dir.empty()) return absl::InvalidArgumentError("--model PATH is required");
+  return std::optional<Options>(std::move(o));
 }
 
 }  // namespace
 
 int Run(int argc, char** argv) {
-  std::string model_dir, prompt;  // model_dir: a model directory or a checkpoint
-  bool has_prompt = false;
-  rmoe::SamplingOptions options;
-  options.temperature = 0.8;
-  options.top_p = 0.95;
-  int threads = 0;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (i + 1 >= argc) return Fail("unknown or incomplete argument \"" + arg + "\" (see --help)");
-    const char* value = argv[++i];
-    double number = 0;
-    const bool numeric = ParseNumber(value, &number);
-    if (arg == "--model") {
-      model_dir = value;
-    } else if (arg == "--prompt") {
-      prompt = value;
-      has_prompt = true;
-    } else if (!numeric) {
-      return Fail(arg + " needs a number, got \"" + value + "\" (see --help)");
-    } else if (arg == "--max-new-tokens" && number >= 0) {
-      options.max_new_tokens = static_cast<int>(number);
-    } else if (arg == "--temperature" && number >= 0) {
-      options.temperature = number;
-    } else if (arg == "--top-k" && number >= 0) {
-      options.top_k = static_cast<int>(number);
-    } else if (arg == "--top-p" && number > 0 && number <= 1) {
-      options.top_p = number;
-    } else if (arg == "--seed" && number >= 0) {
-      options.seed = static_cast<uint64_t>(number);
-    } else if (arg == "--threads" && number >= 0) {
-      threads = static_cast<int>(number);
-    } else {
-      return Fail("bad value " + std::string(value) + " for " + arg +
-                  " (see --help for arguments and their ranges)");
-    }
-  }
-  if (model_dir.empty()) return Fail("--model PATH is required (see --help)");
-  if (threads > 0) torch::set_num_threads(threads);
+  auto parsed = ParseOptions(argc, argv);
+  if (!parsed.ok()) return Fail(absl::StrCat(parsed.status().message(), " (see --help)"));
+  if (!parsed->has_value()) return 0;  // --help
+  const Options& o = **parsed;
+  const std::string& model_dir = o.model_dir;
+  const std::string& prompt = o.prompt;
+  if (o.threads > 0) torch::set_num_threads(o.threads);
 
   std::string tokenizer_dir = model_dir;
   absl::StatusOr<rmoe::LoadedModel> loaded =
@@ -160,14 +167,14 @@ int Run(int argc, char** argv) {
   if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().message()));
 
   std::vector<int64_t> prompt_ids;
-  if (has_prompt && !prompt.empty()) {
+  if (!prompt.empty()) {
     auto ids = (*tokenizer)->Encode(prompt);
     if (!ids.ok()) return Fail(std::string(ids.status().message()));
     prompt_ids.assign(ids->begin(), ids->end());
   } else {
     prompt_ids.push_back((*tokenizer)->document_separator());  // the start of a document
   }
-  auto generated = rmoe::Generate(loaded->model, prompt_ids, options);
+  auto generated = rmoe::Generate(loaded->model, prompt_ids, o.sampling);
   if (!generated.ok()) return Fail(std::string(generated.status().message()));
   std::vector<int32_t> output_ids(generated->begin(), generated->end());
   auto text = (*tokenizer)->Decode(output_ids);

@@ -11,26 +11,25 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <system_error>
 #include <vector>
 
-#include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
-#include "google/protobuf/text_format.h"
-#include "google/protobuf/util/message_differencer.h"
+#include <absl/strings/ascii.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_split.h>
+#include <absl/strings/strip.h>
+#include <google/protobuf/text_format.h>
+#include <google/protobuf/util/message_differencer.h>
 #include "rmoe/config/job_spec.h"
 #include "rmoe/data/byte_tokenizer.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/data/sampler.h"
 #include "rmoe/data/subprocess_tokenizer.h"
+#include "rmoe/util/cli.h"
+#include "rmoe/util/files.h"
 
 namespace rmoe {
 namespace {
@@ -89,32 +88,19 @@ struct Options {
 }
 
 Options ParseArgs(int argc, char** argv) {
+  cli::Parser parser;
+  parser.Value("--job", "a path")
+      .Repeated("--set", "FIELD=VALUE")
+      .Switch("--force")
+      .Value("--tools-dir", "a directory");
+  absl::StatusOr<cli::Args> args = parser.Parse(cli::Arguments(argc, argv));
+  if (!args.ok()) UsageError(std::string(args.status().message()));
+  if (args->help()) std::exit(cli::PrintUsage(kUsage));
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&](const std::string& flag) -> std::string {
-      if (absl::StartsWith(arg, flag + "=")) return arg.substr(flag.size() + 1);
-      if (i + 1 >= argc) UsageError(absl::StrCat(flag, " needs a value"));
-      return argv[++i];
-    };
-    auto is = [&](const std::string& flag) {
-      return arg == flag || absl::StartsWith(arg, flag + "=");
-    };
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    } else if (is("--job")) {
-      options.job = value("--job");
-    } else if (is("--set")) {
-      options.overrides.push_back(value("--set"));
-    } else if (arg == "--force") {
-      options.force = true;
-    } else if (is("--tools-dir")) {
-      options.tools_dir = value("--tools-dir");
-    } else {
-      UsageError(absl::StrCat("unknown argument '", arg, "'"));
-    }
-  }
+  options.job = args->Get("--job");
+  options.overrides = args->All("--set");
+  options.force = args->Has("--force");
+  options.tools_dir = args->Get("--tools-dir");
   if (options.job.empty()) UsageError("--job CONFIG.pbtxt is required");
   return options;
 }
@@ -185,13 +171,9 @@ uint64_t DocumentHash(const std::string& text) {
 
 absl::Status ReadDocuments(Corpus* corpus) {
   for (const std::string& path : corpus->files) {
-    std::ifstream file(path, std::ios::binary);
-    if (!file.is_open()) {
-      return absl::PermissionDeniedError(absl::StrCat("cannot open '", path, "'"));
-    }
-    std::stringstream buffer;
-    buffer << file.rdbuf();
-    const std::string text = buffer.str();
+    absl::StatusOr<std::string> read = ReadFile(path, "raw text");
+    if (!read.ok()) return read.status();
+    const std::string& text = *read;
     corpus->source_bytes += static_cast<int64_t>(text.size());
     int line_number = 0;
     for (absl::string_view line : absl::StrSplit(text, '\n')) {
@@ -292,27 +274,9 @@ double UnigramEntropy(const std::vector<int32_t>& tokens, int vocab_size) {
 absl::Status WriteMeta(const std::string& dir, const DatasetMeta& meta) {
   std::string text;
   google::protobuf::TextFormat::PrintToString(meta, &text);
-  std::ofstream file(fs::path(dir) / "meta.pbtxt", std::ios::binary | std::ios::trunc);
-  file << "# Written by rmoe_prepare_data; the fields are described in proto/dataset.proto.\n"
-       << text;
-  file.close();
-  if (!file) return absl::InternalError(absl::StrCat("cannot write ", dir, "/meta.pbtxt"));
-  return absl::OkStatus();
-}
-
-// Moves the finished `built` directory to `target`, replacing what is there.
-absl::Status Publish(const fs::path& built, const fs::path& target) {
-  const fs::path old = fs::path(target.string() + ".old");
-  std::error_code error;
-  fs::remove_all(old, error);
-  if (fs::exists(target)) fs::rename(target, old, error);
-  if (!error) fs::rename(built, target, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("cannot move ", built.string(), " to ",
-                                            target.string(), ": ", error.message()));
-  }
-  fs::remove_all(old, error);
-  return absl::OkStatus();
+  return WriteFileAtomically(
+      (fs::path(dir) / "meta.pbtxt").string(),
+      "# Written by rmoe_prepare_data; the fields are described in proto/dataset.proto.\n" + text);
 }
 
 // BYTE, or BPE trained on the train documents into work_dir/tokenizer.model.
@@ -425,7 +389,8 @@ absl::Status Build(const DataSpec& data, const Options& options, const Corpus& c
   Splits splits;
   absl::StatusOr<DatasetMeta> meta =
       BuildIn(work, data, corpus, options, &tokenizer_seconds, &splits);
-  absl::Status status = meta.ok() ? Publish(work, target) : meta.status();
+  absl::Status status =
+      meta.ok() ? ReplaceDirectory(work.string(), target.string()) : meta.status();
   if (!status.ok()) {
     fs::remove_all(work, error);
     return status;

@@ -5,13 +5,14 @@
 // encode and decode (rmoe/data/subprocess_tokenizer.h). It links neither protobuf nor torch.
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
+#include <absl/strings/str_cat.h>
 #include "rmoe/data/bpe_tokenizer.h"
 #include "rmoe/data/token_text.h"
+#include "rmoe/util/cli.h"
 
 namespace rmoe {
 namespace {
@@ -64,51 +65,41 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
-template <typename T>
-T ParseNumber(const std::string& flag, const std::string& value) {
-  T number{};
-  if (!absl::SimpleAtoi(value, &number) || number <= 0) {
-    UsageError(absl::StrCat(flag, " '", value, "' is not a positive integer"));
-  }
-  return number;
+// The flag's value, a positive integer, or the default when it was not given.
+int64_t PositiveInt(const cli::Args& args, const std::string& flag, int64_t fallback,
+                    int64_t max = std::numeric_limits<int>::max()) {
+  absl::StatusOr<int64_t> value = args.Int(flag, fallback, 1, max);
+  if (!value.ok()) UsageError(std::string(value.status().message()));
+  return *value;
 }
 
 Args ParseArgs(int argc, char** argv) {
-  Args args;
-  std::vector<std::string> words(argv + 1, argv + argc);
-  for (const std::string& word : words) {
-    if (word == "--help" || word == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    }
-  }
+  const std::vector<std::string> words = cli::Arguments(argc, argv);
+  if (cli::AsksForHelp(words)) std::exit(cli::PrintUsage(kUsage));
   if (words.empty()) UsageError("missing COMMAND (encode, decode, info or train)");
+  Args args;
   args.command = words[0];
   if (args.command != "encode" && args.command != "decode" && args.command != "info" &&
       args.command != "train") {
     UsageError(absl::StrCat("unknown command '", args.command,
                             "'; expected encode, decode, info or train"));
   }
-  for (size_t i = 1; i < words.size(); ++i) {
-    const std::string& flag = words[i];
-    auto value = [&]() -> const std::string& {
-      if (i + 1 >= words.size()) UsageError(absl::StrCat(flag, " needs a value"));
-      return words[++i];
-    };
-    if (flag == "--model") {
-      args.model = value();
-    } else if (flag == "--nul") {
-      args.nul = true;
-    } else if (flag == "--vocab-size" && args.command == "train") {
-      args.vocab_size = ParseNumber<int>(flag, value());
-    } else if (flag == "--max-training-chars" && args.command == "train") {
-      args.max_training_chars = ParseNumber<int64_t>(flag, value());
-    } else if (flag == "--threads" && args.command == "train") {
-      args.threads = ParseNumber<int>(flag, value());
-    } else {
-      UsageError(absl::StrCat("unknown option '", flag, "' for ", args.command));
-    }
+  cli::Parser parser("for " + args.command);
+  parser.Value("--model", "a path").Switch("--nul");
+  if (args.command == "train") {
+    parser.Value("--vocab-size", "a positive integer")
+        .Value("--max-training-chars", "a positive integer")
+        .Value("--threads", "a positive integer");
   }
+  absl::StatusOr<cli::Args> flags =
+      parser.Parse(std::vector<std::string>(words.begin() + 1, words.end()));
+  if (!flags.ok()) UsageError(std::string(flags.status().message()));
+  args.model = flags->Get("--model");
+  args.nul = flags->Has("--nul");
+  args.vocab_size = static_cast<int>(PositiveInt(*flags, "--vocab-size", 0));
+  args.max_training_chars = PositiveInt(*flags, "--max-training-chars", args.max_training_chars,
+                                        std::numeric_limits<int64_t>::max());
+  args.threads = static_cast<int>(PositiveInt(*flags, "--threads", args.threads));
   if (args.model.empty()) UsageError("--model PATH is required");
   if (args.command == "train" && args.vocab_size == 0) UsageError("train needs --vocab-size N");
   return args;

@@ -4,17 +4,16 @@
 // what a user sees first when a config is wrong: each names the file position or the full
 // field path, the offending value and what would have been accepted. Torch-free on purpose,
 // so the data tools can use it too.
-#ifndef RMOE_CONFIG_JOB_SPEC_H_
-#define RMOE_CONFIG_JOB_SPEC_H_
+#pragma once
 
 #include <string>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
-#include "absl/strings/string_view.h"
-#include "dataset.pb.h"
-#include "job.pb.h"
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+#include "proto/dataset.pb.h"
+#include "proto/job.pb.h"
 
 namespace rmoe {
 
@@ -67,5 +66,3 @@ absl::Status CheckResumable(const JobSpec& saved, const JobSpec& current);
 std::string JobSpecToText(const JobSpec& spec);
 
 }  // namespace rmoe
-
-#endif  // RMOE_CONFIG_JOB_SPEC_H_

@@ -1,11 +1,10 @@
 #include "rmoe/data/bpe_tokenizer.h"
 
-#include <cstdio>
-#include <fstream>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
+#include <absl/strings/str_cat.h>
 #include "rmoe/data/sentencepiece_bridge.h"
+#include "rmoe/util/files.h"
 
 namespace rmoe {
 namespace {
@@ -28,20 +27,6 @@ void AppendPieces(absl::string_view text, size_t max_bytes, std::vector<std::str
     out->emplace_back(text.substr(0, cut));
     text.remove_prefix(cut);
   }
-}
-
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
-  const std::string temp = path + ".tmp";
-  {
-    std::ofstream file(temp, std::ios::binary | std::ios::trunc);
-    file.write(contents.data(), static_cast<std::streamsize>(contents.size()));
-    file.close();
-    if (!file) return absl::InternalError(absl::StrCat("cannot write '", temp, "'"));
-  }
-  if (std::rename(temp.c_str(), path.c_str()) != 0) {
-    return absl::InternalError(absl::StrCat("cannot rename '", temp, "' to '", path, "'"));
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace

@@ -3,8 +3,7 @@
 // Link this only into processes that load neither libprotobuf nor libtorch: libsentencepiece
 // bundles its own protobuf and such a process crashes at start-up (see tokenizer.h). In this
 // project that is rmoe_tokenize alone; everything else uses SubprocessTokenizer.
-#ifndef RMOE_DATA_BPE_TOKENIZER_H_
-#define RMOE_DATA_BPE_TOKENIZER_H_
+#pragma once
 
 #include <cstdint>
 #include <memory>
@@ -65,5 +64,3 @@ std::vector<std::string> SelectBpeTrainingText(absl::Span<const std::string> doc
                                                int64_t max_chars, size_t max_piece_bytes = 2048);
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_BPE_TOKENIZER_H_

@@ -1,6 +1,6 @@
 #include "rmoe/data/byte_tokenizer.h"
 
-#include "absl/strings/str_cat.h"
+#include <absl/strings/str_cat.h>
 
 namespace rmoe {
 

@@ -1,6 +1,5 @@
 // One token per byte: vocabulary 256, no training, every byte string round-trips.
-#ifndef RMOE_DATA_BYTE_TOKENIZER_H_
-#define RMOE_DATA_BYTE_TOKENIZER_H_
+#pragma once
 
 #include "rmoe/data/tokenizer.h"
 
@@ -19,5 +18,3 @@ class ByteTokenizer : public Tokenizer {
 };
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_BYTE_TOKENIZER_H_

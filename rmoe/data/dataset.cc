@@ -6,17 +6,15 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <utility>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "google/protobuf/io/tokenizer.h"
-#include "google/protobuf/text_format.h"
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <google/protobuf/io/tokenizer.h>
+#include <google/protobuf/text_format.h>
+#include "rmoe/util/files.h"
 
 namespace rmoe {
 namespace {
@@ -151,34 +149,22 @@ absl::Status WriteTokenFile(const std::string& path, absl::Span<const int32_t> t
   }
   const std::string bytes =
       bytes_per_token == 2 ? Pack<uint16_t>(tokens) : Pack<uint32_t>(tokens);
-  const std::string temp = path + ".tmp";
-  {
-    std::ofstream file(temp, std::ios::binary | std::ios::trunc);
-    file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    file.close();
-    if (!file) return absl::InternalError(absl::StrCat("cannot write '", temp, "'"));
-  }
-  if (std::rename(temp.c_str(), path.c_str()) != 0) {
-    return absl::InternalError(absl::StrCat("cannot rename '", temp, "' to '", path,
-                                            "': ", std::strerror(errno)));
-  }
-  return absl::OkStatus();
+  return WriteFileAtomically(path, bytes);
 }
 
 absl::StatusOr<DatasetMeta> ReadDatasetMeta(const std::string& dataset_dir) {
   const std::string path = absl::StrCat(dataset_dir, "/meta.pbtxt");
-  std::ifstream file(path, std::ios::binary);
-  if (!file) {
+  absl::StatusOr<std::string> text = ReadFile(path, "dataset metadata");
+  if (absl::IsNotFound(text.status())) {
     return absl::NotFoundError(absl::StrCat(
         "cannot read '", path, "': no prepared dataset there; run rmoe_prepare_data first"));
   }
-  std::stringstream text;
-  text << file.rdbuf();
+  if (!text.ok()) return text.status();
   DatasetMeta meta;
   CollectErrors errors(path);
   google::protobuf::TextFormat::Parser parser;
   parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(text.str(), &meta)) {
+  if (!parser.ParseFromString(*text, &meta)) {
     return absl::InvalidArgumentError(errors.Joined());
   }
   if (meta.format_version() != kDatasetFormatVersion) {

@@ -4,16 +4,15 @@
 //   <dataset_dir>/val.bin         the same for the validation documents
 //   <dataset_dir>/tokenizer.model the SentencePiece model (BPE only)
 // Token files are flat arrays of little-endian uint16 (vocabulary <= 65536) or uint32.
-#ifndef RMOE_DATA_DATASET_H_
-#define RMOE_DATA_DATASET_H_
+#pragma once
 
 #include <cstdint>
 #include <string>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
-#include "absl/types/span.h"
-#include "dataset.pb.h"
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/types/span.h>
+#include "proto/dataset.pb.h"
 
 namespace rmoe {
 
@@ -97,5 +96,3 @@ class Dataset {
 };
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_DATASET_H_

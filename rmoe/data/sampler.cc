@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <numeric>
 
-#include "absl/strings/str_cat.h"
+#include <absl/strings/str_cat.h>
 
 namespace rmoe {
 namespace {

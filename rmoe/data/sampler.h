@@ -4,13 +4,12 @@
 // index): there is no sampler state to checkpoint, and resuming at step s only needs the index
 // of its first sample. Evaluation uses fixed windows that do not depend on the seed, so losses
 // of differently seeded runs are comparable.
-#ifndef RMOE_DATA_SAMPLER_H_
-#define RMOE_DATA_SAMPLER_H_
+#pragma once
 
 #include <cstdint>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
 #include "rmoe/data/dataset.h"
 
 namespace rmoe {
@@ -92,5 +91,3 @@ class EvalSampler {
 };
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_SAMPLER_H_

@@ -4,8 +4,7 @@
 // clashes with the real Abseil's absl::string_view class, so no file may include both. Only
 // sentencepiece_bridge.cc includes SentencePiece; this header includes neither library.
 // Errors are returned as messages (empty = success).
-#ifndef RMOE_DATA_SENTENCEPIECE_BRIDGE_H_
-#define RMOE_DATA_SENTENCEPIECE_BRIDGE_H_
+#pragma once
 
 #include <memory>
 #include <string>
@@ -44,5 +43,3 @@ class Model {
 
 }  // namespace spm_bridge
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_SENTENCEPIECE_BRIDGE_H_

@@ -11,7 +11,7 @@
 #include <cstring>
 #include <thread>
 
-#include "absl/strings/str_cat.h"
+#include <absl/strings/str_cat.h>
 
 extern char** environ;
 

@@ -1,12 +1,11 @@
 // Running a helper program with pipes, without a shell.
-#ifndef RMOE_DATA_SUBPROCESS_H_
-#define RMOE_DATA_SUBPROCESS_H_
+#pragma once
 
 #include <string>
 #include <vector>
 
-#include "absl/status/statusor.h"
-#include "absl/strings/string_view.h"
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
 
 namespace rmoe {
 
@@ -26,5 +25,3 @@ absl::StatusOr<SubprocessResult> RunSubprocess(const std::vector<std::string>& a
                                                absl::string_view stdin_data);
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_SUBPROCESS_H_

@@ -5,8 +5,8 @@
 #include <cstdlib>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
 #include "rmoe/data/byte_tokenizer.h"
 #include "rmoe/data/subprocess.h"
 #include "rmoe/data/token_text.h"

@@ -1,14 +1,13 @@
 // Tokenizers for processes that must not load SentencePiece (everything linking libtorch or
 // protobuf; see tokenizer.h): BPE runs in the rmoe_tokenize program, one process per call.
-#ifndef RMOE_DATA_SUBPROCESS_TOKENIZER_H_
-#define RMOE_DATA_SUBPROCESS_TOKENIZER_H_
+#pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "dataset.pb.h"
+#include "proto/dataset.pb.h"
 #include "rmoe/data/tokenizer.h"
 
 namespace rmoe {
@@ -67,5 +66,3 @@ absl::Status TrainBpeInSubprocess(absl::Span<const std::string> documents, int v
                                   const std::string& tools_dir = "");
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_SUBPROCESS_TOKENIZER_H_

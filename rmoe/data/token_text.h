@@ -2,8 +2,7 @@
 // spaces, one line per text. Header-only because both sides need it and they cannot share a
 // library: rmoe_tokenize must not link rmoe_data (protobuf), rmoe_data must not link
 // SentencePiece.
-#ifndef RMOE_DATA_TOKEN_TEXT_H_
-#define RMOE_DATA_TOKEN_TEXT_H_
+#pragma once
 
 #include <algorithm>
 #include <charconv>
@@ -11,10 +10,10 @@
 #include <string>
 #include <vector>
 
-#include "absl/status/statusor.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/string_view.h"
-#include "absl/types/span.h"
+#include <absl/status/statusor.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/string_view.h>
+#include <absl/types/span.h>
 
 namespace rmoe {
 
@@ -75,5 +74,3 @@ inline absl::StatusOr<std::vector<std::vector<int32_t>>> ParseIdLines(absl::stri
 }
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_TOKEN_TEXT_H_

@@ -6,18 +6,17 @@
 // (bpe_tokenizer.h, target rmoe_bpe) runs SentencePiece in-process and is used only by the
 // proto-free rmoe_tokenize program; every other process reaches BPE through
 // SubprocessTokenizer (subprocess_tokenizer.h), which talks to rmoe_tokenize.
-#ifndef RMOE_DATA_TOKENIZER_H_
-#define RMOE_DATA_TOKENIZER_H_
+#pragma once
 
 #include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
-#include "absl/strings/string_view.h"
-#include "absl/types/span.h"
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+#include <absl/types/span.h>
 
 namespace rmoe {
 
@@ -57,5 +56,3 @@ class Tokenizer {
 };
 
 }  // namespace rmoe
-
-#endif  // RMOE_DATA_TOKENIZER_H_

@@ -11,7 +11,7 @@
 #include <torch/torch.h>
 
 #include "rmoe/platform/cpu_features.h"
-#include "rmoe/train/progress.h"  // JsonObject
+#include "rmoe/util/json.h"
 
 namespace rmoe {
 

@@ -1,28 +1,16 @@
 #include "rmoe/train/model_io.h"
 
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include <absl/strings/str_cat.h>
 
 #include "rmoe/config/job_spec.h"
 #include "rmoe/data/dataset.h"
+#include "rmoe/util/files.h"
 
 namespace rmoe {
 namespace fs = std::filesystem;
-
-namespace {
-
-absl::Status WriteTextFile(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  out.close();
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path.string()));
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::Status SaveModel(const std::string& dir, const JobSpec& spec, Transformer& model) {
   const fs::path target(dir);
@@ -32,7 +20,8 @@ absl::Status SaveModel(const std::string& dir, const JobSpec& spec, Transformer&
   fs::create_directories(staging, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", staging.string(), ": ", ec.message()));
 
-  if (auto status = WriteTextFile(staging / "job.pbtxt", JobSpecToText(spec)); !status.ok()) {
+  if (auto status = WriteFileAtomically((staging / "job.pbtxt").string(), JobSpecToText(spec));
+      !status.ok()) {
     return status;
   }
   torch::serialize::OutputArchive archive;
@@ -51,15 +40,8 @@ absl::Status SaveModel(const std::string& dir, const JobSpec& spec, Transformer&
     fs::copy_file(dataset / name, staging / name, fs::copy_options::overwrite_existing, ec);
     if (ec) return absl::InternalError(absl::StrCat("cannot copy ", (dataset / name).string(), ": ", ec.message()));
   }
-  // Swap in the new directory; the old one is removed only once the new one is in place.
-  const fs::path previous = target.string() + ".old";
-  fs::remove_all(previous, ec);
-  if (fs::exists(target)) fs::rename(target, previous, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot move ", target.string(), ": ", ec.message()));
-  fs::rename(staging, target, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot move ", staging.string(), " to ", target.string(), ": ", ec.message()));
-  fs::remove_all(previous, ec);
-  return absl::OkStatus();
+  // The old directory is removed only once the new one is in place.
+  return ReplaceDirectory(staging.string(), target.string());
 }
 
 absl::Status LoadParameters(const std::string& path, Transformer& model) {

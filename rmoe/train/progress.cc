@@ -4,71 +4,8 @@
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
-#include <absl/strings/str_join.h>
 
 namespace rmoe {
-
-namespace {
-std::string JsonNumber(double value) {
-  // JSON has no NaN or infinity; null keeps the file parseable.
-  // 17 significant digits round-trip a double exactly: resumed runs compare bit for bit.
-  return std::isfinite(value) ? absl::StrFormat("%.17g", value) : "null";
-}
-std::string JsonString(const std::string& value) {
-  std::string out = "\"";
-  for (char c : value) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) {
-      out += absl::StrFormat("\\u%04x", c);
-      continue;
-    }
-    out += c;
-  }
-  return out + "\"";
-}
-}  // namespace
-
-void JsonObject::Key(const std::string& key) {
-  if (!body_.empty()) body_ += ",";
-  body_ += JsonString(key) + ":";
-}
-JsonObject& JsonObject::Add(const std::string& key, double value) {
-  Key(key);
-  body_ += JsonNumber(value);
-  return *this;
-}
-JsonObject& JsonObject::Add(const std::string& key, const std::vector<std::string>& values) {
-  Key(key);
-  std::vector<std::string> quoted;
-  for (const auto& value : values) quoted.push_back(JsonString(value));
-  body_ += "[" + absl::StrJoin(quoted, ",") + "]";
-  return *this;
-}
-JsonObject& JsonObject::Add(const std::string& key, int64_t value) {
-  Key(key);
-  body_ += absl::StrCat(value);
-  return *this;
-}
-JsonObject& JsonObject::Add(const std::string& key, const std::string& value) {
-  Key(key);
-  body_ += JsonString(value);
-  return *this;
-}
-JsonObject& JsonObject::Add(const std::string& key, const std::vector<int64_t>& values) {
-  Key(key);
-  body_ += "[" + absl::StrJoin(values, ",") + "]";
-  return *this;
-}
-JsonObject& JsonObject::Add(const std::string& key, const std::vector<double>& values) {
-  Key(key);
-  body_ += "[" + absl::StrJoin(values, ",", [](std::string* out, double v) { out->append(JsonNumber(v)); }) + "]";
-  return *this;
-}
-JsonObject& JsonObject::AddRaw(const std::string& key, const std::string& json) {
-  Key(key);
-  body_ += json;
-  return *this;
-}
 
 absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, bool append) {
   MetricsWriter writer;

@@ -5,28 +5,14 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
-#include <vector>
 
 #include <absl/status/statusor.h>
 
+// JsonObject, which the metrics records are built with, lives with the other shared
+// plumbing; including it here keeps it in reach of every user of MetricsWriter.
+#include "rmoe/util/json.h"
+
 namespace rmoe {
-
-// One JSON object, built field by field, so metrics records need no JSON library.
-class JsonObject {
- public:
-  JsonObject& Add(const std::string& key, double value);
-  JsonObject& Add(const std::string& key, int64_t value);
-  JsonObject& Add(const std::string& key, const std::string& value);
-  JsonObject& Add(const std::string& key, const std::vector<int64_t>& values);
-  JsonObject& Add(const std::string& key, const std::vector<double>& values);
-  JsonObject& Add(const std::string& key, const std::vector<std::string>& values);
-  JsonObject& AddRaw(const std::string& key, const std::string& json);
-  std::string str() const { return "{" + body_ + "}"; }
-
- private:
-  void Key(const std::string& key);
-  std::string body_;
-};
 
 // Appends one record per line and flushes, so a crash loses at most the line in hand.
 class MetricsWriter {

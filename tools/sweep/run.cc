@@ -1,4 +1,6 @@
 // Running a sweep's points one after another, resumably, and gathering their results.
+#include "tools/sweep/run.h"
+
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -14,19 +16,19 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <sstream>
 #include <thread>
 
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_replace.h"
-#include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
+#include <absl/strings/match.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_replace.h>
+#include <absl/strings/str_split.h>
+#include <absl/strings/strip.h>
 #include "rmoe/data/subprocess.h"
-#include "tools/sweep_lib.h"
+#include "rmoe/util/files.h"
+#include "tools/sweep/report.h"
 
 extern char** environ;
 
@@ -45,20 +47,6 @@ constexpr char kTrainedMarker[] = "model saved to";
 std::atomic<int> g_stop_signal{0};
 void OnStopSignal(int signal) { g_stop_signal.store(signal); }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  if (in) text << in.rdbuf();
-  return text.str();
-}
-
-bool WriteText(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::trunc);
-  out << text;
-  out.close();
-  return static_cast<bool>(out);
-}
-
 std::string Quote(const std::string& arg) {
   if (!arg.empty() && arg.find_first_of(" \t\n'\"\\$`;&|<>*?()[]{}!#~") == std::string::npos) return arg;
   return "'" + absl::StrReplaceAll(arg, {{"'", "'\\''"}}) + "'";
@@ -75,6 +63,12 @@ std::string Now() {
   char buffer[64];
   std::strftime(buffer, sizeof buffer, "%Y-%m-%d %H:%M:%S", std::localtime(&t));
   return buffer;
+}
+
+// Writes a state marker (DONE, FAILED) into the point's directory. A marker that cannot be
+// written is not fatal: the point's state is then worked out again from its log next time.
+void MarkPoint(const Point& point, const char* marker, const std::string& text) {
+  WriteFileAtomically((fs::path(point.dir) / marker).string(), text).IgnoreError();
 }
 
 // The text of the last run's section of a train.log.
@@ -107,18 +101,6 @@ int64_t LastLoggedStep(const std::string& path) {
   }
   const RunMetrics metrics = ParseMetrics(text);
   return metrics.train.empty() ? -1 : metrics.train.back().step;
-}
-
-std::string FindExecutable(const std::string& program) {
-  if (program.find('/') != std::string::npos) return program;
-  const char* path = std::getenv("PATH");
-  if (path == nullptr) return "";
-  for (absl::string_view dir : absl::StrSplit(path, ':')) {
-    if (dir.empty()) continue;
-    const fs::path candidate = fs::path(std::string(dir)) / program;
-    if (access(candidate.c_str(), X_OK) == 0) return candidate.string();
-  }
-  return "";
 }
 
 // Starts argv with stdout and stderr appended to log_path and stdin from /dev/null.
@@ -250,7 +232,7 @@ absl::StatusOr<ParameterCounts> CountParameters(const std::string& train_program
   const int fd = mkstemp(path);
   if (fd < 0) return absl::InternalError(absl::StrCat("cannot create a temporary file: ", std::strerror(errno)));
   close(fd);
-  const bool written = WriteText(path, JobSpecToText(one_rank));
+  const bool written = WriteFileAtomically(path, JobSpecToText(one_rank)).ok();
   auto run = written ? RunSubprocess({program, "--job", path, "--dry-run"}, "")
                      : absl::StatusOr<SubprocessResult>(absl::InternalError("cannot write the job"));
   unlink(path);
@@ -268,14 +250,16 @@ absl::StatusOr<ParameterCounts> CountParameters(const std::string& train_program
 absl::StatusOr<ParameterCounts> PointParameters(const std::string& train_program, const Point& point,
                                                 bool cache) {
   const std::string file = (fs::path(point.dir) / kParametersFile).string();
-  if (auto counts = ParseParameterCounts(ReadFile(file))) return *counts;
+  if (auto counts = ParseParameterCounts(ReadFile(file).value_or(""))) return *counts;
   if (train_program.empty()) return absl::NotFoundError(absl::StrCat("no ", file));
   auto counts = CountParameters(train_program, point.job);
   if (counts.ok() && cache) {
     std::error_code ec;
     fs::create_directories(point.dir, ec);
-    WriteText(file, absl::StrFormat("# parameters: %d total, %d active per token, %d in experts\n",
-                                    counts->total, counts->active, counts->expert));
+    // Only a cache: without it the counts are asked for again next time.
+    WriteFileAtomically(file, absl::StrFormat("# parameters: %d total, %d active per token, %d in experts\n",
+                                              counts->total, counts->active, counts->expert))
+        .IgnoreError();
   }
   return counts;
 }
@@ -303,14 +287,14 @@ SweepOutcome RunSweep(const Sweep& sweep, const RunOptions& options) {
     const std::string log_path = (fs::path(point.dir) / kLogFile).string();
     // A run that finished but was cut off before DONE was written (its last checkpoint is
     // the final step, so it cannot resume).
-    if (state != PointState::kDone && absl::StrContains(LastRunSection(ReadFile(log_path)), kTrainedMarker) &&
+    if (state != PointState::kDone && absl::StrContains(LastRunSection(ReadFile(log_path).value_or("")), kTrainedMarker) &&
         fs::exists(fs::path(point.dir) / "model")) {
-      WriteText((fs::path(point.dir) / kDoneFile).string(), absl::StrCat("done ", Now(), "\n"));
+      MarkPoint(point, kDoneFile, absl::StrCat("done ", Now(), "\n"));
       state = PointState::kDone;
     }
     if (state == PointState::kDone) {
       ++outcome.already_done;
-      const std::string saved = ReadFile((fs::path(point.dir) / kJobFile).string());
+      const std::string saved = ReadFile((fs::path(point.dir) / kJobFile).string()).value_or("");
       std::fprintf(options.out, "%s: done earlier, skipped%s\n", prefix.c_str(),
                    !saved.empty() && saved != JobSpecToText(point.job)
                        ? absl::StrCat(" (warning: it ran with a different ", kJobFile,
@@ -321,7 +305,7 @@ SweepOutcome RunSweep(const Sweep& sweep, const RunOptions& options) {
     std::error_code ec;
     fs::create_directories(point.dir, ec);
     fs::remove(fs::path(point.dir) / kFailedFile, ec);
-    if (!WriteText((fs::path(point.dir) / kJobFile).string(), JobSpecToText(point.job))) {
+    if (!WriteFileAtomically((fs::path(point.dir) / kJobFile).string(), JobSpecToText(point.job)).ok()) {
       std::fprintf(options.out, "%s: FAILED: cannot write %s/%s\n", prefix.c_str(), point.dir.c_str(), kJobFile);
       ++outcome.failed;
       continue;
@@ -386,11 +370,11 @@ SweepOutcome RunSweep(const Sweep& sweep, const RunOptions& options) {
       std::ofstream(log_path, std::ios::app) << pid.status().message() << "\n";
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - point_start).count();
-    const std::string section(LastRunSection(ReadFile(log_path)));
+    const std::string section(LastRunSection(ReadFile(log_path).value_or("")));
     work_done += 1;
     ++outcome.ran;
     if (exit_status == 0 && absl::StrContains(section, kTrainedMarker)) {
-      WriteText((fs::path(point.dir) / kDoneFile).string(), absl::StrCat("done ", Now(), "\n"));
+      MarkPoint(point, kDoneFile, absl::StrCat("done ", Now(), "\n"));
       auto metrics = ReadMetricsFile((fs::path(point.dir) / "metrics.jsonl").string());
       const double val = metrics.ok() ? SummarizeMetrics(*metrics).final_val_loss : std::nan("");
       std::fprintf(options.out, "%s: done in %s (final val loss %s)\n", prefix.c_str(),
@@ -404,7 +388,7 @@ SweepOutcome RunSweep(const Sweep& sweep, const RunOptions& options) {
                          : absl::StrCat("exit status ", exit_status, "; it resumes from its last checkpoint, if any").c_str());
     } else {
       ++outcome.failed;
-      WriteText((fs::path(point.dir) / kFailedFile).string(), absl::StrCat("exit status ", exit_status, "\n"));
+      MarkPoint(point, kFailedFile, absl::StrCat("exit status ", exit_status, "\n"));
       std::string hint;
       if (absl::StrContains(section, "allow-run-as-root") || absl::StrContains(section, "as root")) {
         hint = "  (as root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)\n";
@@ -446,8 +430,8 @@ absl::Status GatherResults(const Sweep& sweep, const std::string& train_program,
   fs::create_directories(sweep.output_dir, ec);
   const std::string csv = (fs::path(sweep.output_dir) / "results.csv").string();
   const std::string md = (fs::path(sweep.output_dir) / "results.md").string();
-  if (!WriteText(csv, ResultsCsv(sweep, results))) return absl::InternalError(absl::StrCat("cannot write ", csv));
-  if (!WriteText(md, ResultsMarkdown(sweep, results))) return absl::InternalError(absl::StrCat("cannot write ", md));
+  if (auto s = WriteFileAtomically(csv, ResultsCsv(sweep, results)); !s.ok()) return s;
+  if (auto s = WriteFileAtomically(md, ResultsMarkdown(sweep, results)); !s.ok()) return s;
   const std::vector<std::string> pngs = WritePlots(sweep, results, metrics, sweep.output_dir, out);
   std::fprintf(out, "results: %s, %s%s%s\n", csv.c_str(), md.c_str(), pngs.empty() ? "" : "; charts: ",
                absl::StrJoin(pngs, ", ").c_str());

@@ -5,11 +5,13 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
-#include "tools/sweep_lib.h"
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_split.h>
+#include "rmoe/util/cli.h"
+#include "tools/sweep/run.h"
+#include "tools/sweep/spec.h"
 
 namespace {
 
@@ -131,54 +133,34 @@ void PrintDryRun(const rmoe::sweep::Sweep& sweep, const rmoe::sweep::RunOptions&
 }
 
 int Run(int argc, char** argv) {
-  std::string sweep_path, output_dir, train_program, mpirun;
-  std::vector<std::string> overrides;
-  bool dry_run = false, report = false, full = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&](std::string* out) {
-      if (i + 1 >= argc) return false;
-      *out = argv[++i];
-      return true;
-    };
-    std::string v;
-    if (arg == "--help" || arg == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (arg == "--sweep") {
-      if (!value(&sweep_path)) return Fail(2, "--sweep needs a path");
-    } else if (arg == "--set") {
-      if (!value(&v)) return Fail(2, "--set needs FIELD=VALUE");
-      overrides.push_back(v);
-    } else if (arg == "--output-dir") {
-      if (!value(&output_dir)) return Fail(2, "--output-dir needs a directory");
-    } else if (arg == "--train-program") {
-      if (!value(&train_program)) return Fail(2, "--train-program needs a path");
-    } else if (arg == "--mpirun") {
-      if (!value(&mpirun)) return Fail(2, "--mpirun needs a path");
-    } else if (arg == "--dry-run") {
-      dry_run = true;
-    } else if (arg == "--full") {
-      full = true;
-    } else if (arg == "--report") {
-      report = true;
-    } else {
-      return Fail(2, "unknown argument \"" + arg + "\" (see --help)");
-    }
-  }
+  rmoe::cli::Parser parser;
+  parser.Value("--sweep", "a path")
+      .Repeated("--set", "FIELD=VALUE")
+      .Value("--output-dir", "a directory")
+      .Value("--train-program", "a path")
+      .Value("--mpirun", "a path")
+      .Switch("--dry-run")
+      .Switch("--full")
+      .Switch("--report");
+  const auto args = parser.Parse(rmoe::cli::Arguments(argc, argv));
+  if (!args.ok()) return Fail(2, absl::StrCat(args.status().message(), " (see --help)"));
+  if (args->help()) return rmoe::cli::PrintUsage(kUsage);
+  const std::string sweep_path = args->Get("--sweep");
+  const bool dry_run = args->Has("--dry-run"), report = args->Has("--report");
   if (sweep_path.empty()) return Fail(2, "--sweep SWEEP.pbtxt is required (see --help)");
   if (dry_run && report) return Fail(2, "--dry-run and --report exclude each other");
 
   auto spec = rmoe::sweep::LoadSweepSpec(sweep_path);
   if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
   rmoe::sweep::ExpandOptions expand;
-  expand.overrides = overrides;
-  expand.output_dir = output_dir;
+  expand.overrides = args->All("--set");
+  expand.output_dir = args->Get("--output-dir");
   auto sweep = rmoe::sweep::ExpandSweep(*spec, sweep_path, expand);
   if (!sweep.ok()) {
     return Fail(2, absl::StrCat("invalid sweep ", sweep_path, ":\n", sweep.status().message()));
   }
-  rmoe::sweep::RunOptions options = rmoe::sweep::MakeRunOptions(*sweep, train_program, mpirun, argv[0]);
+  rmoe::sweep::RunOptions options = rmoe::sweep::MakeRunOptions(
+      *sweep, args->Get("--train-program"), args->Get("--mpirun"), argv[0]);
   options.interactive = isatty(fileno(stdout));
 
   if (report) {
@@ -187,7 +169,7 @@ int Run(int argc, char** argv) {
   }
   const absl::Status valid = rmoe::sweep::ValidatePoints(*sweep);
   if (dry_run) {
-    PrintDryRun(*sweep, options, full);
+    PrintDryRun(*sweep, options, args->Has("--full"));
     if (!valid.ok()) {
       return Fail(2, absl::StrCat("\nthe sweep would not run; every problem:\n", valid.message()));
     }

@@ -1,13 +1,93 @@
-// The JSON reader of tools/sweep_json.h.
-#include "tools/sweep_json.h"
+#include "rmoe/util/json.h"
 
 #include <cmath>
 #include <cstdint>
 
-#include "absl/strings/ascii.h"
-#include "absl/strings/numbers.h"
+#include <absl/strings/ascii.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
 
-namespace rmoe::sweep {
+namespace rmoe {
+
+std::string JsonNumber(double value) {
+  return std::isfinite(value) ? absl::StrFormat("%.17g", value) : "null";
+}
+
+std::string JsonString(absl::string_view value) {
+  std::string out = "\"";
+  for (char c : value) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      out += absl::StrFormat("\\u%04x", c);
+      continue;
+    }
+    out += c;
+  }
+  return out + "\"";
+}
+
+void JsonObject::Key(const std::string& key) {
+  if (!body_.empty()) body_ += ",";
+  body_ += JsonString(key) + ":";
+}
+JsonObject& JsonObject::Add(const std::string& key, double value) {
+  Key(key);
+  body_ += JsonNumber(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<std::string>& values) {
+  Key(key);
+  std::vector<std::string> quoted;
+  for (const auto& value : values) quoted.push_back(JsonString(value));
+  body_ += "[" + absl::StrJoin(quoted, ",") + "]";
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, int64_t value) {
+  Key(key);
+  body_ += absl::StrCat(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::string& value) {
+  Key(key);
+  body_ += JsonString(value);
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<int64_t>& values) {
+  Key(key);
+  body_ += "[" + absl::StrJoin(values, ",") + "]";
+  return *this;
+}
+JsonObject& JsonObject::Add(const std::string& key, const std::vector<double>& values) {
+  Key(key);
+  body_ += "[" + absl::StrJoin(values, ",", [](std::string* out, double v) { out->append(JsonNumber(v)); }) + "]";
+  return *this;
+}
+JsonObject& JsonObject::AddRaw(const std::string& key, const std::string& json) {
+  Key(key);
+  body_ += json;
+  return *this;
+}
+
+std::string JsonArray(const std::vector<JsonObject>& items) {
+  std::string out = "[";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + items[i].str();
+  return out + "]";
+}
+
+const JsonValue* JsonValue::Get(absl::string_view key) const {
+  for (const auto& [k, v] : object) {
+    if (k == key) return &v;
+  }
+  return nullptr;
+}
+
+double JsonValue::Number(absl::string_view key) const {
+  const JsonValue* v = Get(key);
+  return v != nullptr && v->type == kNumber ? v->number : std::numeric_limits<double>::quiet_NaN();
+}
+
 namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -17,7 +97,7 @@ class JsonParser {
   explicit JsonParser(absl::string_view text) : s_(text) {}
 
   // The whole text must be one value (surrounding whitespace allowed).
-  bool ParseDocument(Json* out) {
+  bool ParseDocument(JsonValue* out) {
     if (!Parse(out, 0)) return false;
     SkipSpace();
     return i_ == s_.size();
@@ -33,7 +113,7 @@ class JsonParser {
     return true;
   }
 
-  bool Parse(Json* out, int depth) {
+  bool Parse(JsonValue* out, int depth) {
     if (depth > 64) return false;
     SkipSpace();
     if (i_ >= s_.size()) return false;
@@ -41,17 +121,17 @@ class JsonParser {
     if (c == '{') return ParseObject(out, depth);
     if (c == '[') return ParseArray(out, depth);
     if (c == '"') {
-      out->type = Json::kString;
+      out->type = JsonValue::kString;
       return ParseString(&out->string);
     }
-    if (Consume("true")) { out->type = Json::kBool; out->boolean = true; return true; }
-    if (Consume("false")) { out->type = Json::kBool; out->boolean = false; return true; }
-    if (Consume("null")) { out->type = Json::kNull; return true; }
+    if (Consume("true")) { out->type = JsonValue::kBool; out->boolean = true; return true; }
+    if (Consume("false")) { out->type = JsonValue::kBool; out->boolean = false; return true; }
+    if (Consume("null")) { out->type = JsonValue::kNull; return true; }
     return ParseNumber(out);
   }
 
-  bool ParseNumber(Json* out) {
-    out->type = Json::kNumber;
+  bool ParseNumber(JsonValue* out) {
+    out->type = JsonValue::kNumber;
     if (Consume("NaN")) { out->number = kNaN; return true; }
     if (Consume("Infinity")) { out->number = HUGE_VAL; return true; }
     if (Consume("-Infinity")) { out->number = -HUGE_VAL; return true; }
@@ -130,8 +210,8 @@ class JsonParser {
     return false;
   }
 
-  bool ParseArray(Json* out, int depth) {
-    out->type = Json::kArray;
+  bool ParseArray(JsonValue* out, int depth) {
+    out->type = JsonValue::kArray;
     ++i_;
     SkipSpace();
     if (Consume("]")) return true;
@@ -144,8 +224,8 @@ class JsonParser {
     }
   }
 
-  bool ParseObject(Json* out, int depth) {
-    out->type = Json::kObject;
+  bool ParseObject(JsonValue* out, int depth) {
+    out->type = JsonValue::kObject;
     ++i_;
     SkipSpace();
     if (Consume("}")) return true;
@@ -156,7 +236,7 @@ class JsonParser {
       if (!ParseString(&key)) return false;
       SkipSpace();
       if (!Consume(":")) return false;
-      out->object.emplace_back(std::move(key), Json());
+      out->object.emplace_back(std::move(key), JsonValue());
       if (!Parse(&out->object.back().second, depth + 1)) return false;
       SkipSpace();
       if (Consume("}")) return true;
@@ -170,6 +250,8 @@ class JsonParser {
 
 }  // namespace
 
-bool ParseJson(absl::string_view text, Json* out) { return JsonParser(text).ParseDocument(out); }
+bool ParseJson(absl::string_view text, JsonValue* out) {
+  return JsonParser(text).ParseDocument(out);
+}
 
-}  // namespace rmoe::sweep
+}  // namespace rmoe

@@ -1,45 +1,24 @@
-// Sweep results: the metrics.jsonl reader, per-point summaries, results.csv / results.md,
-// and the gnuplot charts.
+// Sweep results: results.csv, results.md and the gnuplot charts.
+#include "tools/sweep/report.h"
+
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <limits>
 #include <map>
-#include <sstream>
 
-#include <unistd.h>
-
-#include "absl/strings/ascii.h"
-#include "absl/strings/numbers.h"
-#include "absl/strings/strip.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_replace.h"
-#include "absl/strings/str_split.h"
+#include <absl/strings/ascii.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_replace.h>
+#include <absl/strings/str_split.h>
 #include "rmoe/data/subprocess.h"
-#include "tools/sweep_json.h"
-#include "tools/sweep_lib.h"
+#include "rmoe/util/files.h"
 
 namespace rmoe::sweep {
 namespace {
 
 namespace fs = std::filesystem;
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-// Keeps records ordered by step: a record at or before the last one (a run resumed from an
-// earlier checkpoint re-logs those steps) replaces everything from its step on.
-template <typename Record>
-void AppendByStep(std::vector<Record>* records, Record record) {
-  if (!records->empty() && record.step <= records->back().step) {
-    records->erase(std::remove_if(records->begin(), records->end(),
-                                  [&](const Record& r) { return r.step >= record.step; }),
-                   records->end());
-  }
-  records->push_back(std::move(record));
-}
 
 // ---------------------------------------------------------------------------------------
 // Formatting.
@@ -121,26 +100,6 @@ std::vector<ScalingRow> Scaling(const Sweep& sweep, const std::vector<PointResul
   return rows;
 }
 
-absl::Status WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::trunc);
-  out << text;
-  out.close();
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
-  return absl::OkStatus();
-}
-
-std::string FindOnPath(const std::string& name) {
-  const char* path = std::getenv("PATH");
-  if (path == nullptr) return "";
-  for (absl::string_view dir : absl::StrSplit(path, ':')) {
-    if (dir.empty()) continue;
-    const fs::path candidate = fs::path(std::string(dir)) / name;
-    std::error_code ec;
-    if (fs::is_regular_file(candidate, ec) && access(candidate.c_str(), X_OK) == 0) return candidate.string();
-  }
-  return "";
-}
-
 constexpr char kPngTerminal[] =
     "if (strstrt(GPVAL_TERMINALS, \"pngcairo\") > 0) {\n"
     "  set terminal pngcairo size %d,%d noenhanced font \",10\"\n"
@@ -149,193 +108,6 @@ constexpr char kPngTerminal[] =
     "}\n";
 
 }  // namespace
-
-PointResult::PointResult()
-    : status("not run"),
-      final_train_loss(kNaN), final_val_loss(kNaN), best_val_loss(kNaN), tokens_per_s(kNaN),
-      step_s(kNaN), comm_s(kNaN), compute_s(kNaN), compute_share(kNaN), router_entropy(kNaN),
-      expert_load_cv(kNaN), dropped_fraction(kNaN), router_share(kNaN), val_load_cv(kNaN),
-      layer_mutual_information(kNaN), layer_predictability(kNaN) {}
-
-RunMetrics ParseMetrics(absl::string_view text) {
-  RunMetrics metrics;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    line = absl::StripAsciiWhitespace(line);
-    if (line.empty()) continue;
-    Json record;
-    if (!ParseJson(line, &record) || record.type != Json::kObject) {
-      ++metrics.bad_lines;
-      continue;
-    }
-    const Json* type = record.Get("type");
-    if (type == nullptr || type->type != Json::kString) continue;
-    const double step = record.Number("step");
-    if (!std::isfinite(step)) {
-      ++metrics.bad_lines;
-      continue;
-    }
-    if (type->string == "train") {
-      TrainRecord r;
-      r.step = static_cast<int64_t>(step);
-      r.lr = record.Number("lr");
-      r.loss = record.Number("loss");
-      r.router_loss = record.Number("router_loss");
-      r.grad_norm = record.Number("grad_norm");
-      r.tokens_per_s = record.Number("tokens_per_s");
-      r.step_s = record.Number("step_s");
-      r.comm_s = record.Number("comm_s");
-      r.tokens = record.Number("tokens");
-      r.elapsed_s = record.Number("elapsed_s");
-      r.forward_s = record.Number("forward_s");
-      r.router_s = record.Number("router_s");
-      if (const Json* moe = record.Get("moe"); moe != nullptr && moe->type == Json::kArray) {
-        for (const Json& layer : moe->array) {
-          if (layer.type != Json::kObject) continue;
-          MoELayerRecord m;
-          const double index = layer.Number("layer");
-          m.layer = std::isfinite(index) ? static_cast<int>(index) : -1;
-          if (const Json* t = layer.Get("tokens_per_expert"); t != nullptr && t->type == Json::kArray) {
-            for (const Json& v : t->array) m.tokens_per_expert.push_back(v.type == Json::kNumber ? v.number : kNaN);
-          }
-          m.dropped = layer.Number("dropped");
-          m.assignments = layer.Number("assignments");
-          m.router_entropy = layer.Number("router_entropy");
-          m.load_balance_loss = layer.Number("load_balance_loss");
-          m.z_loss = layer.Number("z_loss");
-          r.moe.push_back(std::move(m));
-        }
-      }
-      AppendByStep(&metrics.train, std::move(r));
-    } else if (type->string == "eval") {
-      EvalRecord r;
-      r.step = static_cast<int64_t>(step);
-      r.val_loss = record.Number("val_loss");
-      r.val_ppl = record.Number("val_ppl");
-      if (const Json* routing = record.Get("routing"); routing != nullptr && routing->type == Json::kObject) {
-        RoutingRecord rr;
-        auto collect = [&](const char* list, const char* field, std::vector<double>* out) {
-          const Json* items = routing->Get(list);
-          if (items == nullptr || items->type != Json::kArray) return;
-          for (const Json& item : items->array) {
-            if (item.type == Json::kObject) out->push_back(item.Number(field));
-          }
-        };
-        collect("layers", "load_cv", &rr.load_cv);
-        collect("layers", "entropy", &rr.entropy);
-        collect("transitions", "mutual_information", &rr.mutual_information);
-        collect("transitions", "predictability", &rr.predictability);
-        r.routing = std::move(rr);
-      }
-      AppendByStep(&metrics.eval, std::move(r));
-    }
-  }
-  return metrics;
-}
-
-absl::StatusOr<RunMetrics> ReadMetricsFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("no metrics file ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  return ParseMetrics(text.str());
-}
-
-std::optional<ParameterCounts> ParseParameterCounts(absl::string_view output) {
-  for (absl::string_view line : absl::StrSplit(output, '\n')) {
-    if (!absl::ConsumePrefix(&line, "# parameters:")) continue;
-    // " T total, A active per token, E in experts"
-    std::vector<absl::string_view> parts = absl::StrSplit(line, ',');
-    if (parts.size() < 2) return std::nullopt;
-    ParameterCounts counts;
-    auto first_number = [](absl::string_view part, int64_t* value) {
-      part = absl::StripAsciiWhitespace(part);
-      return absl::SimpleAtoi(part.substr(0, part.find(' ')), value);
-    };
-    if (!first_number(parts[0], &counts.total) || !first_number(parts[1], &counts.active)) return std::nullopt;
-    if (parts.size() > 2 && !first_number(parts[2], &counts.expert)) counts.expert = -1;
-    return counts;
-  }
-  return std::nullopt;
-}
-
-std::pair<double, double> MeanAndStd(const std::vector<double>& values) {
-  double sum = 0;
-  int n = 0;
-  for (double v : values) {
-    if (std::isfinite(v)) { sum += v; ++n; }
-  }
-  if (n == 0) return {kNaN, kNaN};
-  const double mean = sum / n;
-  if (n < 2) return {mean, kNaN};
-  double squares = 0;
-  for (double v : values) {
-    if (std::isfinite(v)) squares += (v - mean) * (v - mean);
-  }
-  return {mean, std::sqrt(squares / (n - 1))};
-}
-
-PointResult SummarizeMetrics(const RunMetrics& metrics) {
-  PointResult result;
-  if (!metrics.train.empty()) {
-    const TrainRecord& last = metrics.train.back();
-    result.steps = last.step;
-    result.final_train_loss = last.loss;
-    // The first record includes start-up (allocation, first-touch); leave it out when
-    // there is anything else.
-    const size_t first = metrics.train.size() > 1 ? 1 : 0;
-    std::vector<double> tps, step, comm, forward, router;
-    for (size_t i = first; i < metrics.train.size(); ++i) {
-      tps.push_back(metrics.train[i].tokens_per_s);
-      step.push_back(metrics.train[i].step_s);
-      comm.push_back(metrics.train[i].comm_s);
-      forward.push_back(metrics.train[i].forward_s);
-      router.push_back(metrics.train[i].router_s);
-    }
-    const double forward_s = MeanAndStd(forward).first;
-    result.router_share = forward_s > 0 ? MeanAndStd(router).first / forward_s : kNaN;
-    result.tokens_per_s = MeanAndStd(tps).first;
-    result.step_s = MeanAndStd(step).first;
-    result.comm_s = MeanAndStd(comm).first;
-    result.compute_s = result.step_s - result.comm_s;
-    result.compute_share = result.step_s > 0 ? result.compute_s / result.step_s : kNaN;
-
-    std::vector<double> entropy, cv;
-    double dropped = 0, assignments = 0;
-    for (const MoELayerRecord& layer : last.moe) {
-      entropy.push_back(layer.router_entropy);
-      // Population std over the experts (they are all of them), over their mean.
-      const auto& t = layer.tokens_per_expert;
-      if (!t.empty()) {
-        double mean = 0;
-        for (double v : t) mean += v;
-        mean /= t.size();
-        double var = 0;
-        for (double v : t) var += (v - mean) * (v - mean);
-        var /= t.size();
-        cv.push_back(mean > 0 ? std::sqrt(var) / mean : kNaN);
-      }
-      if (std::isfinite(layer.dropped)) dropped += layer.dropped;
-      if (std::isfinite(layer.assignments)) assignments += layer.assignments;
-    }
-    result.router_entropy = MeanAndStd(entropy).first;
-    result.expert_load_cv = MeanAndStd(cv).first;
-    result.dropped_fraction = assignments > 0 ? dropped / assignments : kNaN;
-  }
-  if (!metrics.eval.empty()) {
-    result.final_val_loss = metrics.eval.back().val_loss;
-    for (const EvalRecord& e : metrics.eval) {
-      if (std::isfinite(e.val_loss) && !(e.val_loss >= result.best_val_loss)) result.best_val_loss = e.val_loss;
-    }
-    for (auto e = metrics.eval.rbegin(); e != metrics.eval.rend(); ++e) {
-      if (!e->routing) continue;
-      result.val_load_cv = MeanAndStd(e->routing->load_cv).first;
-      result.layer_mutual_information = MeanAndStd(e->routing->mutual_information).first;
-      result.layer_predictability = MeanAndStd(e->routing->predictability).first;
-      break;
-    }
-  }
-  return result;
-}
 
 namespace {
 
@@ -531,8 +303,8 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
         "set title ", GnuplotString(absl::StrCat("sweep ", sweep.spec.name(), ": loss (lines: train, dots: validation)")), "\n",
         "set xlabel \"step\"\nset ylabel \"loss (nats/token)\"\nset grid\nset key outside right top\n",
         "plot ", absl::StrJoin(clauses, ", \\\n     "), "\n");
-    if (WriteFile((fs::path(dir) / "loss_curves.dat").string(), dat).ok() &&
-        WriteFile((fs::path(dir) / "loss_curves.gp").string(), gp).ok()) {
+    if (WriteFileAtomically((fs::path(dir) / "loss_curves.dat").string(), dat).ok() &&
+        WriteFileAtomically((fs::path(dir) / "loss_curves.gp").string(), gp).ok()) {
       scripts.push_back("loss_curves");
     }
   }
@@ -579,8 +351,8 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
           absl::StrFormat("set title \"second half (zoomed)\"\nset xrange [%d:%d]\n", last_step / 2 - 10,
                           last_step + 2 * static_cast<int>(order.size()) + 10),
           "plot ", absl::StrJoin(vclauses, ", \\\n     "), "\nunset multiplot\n");
-      if (WriteFile((fs::path(dir) / "val_curves.dat").string(), vdat).ok() &&
-          WriteFile((fs::path(dir) / "val_curves.gp").string(), gp).ok()) {
+      if (WriteFileAtomically((fs::path(dir) / "val_curves.dat").string(), vdat).ok() &&
+          WriteFileAtomically((fs::path(dir) / "val_curves.gp").string(), gp).ok()) {
         scripts.push_back("val_curves");
       }
     }
@@ -624,8 +396,8 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
           "set ylabel \"efficiency (tokens/s / (ranks/r0 x tokens/s at r0))\"\nset yrange [0:1.2]\n",
           "plot ", absl::StrJoin(eff_clauses, ", \\\n     "), ", 1 with lines dt 2 lc rgb \"gray\" title \"ideal\"\n",
           "unset multiplot\n");
-      if (WriteFile((fs::path(dir) / "scaling.dat").string(), sdat).ok() &&
-          WriteFile((fs::path(dir) / "scaling.gp").string(), gp).ok()) {
+      if (WriteFileAtomically((fs::path(dir) / "scaling.dat").string(), sdat).ok() &&
+          WriteFileAtomically((fs::path(dir) / "scaling.gp").string(), gp).ok()) {
         scripts.push_back("scaling");
       }
     }
@@ -633,7 +405,7 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
 
   std::vector<std::string> drawn;
   if (scripts.empty()) return drawn;
-  const std::string gnuplot = FindOnPath("gnuplot");
+  const std::string gnuplot = FindExecutable("gnuplot");
   if (gnuplot.empty()) {
     std::fprintf(log,
                  "rmoe_sweep: warning: gnuplot not found, no PNG charts (install gnuplot-nox, "

@@ -1,20 +1,20 @@
 // Sweep specs: loading, expansion into points, validation, diffs against the base job.
+#include "tools/sweep/spec.h"
+
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 
-#include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
-#include "google/protobuf/io/tokenizer.h"
-#include "google/protobuf/text_format.h"
-#include "tools/sweep_lib.h"
+#include <absl/strings/ascii.h>
+#include <absl/strings/match.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_split.h>
+#include <google/protobuf/io/tokenizer.h>
+#include <google/protobuf/text_format.h>
+#include "rmoe/util/files.h"
 
 namespace rmoe::sweep {
 namespace {
@@ -153,11 +153,9 @@ absl::StatusOr<SweepSpec> ParseSweepSpec(absl::string_view text, absl::string_vi
 }
 
 absl::StatusOr<SweepSpec> LoadSweepSpec(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read the sweep spec ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  return ParseSweepSpec(text.str(), path);
+  absl::StatusOr<std::string> text = ReadFile(path, "sweep spec");
+  if (!text.ok()) return text.status();
+  return ParseSweepSpec(*text, path);
 }
 
 absl::StatusOr<Sweep> ExpandSweep(const SweepSpec& spec, const std::string& spec_path,

@@ -1,0 +1,58 @@
+// Whole-file reads and crash-safe writes, shared by every library and program.
+#pragma once
+
+#include <string>
+
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+
+namespace rmoe {
+
+// The bytes of `path`. Errors carry the errno's code (NotFound for a missing file) and say
+// "cannot read <what> <path>: <strerror>"; `what` names the file's role ("job spec").
+absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view what = "file");
+
+// Replaces `path` with `bytes` so that a reader, or the file after a crash, holds either the
+// old or the new contents, never a mix: the bytes go to `<path>.tmp` (created exclusively and
+// never through a symbolic link), are fsynced, renamed over `path`, and the directory is
+// fsynced. On failure `path` is untouched and the temporary file removed. A regular file left
+// at `<path>.tmp` by an interrupted write is replaced; anything else there (a symbolic link,
+// a directory) is refused with FailedPrecondition.
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view bytes);
+
+// WriteFileAtomically for a file written piece by piece (too large to hold in memory): the
+// same temporary file, checks and commit. Until Commit succeeds `path` is untouched, and a
+// writer dropped without committing removes its temporary file.
+class AtomicFileWriter {
+ public:
+  static absl::StatusOr<AtomicFileWriter> Open(const std::string& path);
+  AtomicFileWriter(AtomicFileWriter&& other) noexcept;
+  AtomicFileWriter& operator=(AtomicFileWriter&&) = delete;
+  ~AtomicFileWriter();
+
+  absl::Status Append(absl::string_view bytes);
+  // fsyncs, renames over `path`, fsyncs the directory. Call at most once.
+  absl::Status Commit();
+  const std::string& temp_path() const { return temp_; }
+
+ private:
+  AtomicFileWriter(std::string path, int fd);
+  void Abandon();
+
+  std::string path_, temp_;
+  int fd_ = -1;
+};
+
+// fsyncs the directory `dir`, making the names created or renamed in it durable.
+absl::Status FsyncDirectory(const std::string& dir);
+
+// Moves the finished directory `staged` to `target`, replacing what is there: the old
+// `target` is kept as `<target>.old` until the new one is in place, then removed.
+absl::Status ReplaceDirectory(const std::string& staged, const std::string& target);
+
+// `program` itself when it contains a '/'; otherwise the first executable regular file of
+// that name in a $PATH directory; "" when there is none.
+std::string FindExecutable(const std::string& program);
+
+}  // namespace rmoe
