@@ -11,48 +11,19 @@
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 
+#include "rmoe/util/files.h"
+
 namespace rmoe::distributed::checkpoint_internal {
 
 // Streamed reads and writes move at most this much per system call.
 inline constexpr size_t kIoChunk = size_t{8} << 20;
 
-// The status for a failed system call on `path`: "<what> <path>: <strerror>", with a code
-// that says what kind of failure it was (NotFound, PermissionDenied, ResourceExhausted, ...).
-absl::Status ErrnoStatus(int error, const std::string& what, const std::string& path);
-
-// Owns a file descriptor; closes it on destruction.
-class Fd {
- public:
-  Fd() = default;
-  explicit Fd(int fd) : fd_(fd) {}
-  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  Fd& operator=(Fd&& other) noexcept {
-    if (this != &other) {
-      Reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  ~Fd() { Reset(); }
-  int get() const { return fd_; }
-  bool ok() const { return fd_ >= 0; }
-  // Closes, reporting the error of close() (a write error can surface only there, e.g. NFS).
-  int Close();
-
- private:
-  void Reset();
-  int fd_ = -1;
-};
-
-absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path);
-
-// Reads exactly `size` bytes at `offset`; *got is what was there (short at end of file).
-absl::Status PreadAll(int fd, void* data, size_t size, int64_t offset, const std::string& path,
-                      size_t* got);
-
-absl::Status FsyncDir(const std::string& dir);
+// The POSIX pieces every file writer shares (rmoe/util/files.h).
+using rmoe::ErrnoStatus;
+using rmoe::PreadAll;
+using rmoe::WriteAll;
+using Fd = rmoe::FileDescriptor;
+inline absl::Status FsyncDir(const std::string& dir) { return rmoe::FsyncDirectory(dir); }
 
 // Creates or truncates `path` for writing. Every checkpoint file is created through here.
 // O_NOFOLLOW: a symbolic link planted at one of our names must not redirect the write (and
@@ -65,7 +36,9 @@ absl::Status CreateError(int error, const std::string& what, const std::string& 
 // Creates or truncates `path`, writes `bytes`, fsyncs and closes it.
 absl::Status WriteFileDurably(const std::string& path, std::string_view bytes);
 
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
+inline absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  return rmoe::ReadFile(path);
+}
 
 bool IsRegularFile(const std::string& path);
 bool IsDirectory(const std::string& path);

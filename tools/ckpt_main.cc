@@ -259,39 +259,19 @@ int Verify(const std::string& path) {
   return 0;
 }
 
-int Export(const std::string& path, const std::string& out, const std::string& config) {
-  Loaded c;
-  if (!Load(path, &c)) return 1;
-  const CheckpointManifest& m = c.manifest;
+// A model tensor of the checkpoint as safetensors lays it out.
+struct ExportItem {
+  const TensorRecord* record;
+  const Dtype* dtype;
+  std::string name;
+  int64_t bytes;
+  uint64_t begin = 0;
+};
 
-  struct Item {
-    const TensorRecord* record;
-    const Dtype* dtype;
-    std::string name;
-    int64_t bytes;
-    uint64_t begin = 0;
-  };
-  std::vector<Item> items;
-  for (const auto& t : m.tensors()) {
-    if (!StartsWith(t.name(), "model/")) continue;
-    const Dtype* d = FindDtype(t.dtype());
-    if (d == nullptr || d->safetensors == nullptr) {
-      return Fail("tensor '" + t.name() + "' has dtype " + t.dtype() +
-                  ", which safetensors cannot hold");
-    }
-    const std::string name = t.name().substr(6);
-    if (name.empty() || name == "__metadata__")
-      return Fail("tensor '" + t.name() + "' has no usable name");
-    int64_t elements = 1;
-    for (int64_t dim : t.shape()) elements *= dim;
-    items.push_back({&t, d, name, elements * static_cast<int64_t>(c10::elementSize(d->type))});
-  }
-  if (items.empty()) return Fail(c.dir + " holds no model tensors (\"model/...\")");
-  // Largest elements first, so every tensor starts at a multiple of its element size (the
-  // header is padded to 8 bytes), as the reference writer does for zero-copy readers.
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    return c10::elementSize(a.dtype->type) > c10::elementSize(b.dtype->type);
-  });
+// The safetensors JSON header for `items` (setting each one's offset), padded to 8 bytes;
+// `end` receives the end of the data.
+std::string SafetensorsHeader(const CheckpointManifest& m, std::vector<ExportItem>& items,
+                              uint64_t* end) {
   uint64_t at = 0;
   std::string header =
       "{\"__metadata__\":{\"format\":\"pt\",\"step\":" +
@@ -310,6 +290,55 @@ int Export(const std::string& path, const std::string& out, const std::string& c
   }
   header += "}";
   header.append((8 - header.size() % 8) % 8, ' ');
+  *end = at;
+  return header;
+}
+
+// The checkpoint's job spec as JSON (protobuf's field names), for tools outside RMoE.
+int WriteJobSpecJson(const CheckpointManifest& m, const std::string& config) {
+  auto spec = rmoe::ParseJobSpec(rmoe::JobSpecToText(m.job()), "the checkpoint's job spec");
+  if (!spec.ok()) return Fail(std::string(spec.status().message()));
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  std::string json;
+  const auto status = google::protobuf::util::MessageToJsonString(*spec, &json, options);
+  if (!status.ok()) return Fail("cannot convert the job spec to JSON: " + status.ToString());
+  if (auto s = rmoe::WriteFileAtomically(config, json); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
+  std::printf("job spec written to %s\n", config.c_str());
+  return 0;
+}
+
+int Export(const std::string& path, const std::string& out, const std::string& config) {
+  Loaded c;
+  if (!Load(path, &c)) return 1;
+  const CheckpointManifest& m = c.manifest;
+
+  std::vector<ExportItem> items;
+  for (const auto& t : m.tensors()) {
+    if (!StartsWith(t.name(), "model/")) continue;
+    const Dtype* d = FindDtype(t.dtype());
+    if (d == nullptr || d->safetensors == nullptr) {
+      return Fail("tensor '" + t.name() + "' has dtype " + t.dtype() +
+                  ", which safetensors cannot hold");
+    }
+    const std::string name = t.name().substr(6);
+    if (name.empty() || name == "__metadata__")
+      return Fail("tensor '" + t.name() + "' has no usable name");
+    int64_t elements = 1;
+    for (int64_t dim : t.shape()) elements *= dim;
+    items.push_back({&t, d, name, elements * static_cast<int64_t>(c10::elementSize(d->type))});
+  }
+  if (items.empty()) return Fail(c.dir + " holds no model tensors (\"model/...\")");
+  // Largest elements first, so every tensor starts at a multiple of its element size (the
+  // header is padded to 8 bytes), as the reference writer does for zero-copy readers.
+  std::stable_sort(items.begin(), items.end(), [](const ExportItem& a, const ExportItem& b) {
+    return c10::elementSize(a.dtype->type) > c10::elementSize(b.dtype->type);
+  });
+  uint64_t at = 0;
+  const std::string header = SafetensorsHeader(m, items, &at);
 
   auto file = rmoe::AtomicFileWriter::Open(out);
   if (!file.ok()) return Fail(std::string(file.status().message()));
@@ -334,21 +363,7 @@ int Export(const std::string& path, const std::string& out, const std::string& c
               HumanBytes(static_cast<int64_t>(at)).c_str(), c.dir.c_str(),
               static_cast<long long>(m.step()), out.c_str());
 
-  if (!config.empty()) {
-    auto spec = rmoe::ParseJobSpec(rmoe::JobSpecToText(m.job()), "the checkpoint's job spec");
-    if (!spec.ok()) return Fail(std::string(spec.status().message()));
-    google::protobuf::util::JsonPrintOptions options;
-    options.add_whitespace = true;
-    options.preserve_proto_field_names = true;
-    std::string json;
-    const auto status = google::protobuf::util::MessageToJsonString(*spec, &json, options);
-    if (!status.ok()) return Fail("cannot convert the job spec to JSON: " + status.ToString());
-    if (auto s = rmoe::WriteFileAtomically(config, json); !s.ok()) {
-      return Fail(std::string(s.message()));
-    }
-    std::printf("job spec written to %s\n", config.c_str());
-  }
-  return 0;
+  return config.empty() ? 0 : WriteJobSpecJson(m, config);
 }
 
 }  // namespace

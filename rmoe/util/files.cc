@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -20,32 +21,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr size_t kIoChunk = size_t{1} << 30;
-
-// Closes the descriptor it owns on every path out of a function.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  bool ok() const { return fd_ >= 0; }
-  int get() const { return fd_; }
-  int Close() {
-    const int rc = ::close(fd_);
-    fd_ = -1;
-    return rc;
-  }
-
- private:
-  int fd_;
-};
-
-absl::Status ErrnoError(int error, absl::string_view what, absl::string_view path) {
-  return absl::ErrnoToStatus(error, absl::StrCat(what, " ", path));
-}
+// Streamed reads and writes move at most this much per system call.
+constexpr size_t kIoChunk = size_t{8} << 20;
 
 std::string DirectoryOf(const std::string& path) {
   const std::string parent = fs::path(path).parent_path().string();
@@ -68,42 +45,94 @@ absl::StatusOr<int> CreateTemporary(const std::string& temp, const std::string& 
     // A leftover of an interrupted write. unlink removes the name, never what it points to,
     // and the second exclusive open refuses whatever may appear there in between.
     if (::unlink(temp.c_str()) != 0 && errno != ENOENT) {
-      return ErrnoError(errno, "cannot remove the stale temporary file", temp);
+      return ErrnoStatus(errno, "cannot remove the stale temporary file", temp);
     }
     fd = ::open(temp.c_str(), kFlags, 0644);
   }
-  if (fd < 0) return ErrnoError(errno, "cannot create", temp);
+  if (fd < 0) return ErrnoStatus(errno, "cannot create", temp);
   return fd;
-}
-
-absl::Status WriteAll(int fd, absl::string_view bytes, const std::string& path) {
-  const char* p = bytes.data();
-  size_t left = bytes.size();
-  while (left > 0) {
-    const ssize_t n = ::write(fd, p, std::min(left, kIoChunk));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, "cannot write", path);
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace
 
+absl::Status ErrnoStatus(int error, absl::string_view what, absl::string_view path) {
+  const std::string message = absl::StrCat(what, " ", path, ": ", std::strerror(error));
+  switch (error) {
+    case ENOENT:
+      return absl::NotFoundError(message);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(message);
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:
+      return absl::ResourceExhaustedError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+FileDescriptor& FileDescriptor::operator=(FileDescriptor&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    fd_ = std::exchange(other.fd_, -1);
+  }
+  return *this;
+}
+
+int FileDescriptor::Close() {
+  const int rc = fd_ >= 0 ? ::close(fd_) : 0;
+  fd_ = -1;
+  return rc;
+}
+
+void FileDescriptor::Reset() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, std::min(size, kIoChunk));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "cannot write", path);
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PreadAll(int fd, void* data, size_t size, int64_t offset, const std::string& path,
+                      size_t* got) {
+  char* p = static_cast<char*>(data);
+  *got = 0;
+  while (*got < size) {
+    const ssize_t n = ::pread(fd, p + *got, std::min(size - *got, kIoChunk),
+                              static_cast<off_t>(offset + static_cast<int64_t>(*got)));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "cannot read", path);
+    }
+    if (n == 0) break;
+    *got += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view what) {
   const std::string described = absl::StrCat("cannot read ", what);
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.ok()) return ErrnoError(errno, described, path);
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.ok()) return ErrnoStatus(errno, described, path);
   std::string out;
   char buffer[1 << 16];
   for (;;) {
     const ssize_t n = ::read(fd.get(), buffer, sizeof(buffer));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return ErrnoError(errno, described, path);
+      return ErrnoStatus(errno, described, path);
     }
     if (n == 0) break;
     out.append(buffer, static_cast<size_t>(n));
@@ -112,11 +141,11 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view 
 }
 
 absl::Status FsyncDirectory(const std::string& dir) {
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.ok()) return ErrnoError(errno, "cannot open directory", dir);
+  FileDescriptor fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.ok()) return ErrnoStatus(errno, "cannot open directory", dir);
   // Some file systems cannot fsync a directory; their renames are as durable as they get.
   if (::fsync(fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
-    return ErrnoError(errno, "cannot fsync directory", dir);
+    return ErrnoStatus(errno, "cannot fsync directory", dir);
   }
   return absl::OkStatus();
 }
@@ -147,7 +176,7 @@ absl::StatusOr<AtomicFileWriter> AtomicFileWriter::Open(const std::string& path)
 
 absl::Status AtomicFileWriter::Append(absl::string_view bytes) {
   if (fd_ < 0) return absl::FailedPreconditionError(absl::StrCat(path_, " is already closed"));
-  absl::Status status = WriteAll(fd_, bytes, temp_);
+  absl::Status status = WriteAll(fd_, bytes.data(), bytes.size(), temp_);
   if (!status.ok()) Abandon();
   return status;
 }
@@ -155,12 +184,12 @@ absl::Status AtomicFileWriter::Append(absl::string_view bytes) {
 absl::Status AtomicFileWriter::Commit() {
   if (fd_ < 0) return absl::FailedPreconditionError(absl::StrCat(path_, " is already closed"));
   absl::Status status;
-  if (::fsync(fd_) != 0) status = ErrnoError(errno, "cannot fsync", temp_);
+  if (::fsync(fd_) != 0) status = ErrnoStatus(errno, "cannot fsync", temp_);
   const int closed = ::close(fd_);
   fd_ = -1;
-  if (status.ok() && closed != 0) status = ErrnoError(errno, "cannot close", temp_);
+  if (status.ok() && closed != 0) status = ErrnoStatus(errno, "cannot close", temp_);
   if (status.ok() && ::rename(temp_.c_str(), path_.c_str()) != 0) {
-    status = ErrnoError(errno, absl::StrCat("cannot rename ", temp_, " to"), path_);
+    status = ErrnoStatus(errno, absl::StrCat("cannot rename ", temp_, " to"), path_);
   }
   if (!status.ok()) {
     Abandon();

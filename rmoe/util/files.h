@@ -1,13 +1,47 @@
 // Whole-file reads and crash-safe writes, shared by every library and program.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
+#include <utility>
 
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 #include <absl/strings/string_view.h>
 
 namespace rmoe {
+
+// "<what> <path>: <strerror>", with a code that says what kind of failure it was: NotFound,
+// PermissionDenied, ResourceExhausted (disk or quota full, file too large), else Internal.
+absl::Status ErrnoStatus(int error, absl::string_view what, absl::string_view path);
+
+// Owns a file descriptor; closes it on destruction.
+class FileDescriptor {
+ public:
+  FileDescriptor() = default;
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(FileDescriptor&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  FileDescriptor& operator=(FileDescriptor&& other) noexcept;
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() { Reset(); }
+
+  int get() const { return fd_; }
+  bool ok() const { return fd_ >= 0; }
+  // Closes, reporting the error of close() (a write error can surface only there, e.g. NFS).
+  int Close();
+
+ private:
+  void Reset();
+  int fd_ = -1;
+};
+
+// Writes all `size` bytes, in chunks, retrying interrupted calls.
+absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path);
+// Reads exactly `size` bytes at `offset`; *got is what was there (short at end of file).
+absl::Status PreadAll(int fd, void* data, size_t size, int64_t offset, const std::string& path,
+                      size_t* got);
 
 // The bytes of `path`. Errors carry the errno's code (NotFound for a missing file) and say
 // "cannot read <what> <path>: <strerror>"; `what` names the file's role ("job spec").

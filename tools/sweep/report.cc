@@ -169,36 +169,30 @@ std::string ResultsCsv(const Sweep& sweep, const std::vector<PointResult>& resul
   return out;
 }
 
-std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& results) {
+namespace {
+
+std::string MarkdownRow(const std::vector<std::string>& cells) {
+  std::vector<std::string> shown;
+  for (const auto& c : cells) shown.push_back(MdCell(c));
+  return "| " + absl::StrJoin(shown, " | ") + " |\n";
+}
+
+std::string MarkdownRule(size_t columns) {
+  std::string line = "|";
+  for (size_t i = 0; i < columns; ++i) line += "---|";
+  return line + "\n";
+}
+
+// One row per point: its axis values, status and measurements.
+std::string PointsTable(const Sweep& sweep, const std::vector<PointResult>& results) {
   const auto axis_columns = AxisColumns(sweep);
-  std::string out = absl::StrCat("# Sweep ", sweep.spec.name(), "\n\nBase job: `", sweep.base_source,
-                                 "`; ", sweep.points.size(), " points (",
-                                 sweep.spec.combination() == SweepSpec::ZIP ? "zip" : "grid", " of ",
-                                 sweep.spec.axes_size(), " axes x ", sweep.spec.repeats(),
-                                 " seeds). Losses in nats/token; tokens/s and step times are means "
-                                 "over the logged records after the first; router entropy and dropped "
-                                 "% are the last training record's; router % is the routers' share of "
-                                 "the forward pass; val load CV, layer MI (nats) and predictability "
-                                 "(MI / entropy of the next layer's top-1 expert) come from the last "
-                                 "evaluation's routing of the validation set, averaged over MoE "
-                                 "layers or consecutive layer pairs.\n\n");
-  // Per point.
+  std::string out;
   std::vector<std::string> head = {"#"};
   for (const auto& [a, name] : axis_columns) head.push_back(name);
   head.insert(head.end(), {"seed", "ranks", "status", "final val", "best val", "tokens/s",
                            "step s", "comm %", "router %", "params (active)", "router entropy",
                            "val load CV", "layer MI", "predictability", "dropped %"});
-  auto row_line = [](const std::vector<std::string>& cells) {
-    std::vector<std::string> shown;
-    for (const auto& c : cells) shown.push_back(MdCell(c));
-    return "| " + absl::StrJoin(shown, " | ") + " |\n";
-  };
-  auto rule = [](size_t n) {
-    std::string line = "|";
-    for (size_t i = 0; i < n; ++i) line += "---|";
-    return line + "\n";
-  };
-  out += "## Points\n\n" + row_line(head) + rule(head.size());
+  out += "## Points\n\n" + MarkdownRow(head) + MarkdownRule(head.size());
   for (size_t i = 0; i < sweep.points.size(); ++i) {
     const Point& p = sweep.points[i];
     const PointResult& r = results[i];
@@ -215,9 +209,15 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
                   Num(r.router_entropy, "%.4f"), Num(r.val_load_cv, "%.4f"),
                   Num(r.layer_mutual_information, "%.4f"), Num(r.layer_predictability, "%.4f"),
                   Num(100 * r.dropped_fraction, "%.2f")});
-    out += row_line(cells);
+    out += MarkdownRow(cells);
   }
 
+  return out;
+}
+
+// One row per configuration: means and sample standard deviations over its finished seeds.
+std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult>& results) {
+  std::string out;
   // Per configuration, over seeds (finished points only).
   std::vector<std::string> order;
   std::map<std::string, std::vector<size_t>> groups;
@@ -231,7 +231,7 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
                                            "params (active)", "router entropy", "val load CV",
                                            "layer MI", "predictability", "dropped %"};
   out += "\n## Per configuration (mean ± sample std over seeds, finished points)\n\n" +
-         row_line(summary_head) + rule(summary_head.size());
+         MarkdownRow(summary_head) + MarkdownRule(summary_head.size());
   for (const std::string& key : order) {
     std::vector<double> fv, bv, tps, step, comm, router, ent, cv, mi, pred, drop;
     ParameterCounts params;
@@ -250,7 +250,7 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
       drop.push_back(100 * r.dropped_fraction);
       if (r.parameters.total >= 0) params = r.parameters;
     }
-    out += row_line({key.empty() ? "(base)" : key, absl::StrCat(groups[key].size()),
+    out += MarkdownRow({key.empty() ? "(base)" : key, absl::StrCat(groups[key].size()),
                      MeanStd(fv, "%.4f"), MeanStd(bv, "%.4f"), MeanStd(tps, "%.0f"),
                      MeanStd(step, "%.4f"), MeanStd(comm, "%.1f"), MeanStd(router, "%.1f"),
                      params.total >= 0 ? absl::StrCat(Millions(params.total), " (", Millions(params.active), ")") : "",
@@ -258,16 +258,40 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
                      MeanStd(pred, "%.4f"), MeanStd(drop, "%.2f")});
   }
 
+  return out;
+}
+
+// Tokens/s and efficiency against the smallest rank count, when ranks is an axis.
+std::string ScalingTable(const Sweep& sweep, const std::vector<PointResult>& results) {
+  std::string out;
   if (sweep.ranks_is_axis) {
     out += "\n## Scaling (mean tokens/s over seeds; efficiency = tokens/s / (ranks / r0 x "
            "tokens/s at the smallest rank count r0))\n\n";
-    out += row_line({"series", "ranks", "tokens/s", "efficiency"}) + rule(4);
+    out += MarkdownRow({"series", "ranks", "tokens/s", "efficiency"}) + MarkdownRule(4);
     for (const ScalingRow& row : Scaling(sweep, results)) {
-      out += row_line({row.series, absl::StrCat(row.ranks), Num(row.tokens_per_s, "%.0f"),
+      out += MarkdownRow({row.series, absl::StrCat(row.ranks), Num(row.tokens_per_s, "%.0f"),
                        Num(row.efficiency, "%.3f")});
     }
   }
   return out;
+}
+
+}  // namespace
+
+std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& results) {
+  std::string out = absl::StrCat("# Sweep ", sweep.spec.name(), "\n\nBase job: `", sweep.base_source,
+                                 "`; ", sweep.points.size(), " points (",
+                                 sweep.spec.combination() == SweepSpec::ZIP ? "zip" : "grid", " of ",
+                                 sweep.spec.axes_size(), " axes x ", sweep.spec.repeats(),
+                                 " seeds). Losses in nats/token; tokens/s and step times are means "
+                                 "over the logged records after the first; router entropy and dropped "
+                                 "% are the last training record's; router % is the routers' share of "
+                                 "the forward pass; val load CV, layer MI (nats) and predictability "
+                                 "(MI / entropy of the next layer's top-1 expert) come from the last "
+                                 "evaluation's routing of the validation set, averaged over MoE "
+                                 "layers or consecutive layer pairs.\n\n");
+  return out + PointsTable(sweep, results) + ConfigurationTable(sweep, results) +
+         ScalingTable(sweep, results);
 }
 
 std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointResult>& results,

@@ -264,140 +264,180 @@ absl::StatusOr<ParameterCounts> PointParameters(const std::string& train_program
   return counts;
 }
 
+namespace {
+
+// Elapsed time and the remaining-time estimate over the points this session runs.
+struct SweepClock {
+  Clock::time_point start = Clock::now();
+  int to_run = 0;         // points not done when the session started
+  double work_done = 0;  // points run in this session, fractions included
+
+  double Elapsed() const { return std::chrono::duration<double>(Clock::now() - start).count(); }
+  double Eta(double current_fraction) const {
+    const double done = work_done + current_fraction;
+    return done > 0.02 ? Elapsed() / done * (to_run - done) : std::nan("");
+  }
+};
+
+// The point's state, counting a run that finished but was cut off before DONE was written
+// (its last checkpoint is the final step, so it cannot resume) as done.
+PointState SettledState(const Point& point, const std::string& log_path) {
+  const PointState state = InspectPoint(point);
+  if (state != PointState::kDone &&
+      absl::StrContains(LastRunSection(ReadFile(log_path).value_or("")), kTrainedMarker) &&
+      fs::exists(fs::path(point.dir) / "model")) {
+    MarkPoint(point, kDoneFile, absl::StrCat("done ", Now(), "\n"));
+    return PointState::kDone;
+  }
+  return state;
+}
+
+void ReportSkipped(const Point& point, const std::string& prefix, FILE* out) {
+  const std::string saved = ReadFile((fs::path(point.dir) / kJobFile).string()).value_or("");
+  std::fprintf(out, "%s: done earlier, skipped%s\n", prefix.c_str(),
+               !saved.empty() && saved != JobSpecToText(point.job)
+                   ? absl::StrCat(" (warning: it ran with a different ", kJobFile, "; delete ",
+                                  point.dir, " to run it again)").c_str()
+                   : "");
+}
+
+// Waits for the point's training process, forwarding a SIGTERM and, on a terminal, showing
+// its step. Returns its exit status (128 + signal when killed).
+int WaitForPoint(pid_t pid, const Point& point, const std::string& prefix,
+                 const RunOptions& options, const SweepClock& clock) {
+  const auto point_start = Clock::now();
+  const std::string metrics_path = (fs::path(point.dir) / "metrics.jsonl").string();
+  const int steps = std::max(1, point.job.schedule().steps());
+  bool forwarded = false;
+  std::string shown;  // the progress line on the terminal
+  int exit_status = 127;
+  while (true) {
+    int status = 0;
+    const pid_t done = waitpid(pid, &status, WNOHANG);
+    if (done == pid) {
+      exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      break;
+    }
+    if (done < 0 && errno != EINTR) break;
+    // A terminal's Ctrl-C reaches the whole process group already (rmoe_train then
+    // checkpoints and exits); a SIGTERM to this process alone is passed on.
+    if (g_stop_signal.load() == SIGTERM && !forwarded) {
+      kill(pid, SIGTERM);
+      forwarded = true;
+    }
+    // Short runs end within the first polls; long ones are polled every poll_seconds.
+    const double waited = std::chrono::duration<double>(Clock::now() - point_start).count();
+    std::this_thread::sleep_for(std::chrono::duration<double>(
+        std::min(options.poll_seconds, std::max(0.02, waited / 10))));
+    if (options.interactive && waited >= 1) {
+      const int64_t step = LastLoggedStep(metrics_path);
+      const double fraction = step > 0 ? std::min(1.0, static_cast<double>(step) / steps) : 0;
+      const std::string line = absl::StrFormat(
+          "%s: step %s/%d (elapsed %s, ETA %s)", prefix, step > 0 ? absl::StrCat(step) : "-",
+          steps, FormatDuration(clock.Elapsed()), FormatDuration(clock.Eta(fraction)));
+      if (line != shown) {
+        std::fprintf(options.out, "\r%s\033[K", line.c_str());
+        std::fflush(options.out);
+        shown = line;
+      }
+    }
+  }
+  if (options.interactive) std::fprintf(options.out, "\r\033[K");
+  return exit_status;
+}
+
+// Marks and reports how the point's run ended: done, stopped by a signal, or failed.
+void ReportRunEnd(const Point& point, const std::string& prefix, const std::string& log_path,
+                  int exit_status, double seconds, FILE* out, SweepOutcome* outcome) {
+  const std::string section(LastRunSection(ReadFile(log_path).value_or("")));
+  if (exit_status == 0 && absl::StrContains(section, kTrainedMarker)) {
+    MarkPoint(point, kDoneFile, absl::StrCat("done ", Now(), "\n"));
+    auto metrics = ReadMetricsFile((fs::path(point.dir) / "metrics.jsonl").string());
+    const double val = metrics.ok() ? SummarizeMetrics(*metrics).final_val_loss : std::nan("");
+    std::fprintf(out, "%s: done in %s (final val loss %s)\n", prefix.c_str(),
+                 FormatDuration(seconds).c_str(),
+                 std::isfinite(val) ? absl::StrFormat("%.4f", val).c_str() : "?");
+  } else if (g_stop_signal.load() != 0) {
+    // rmoe_train checkpoints on the signal; mpirun may still exit non-zero.
+    const bool saved = absl::StrContains(section, "stopped by a signal after step");
+    std::fprintf(out, "%s: stopped after %s (%s)\n", prefix.c_str(), FormatDuration(seconds).c_str(),
+                 saved ? "checkpointed; it resumes from there"
+                       : absl::StrCat("exit status ", exit_status,
+                                      "; it resumes from its last checkpoint, if any").c_str());
+  } else {
+    ++outcome->failed;
+    MarkPoint(point, kFailedFile, absl::StrCat("exit status ", exit_status, "\n"));
+    std::string hint;
+    if (absl::StrContains(section, "allow-run-as-root") || absl::StrContains(section, "as root")) {
+      hint = "  (as root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)\n";
+    }
+    std::fprintf(out, "%s: FAILED after %s (exit status %d); the end of %s:\n%s%s", prefix.c_str(),
+                 FormatDuration(seconds).c_str(), exit_status, log_path.c_str(),
+                 Tail(section, 15).c_str(), hint.c_str());
+  }
+  std::fflush(out);
+}
+
+// Runs (or resumes) one point that is not done. Returns false when it could not start.
+bool RunPoint(const Point& point, PointState state, const std::string& prefix,
+              const RunOptions& options, SweepClock& clock, SweepOutcome* outcome) {
+  const std::string log_path = (fs::path(point.dir) / kLogFile).string();
+  std::error_code ec;
+  fs::create_directories(point.dir, ec);
+  fs::remove(fs::path(point.dir) / kFailedFile, ec);
+  if (!WriteFileAtomically((fs::path(point.dir) / kJobFile).string(), JobSpecToText(point.job)).ok()) {
+    std::fprintf(options.out, "%s: FAILED: cannot write %s/%s\n", prefix.c_str(), point.dir.c_str(), kJobFile);
+    ++outcome->failed;
+    return false;
+  }
+  auto params = PointParameters(options.train_program, point, /*cache=*/true);
+  if (!params.ok()) {
+    std::fprintf(options.out, "%s: warning: no parameter counts: %s\n", prefix.c_str(),
+                 std::string(params.status().message()).c_str());
+  }
+  const bool resume = state == PointState::kResumable;
+  const std::vector<std::string> argv = TrainCommand(options, point, resume);
+  {
+    std::ofstream log(log_path, std::ios::app);
+    log << kLogHeader << Now() << (resume ? " (resuming)" : "") << ": " << ShellLine(argv) << "\n";
+  }
+  std::fprintf(options.out, "%s: %s (elapsed %s, ETA %s)\n", prefix.c_str(),
+               resume ? "resuming from its checkpoint" : "running",
+               FormatDuration(clock.Elapsed()).c_str(), FormatDuration(clock.Eta(0)).c_str());
+  std::fflush(options.out);
+  const auto point_start = Clock::now();
+  auto pid = Spawn(argv, log_path);
+  int exit_status = 127;
+  if (pid.ok()) {
+    exit_status = WaitForPoint(*pid, point, prefix, options, clock);
+  } else {
+    std::ofstream(log_path, std::ios::app) << pid.status().message() << "\n";
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - point_start).count();
+  clock.work_done += 1;
+  ++outcome->ran;
+  ReportRunEnd(point, prefix, log_path, exit_status, seconds, options.out, outcome);
+  return true;
+}
+
+}  // namespace
+
 SweepOutcome RunSweep(const Sweep& sweep, const RunOptions& options) {
   SweepOutcome outcome;
   StopSignals signals;
-  const auto start = Clock::now();
+  SweepClock clock;
   const int total = static_cast<int>(sweep.points.size());
-  int to_run = 0;
-  for (const Point& p : sweep.points) to_run += InspectPoint(p) == PointState::kDone ? 0 : 1;
-  double work_done = 0;  // points run in this session, fractions included
-  auto elapsed = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
-  auto eta = [&](double current_fraction) {
-    const double done = work_done + current_fraction;
-    return done > 0.02 ? elapsed() / done * (to_run - done) : std::nan("");
-  };
-  auto progress_words = [&](const Point& p) {
-    return absl::StrReplaceAll(p.description, {{", ", " "}});
-  };
-
+  for (const Point& p : sweep.points) clock.to_run += InspectPoint(p) == PointState::kDone ? 0 : 1;
   for (const Point& point : sweep.points) {
-    const std::string prefix = absl::StrFormat("[%d/%d] %s", point.index, total, progress_words(point));
-    PointState state = InspectPoint(point);
-    const std::string log_path = (fs::path(point.dir) / kLogFile).string();
-    // A run that finished but was cut off before DONE was written (its last checkpoint is
-    // the final step, so it cannot resume).
-    if (state != PointState::kDone && absl::StrContains(LastRunSection(ReadFile(log_path).value_or("")), kTrainedMarker) &&
-        fs::exists(fs::path(point.dir) / "model")) {
-      MarkPoint(point, kDoneFile, absl::StrCat("done ", Now(), "\n"));
-      state = PointState::kDone;
-    }
+    const std::string prefix = absl::StrFormat(
+        "[%d/%d] %s", point.index, total, absl::StrReplaceAll(point.description, {{", ", " "}}));
+    const PointState state = SettledState(point, (fs::path(point.dir) / kLogFile).string());
     if (state == PointState::kDone) {
       ++outcome.already_done;
-      const std::string saved = ReadFile((fs::path(point.dir) / kJobFile).string()).value_or("");
-      std::fprintf(options.out, "%s: done earlier, skipped%s\n", prefix.c_str(),
-                   !saved.empty() && saved != JobSpecToText(point.job)
-                       ? absl::StrCat(" (warning: it ran with a different ", kJobFile,
-                                      "; delete ", point.dir, " to run it again)").c_str()
-                       : "");
+      ReportSkipped(point, prefix, options.out);
       continue;
     }
-    std::error_code ec;
-    fs::create_directories(point.dir, ec);
-    fs::remove(fs::path(point.dir) / kFailedFile, ec);
-    if (!WriteFileAtomically((fs::path(point.dir) / kJobFile).string(), JobSpecToText(point.job)).ok()) {
-      std::fprintf(options.out, "%s: FAILED: cannot write %s/%s\n", prefix.c_str(), point.dir.c_str(), kJobFile);
-      ++outcome.failed;
-      continue;
-    }
-    auto params = PointParameters(options.train_program, point, /*cache=*/true);
-    if (!params.ok()) {
-      std::fprintf(options.out, "%s: warning: no parameter counts: %s\n", prefix.c_str(),
-                   std::string(params.status().message()).c_str());
-    }
-    const bool resume = state == PointState::kResumable;
-    const std::vector<std::string> argv = TrainCommand(options, point, resume);
-    {
-      std::ofstream log(log_path, std::ios::app);
-      log << kLogHeader << Now() << (resume ? " (resuming)" : "") << ": " << ShellLine(argv) << "\n";
-    }
-    std::fprintf(options.out, "%s: %s (elapsed %s, ETA %s)\n", prefix.c_str(),
-                 resume ? "resuming from its checkpoint" : "running", FormatDuration(elapsed()).c_str(),
-                 FormatDuration(eta(0)).c_str());
-    std::fflush(options.out);
-    const auto point_start = Clock::now();
-    auto pid = Spawn(argv, log_path);
-    int exit_status = 127;
-    if (pid.ok()) {
-      const std::string metrics_path = (fs::path(point.dir) / "metrics.jsonl").string();
-      const int steps = std::max(1, point.job.schedule().steps());
-      bool forwarded = false;
-      double fraction = 0;
-      std::string shown;  // the progress line on the terminal
-      while (true) {
-        int status = 0;
-        const pid_t done = waitpid(*pid, &status, WNOHANG);
-        if (done == *pid) {
-          exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-          break;
-        }
-        if (done < 0 && errno != EINTR) break;
-        // A terminal's Ctrl-C reaches the whole process group already (rmoe_train then
-        // checkpoints and exits); a SIGTERM to this process alone is passed on.
-        if (g_stop_signal.load() == SIGTERM && !forwarded) {
-          kill(*pid, SIGTERM);
-          forwarded = true;
-        }
-        // Short runs end within the first polls; long ones are polled every poll_seconds.
-        const double waited = std::chrono::duration<double>(Clock::now() - point_start).count();
-        std::this_thread::sleep_for(std::chrono::duration<double>(
-            std::min(options.poll_seconds, std::max(0.02, waited / 10))));
-        if (options.interactive && waited >= 1) {
-          const int64_t step = LastLoggedStep(metrics_path);
-          fraction = step > 0 ? std::min(1.0, static_cast<double>(step) / steps) : 0;
-          const std::string line = absl::StrFormat(
-              "%s: step %s/%d (elapsed %s, ETA %s)", prefix, step > 0 ? absl::StrCat(step) : "-",
-              steps, FormatDuration(elapsed()), FormatDuration(eta(fraction)));
-          if (line != shown) {
-            std::fprintf(options.out, "\r%s\033[K", line.c_str());
-            std::fflush(options.out);
-            shown = line;
-          }
-        }
-      }
-      if (options.interactive) std::fprintf(options.out, "\r\033[K");
-    } else {
-      std::ofstream(log_path, std::ios::app) << pid.status().message() << "\n";
-    }
-    const double seconds = std::chrono::duration<double>(Clock::now() - point_start).count();
-    const std::string section(LastRunSection(ReadFile(log_path).value_or("")));
-    work_done += 1;
-    ++outcome.ran;
-    if (exit_status == 0 && absl::StrContains(section, kTrainedMarker)) {
-      MarkPoint(point, kDoneFile, absl::StrCat("done ", Now(), "\n"));
-      auto metrics = ReadMetricsFile((fs::path(point.dir) / "metrics.jsonl").string());
-      const double val = metrics.ok() ? SummarizeMetrics(*metrics).final_val_loss : std::nan("");
-      std::fprintf(options.out, "%s: done in %s (final val loss %s)\n", prefix.c_str(),
-                   FormatDuration(seconds).c_str(),
-                   std::isfinite(val) ? absl::StrFormat("%.4f", val).c_str() : "?");
-    } else if (g_stop_signal.load() != 0) {
-      // rmoe_train checkpoints on the signal; mpirun may still exit non-zero.
-      const bool saved = absl::StrContains(section, "stopped by a signal after step");
-      std::fprintf(options.out, "%s: stopped after %s (%s)\n", prefix.c_str(), FormatDuration(seconds).c_str(),
-                   saved ? "checkpointed; it resumes from there"
-                         : absl::StrCat("exit status ", exit_status, "; it resumes from its last checkpoint, if any").c_str());
-    } else {
-      ++outcome.failed;
-      MarkPoint(point, kFailedFile, absl::StrCat("exit status ", exit_status, "\n"));
-      std::string hint;
-      if (absl::StrContains(section, "allow-run-as-root") || absl::StrContains(section, "as root")) {
-        hint = "  (as root, Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)\n";
-      }
-      std::fprintf(options.out, "%s: FAILED after %s (exit status %d); the end of %s:\n%s%s", prefix.c_str(),
-                   FormatDuration(seconds).c_str(), exit_status, log_path.c_str(), Tail(section, 15).c_str(),
-                   hint.c_str());
-    }
-    std::fflush(options.out);
+    RunPoint(point, state, prefix, options, clock, &outcome);
     if (g_stop_signal.load() != 0) {
       outcome.interrupted = true;
       break;
