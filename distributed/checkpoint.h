@@ -89,6 +89,13 @@ struct CheckpointWriteOptions {
   // A background writer sleeps this long before it writes, so that a save stays in flight
   // while the caller goes on (no effect without `background`).
   double delay_background_write_seconds = 0;
+
+  // The run id the checkpoint root's ownership mark (rmoe/util/ownership.h) must hold: that
+  // of this run's earlier saves, so that a root replaced since then (or reached through a
+  // path component swapped for a symbolic link) is refused. Empty: any; a root without a
+  // mark gets a new one. Step directories are marked with it, and pruning deletes only
+  // directories with this run's mark.
+  std::string run_id;
 };
 
 // Collective over `world`. Each rank writes and fsyncs its shard file; if every rank
@@ -177,5 +184,14 @@ absl::Status VerifyCheckpoint(const std::string& dir);
 
 // Committed checkpoint directories under `root`, oldest first.
 std::vector<std::string> ListCheckpoints(const std::string& root);
+
+// What an earlier run left in `root`: its `latest` pointer and step directories (committed
+// or not), as paths; empty when there is nothing there.
+std::vector<std::string> PreviousCheckpoints(const std::string& root);
+
+// Deletes them, for a fresh run told to replace an earlier one. Every step directory must
+// carry rmoe's checkpoint mark; if one does not, nothing is deleted and the error names it.
+// `latest` goes first, so a crash half-way never leaves it naming a deleted checkpoint.
+absl::Status RemovePreviousCheckpoints(const std::string& root);
 
 }  // namespace rmoe::distributed

@@ -17,7 +17,8 @@
 #include <utility>
 
 #include "distributed/checkpoint_files.h"
-#include "distributed/crc32c.h"
+#include "rmoe/util/crc32c.h"
+#include "rmoe/util/ownership.h"
 
 namespace rmoe::distributed {
 namespace checkpoint_internal {
@@ -306,18 +307,16 @@ std::string CommittedList(const std::string& root) {
   return absl::StrCat("committed checkpoints in ", root, ": ", absl::StrJoin(names, ", "));
 }
 
-// Removes a step directory so that a crash half-way leaves an uncommitted directory, never
-// a committed one with files missing: the COMMITTED marker goes first.
-absl::Status RemoveStepDir(const std::string& path) {
-  std::error_code ec;
+absl::Status RemoveStepDir(const std::string& path, const std::string& run_id) {
+  if (!IsOwned(path, kCheckpointKind, run_id)) {
+    return RemoveOwnedDirectory(path, kCheckpointKind, run_id);  // refused, or nothing there
+  }
   const std::string marker = JoinPath(path, kCommittedName);
   if (IsRegularFile(marker)) {
     if (::unlink(marker.c_str()) != 0) return ErrnoStatus(errno, "cannot remove", marker);
     if (auto s = FsyncDir(path); !s.ok()) return s;
   }
-  fs::remove_all(path, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot remove ", path, ": ", ec.message()));
-  return absl::OkStatus();
+  return RemoveOwnedDirectory(path, kCheckpointKind, run_id);
 }
 
 std::string FrameManifest(const CheckpointManifest& manifest) {

@@ -74,9 +74,11 @@ std::vector<StepDir> ListStepDirs(const std::string& root);
 std::string CommittedList(const std::string& root);
 // A shard file name as the manifest may hold it: a plain name inside the checkpoint directory.
 bool IsPlainFileName(const std::string& name);
-// Removes a step directory so that a crash half-way leaves an uncommitted directory, never
-// a committed one with files missing: the COMMITTED marker goes first.
-absl::Status RemoveStepDir(const std::string& path);
+// Removes a step directory that run `run_id` wrote (any run's when empty), so that a crash
+// half-way leaves an uncommitted directory, never a committed one with files missing: the
+// COMMITTED marker goes first. A directory without that ownership mark is refused, naming
+// it, and left alone.
+absl::Status RemoveStepDir(const std::string& path, const std::string& run_id);
 
 // ---- the manifest ----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@
 
 #include "distributed/checkpoint_files.h"
 #include "distributed/checkpoint_manifest.h"
-#include "distributed/crc32c.h"
+#include "rmoe/util/crc32c.h"
 
 namespace rmoe::distributed {
 
@@ -153,6 +153,13 @@ absl::StatusOr<std::string> ResolveCheckpoint(const std::string& path) {
   }
   // A root.
   const std::string latest = JoinPath(path, kLatestName);
+  struct stat latest_stat;
+  if (::stat(latest.c_str(), &latest_stat) == 0 && !S_ISREG(latest_stat.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        latest, " is ", S_ISDIR(latest_stat.st_mode) ? "a directory" : "not a regular file",
+        ", not the file that names the latest checkpoint; remove it, or pass a checkpoint "
+        "directory explicitly (", CommittedList(path), ")"));
+  }
   if (IsRegularFile(latest)) {
     auto text = ReadWholeFile(latest);
     if (!text.ok()) return text.status();

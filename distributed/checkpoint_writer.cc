@@ -48,7 +48,8 @@
 
 #include "distributed/checkpoint_files.h"
 #include "distributed/checkpoint_manifest.h"
-#include "distributed/crc32c.h"
+#include "rmoe/util/crc32c.h"
+#include "rmoe/util/ownership.h"
 
 namespace rmoe::distributed {
 
@@ -256,14 +257,58 @@ std::string CurrentCheckpointName(const std::string& root) {
   return current.ok() ? BaseName(*current) : std::string();
 }
 
-// Rank 0, before any shard is written: an empty step directory.
-absl::Status PrepareStepDir(const std::string& root, const std::string& dir, int64_t step) {
+// The run id in the checkpoint root's ownership mark, creating and marking the root if
+// needed. A root that exists without a mark (made by hand, or by an older rmoe) is marked
+// now: the step directories already in it carry no mark of this run, so none is ever
+// deleted. With `expected_run_id`, the root must carry that one: a different mark means the
+// path now leads elsewhere (the directory was replaced, or a component swapped for a
+// symbolic link) since this run first saved there.
+absl::StatusOr<std::string> OpenCheckpointRoot(const std::string& root,
+                                               const std::string& expected_run_id) {
   std::error_code ec;
-  fs::create_directories(root, ec);
-  if (ec)
-    return absl::InternalError(
-        absl::StrCat("cannot create checkpoint root ", root, ": ", ec.message()));
-  if (fs::exists(dir, ec)) {
+  fs::create_directories(ParentDir(root), ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot create the parent of checkpoint root ", root,
+                                            ": ", ec.message()));
+  }
+  if (!IsDirectory(root)) {
+    auto created = CreateOwnedDirectory(root, {kCheckpointRootKind, NewRunId()});
+    if (!created.ok() && created.code() != absl::StatusCode::kAlreadyExists) {
+      return absl::Status(created.code(),
+                          absl::StrCat("cannot create checkpoint root: ", created.message()));
+    }
+  }
+  auto mark = ReadOwnerMark(root);
+  if (!mark.ok()) return mark.status();
+  if (!mark->has_value()) {
+    const std::string run_id = NewRunId();
+    if (auto s = WriteOwnerMark(root, {kCheckpointRootKind, run_id}); !s.ok()) return s;
+    return run_id;
+  }
+  const OwnerMark& found = **mark;
+  if (found.kind != kCheckpointRootKind) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("refusing to save checkpoints in ", root, ": it is marked as rmoe's ",
+                     found.kind, " directory, not a checkpoint root (choose another "
+                     "checkpoint.directory)"));
+  }
+  if (!expected_run_id.empty() && found.run_id != expected_run_id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "refusing to save in checkpoint root ", root, ": it now leads to the checkpoints of run ",
+        found.run_id, ", not to the directory this run (", expected_run_id,
+        ") saved in before; was it replaced, or a path component swapped for a symbolic link?"));
+  }
+  return found.run_id;
+}
+
+// Rank 0, before any shard is written: an empty step directory marked as this run's.
+// Returns the run id.
+absl::StatusOr<std::string> PrepareStepDir(const std::string& root, const std::string& dir,
+                                           int64_t step, const std::string& expected_run_id) {
+  auto run_id = OpenCheckpointRoot(root, expected_run_id);
+  if (!run_id.ok()) return run_id.status();
+  struct stat st;
+  if (::lstat(dir.c_str(), &st) == 0) {
     if (IsCommitted(dir)) {
       const std::string current = CurrentCheckpointName(root);
       if (current.empty() || current == BaseName(dir)) {
@@ -275,15 +320,18 @@ absl::Status PrepareStepDir(const std::string& root, const std::string& dir, int
       // A committed checkpoint that `latest` does not name: left by a run that resumed from
       // an earlier checkpoint (or crashed between COMMITTED and `latest`). Replace it.
     }
-    if (auto s = RemoveStepDir(dir); !s.ok()) {
-      return absl::Status(
-          s.code(), absl::StrCat("cannot remove the remains of an unfinished save: ", s.message()));
+    // An empty directory is what a crash between creating a step directory and marking it
+    // leaves; removing it cannot lose anything.
+    if (S_ISDIR(st.st_mode) && ::rmdir(dir.c_str()) == 0) {
+      // removed
+    } else if (auto s = RemoveStepDir(dir, *run_id); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("cannot save step ", step, ": ", s.message()));
     }
   }
-  if (::mkdir(dir.c_str(), 0755) != 0)
-    return ErrnoStatus(errno, "cannot create checkpoint directory", dir);
-  if (auto s = FsyncDir(root); !s.ok()) return s;
-  return absl::OkStatus();
+  if (auto s = CreateOwnedDirectory(dir, {kCheckpointKind, *run_id}); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("cannot create checkpoint directory: ", s.message()));
+  }
+  return run_id;
 }
 
 absl::Status WriteManifest(const std::string& dir, const CheckpointManifest& manifest) {
@@ -305,15 +353,16 @@ absl::Status Commit(const std::string& root, const std::string& dir, int64_t ste
   return FsyncDir(root);
 }
 
-// Rank 0 after a commit of `step`: keeps the keep_last newest committed checkpoints up to
-// `step` (this one included), and removes unfinished step directories older than it.
-// Checkpoints of later steps (left by a run that resumed from an earlier one) are left alone.
-// Failures are reported on stderr: the new checkpoint is committed either way.
-void Prune(const std::string& root, int64_t step, int keep_last) {
+// Rank 0 after a commit of `step`: keeps the keep_last newest committed checkpoints of this
+// run up to `step` (this one included), and removes this run's unfinished step directories
+// older than it. Checkpoints of later steps (left by a run that resumed from an earlier one)
+// and every directory this run did not write are left alone. Failures are reported on
+// stderr: the new checkpoint is committed either way.
+void Prune(const std::string& root, int64_t step, int keep_last, const std::string& run_id) {
   std::vector<StepDir> committed_before;
   std::vector<std::string> doomed;
   for (const auto& d : ListStepDirs(root)) {
-    if (d.step >= step) continue;
+    if (d.step >= step || !IsOwned(JoinPath(root, d.name), kCheckpointKind, run_id)) continue;
     if (d.committed) {
       committed_before.push_back(d);
     } else {
@@ -326,7 +375,7 @@ void Prune(const std::string& root, int64_t step, int keep_last) {
     for (int64_t i = 0; i < excess; ++i) doomed.push_back(committed_before[i].name);
   }
   for (const auto& name : doomed) {
-    if (auto s = RemoveStepDir(JoinPath(root, name)); !s.ok()) {
+    if (auto s = RemoveStepDir(JoinPath(root, name), run_id); !s.ok()) {
       std::fprintf(stderr, "rmoe checkpoint: warning: cannot delete old checkpoint directory: %s\n",
                    std::string(s.message()).c_str());
     }
@@ -352,6 +401,7 @@ int64_t ShardBytes(const std::vector<std::string>& partials) {
 
 struct PendingCheckpoint::Impl {
   std::string root, dir, what;
+  std::string run_id;  // of the checkpoint root (rank 0 only)
   CheckpointState state;
   CheckpointWriteOptions options;
   ShardJob shard;
@@ -409,7 +459,7 @@ struct PendingCheckpoint::Impl {
   absl::Status CommitAndPrune() {
     if (auto s = Commit(root, dir, state.step); !s.ok()) return s;
     try {
-      Prune(root, state.step, options.keep_last);
+      Prune(root, state.step, options.keep_last, run_id);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "rmoe checkpoint: warning: pruning %s: %s\n", root.c_str(), e.what());
     }
@@ -449,7 +499,9 @@ absl::StatusOr<std::unique_ptr<PendingCheckpoint>> BeginCheckpoint(
     status = absl::InvalidArgumentError(absl::StrCat("step ", state.step, " < 0"));
   if (status.ok() && rank == 0) {
     try {
-      status = PrepareStepDir(root, impl->dir, state.step);
+      auto run_id = PrepareStepDir(root, impl->dir, state.step, options.run_id);
+      status = run_id.status();
+      if (run_id.ok()) impl->run_id = *run_id;
     } catch (const std::exception& e) {
       status = absl::InternalError(e.what());
     }
@@ -493,7 +545,7 @@ absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint& pending, Communi
   auto partials =
       Agree(world, c.status, c.status.ok() ? c.shard.partial.SerializeAsString() : "", c.what);
   if (!partials.ok()) {
-    if (rank == 0) (void)RemoveStepDir(c.dir);
+    if (rank == 0) (void)RemoveStepDir(c.dir, c.run_id);
     return partials.status();
   }
 
@@ -501,7 +553,7 @@ absl::StatusOr<std::string> FinishCheckpoint(PendingCheckpoint& pending, Communi
   const absl::Status status =
       rank == 0 ? c.WriteManifestAndExtraFiles(*partials, world.size()) : absl::OkStatus();
   if (auto agreed = Agree(world, status, "", c.what); !agreed.ok()) {
-    if (rank == 0) (void)RemoveStepDir(c.dir);
+    if (rank == 0) (void)RemoveStepDir(c.dir, c.run_id);
     return agreed.status();
   }
 
@@ -535,6 +587,38 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const Checkp
   CheckpointWriteOptions options;
   options.keep_last = keep_last;
   return SaveCheckpoint(root, state, tensors, world, options);
+}
+
+std::vector<std::string> PreviousCheckpoints(const std::string& root) {
+  std::vector<std::string> found;
+  const std::string latest = JoinPath(root, kLatestName);
+  struct stat st;
+  if (::lstat(latest.c_str(), &st) == 0) found.push_back(latest);
+  for (const auto& d : ListStepDirs(root)) found.push_back(JoinPath(root, d.name));
+  return found;
+}
+
+absl::Status RemovePreviousCheckpoints(const std::string& root) {
+  if (!IsDirectory(root)) return absl::OkStatus();
+  const std::vector<StepDir> dirs = ListStepDirs(root);
+  for (const auto& d : dirs) {
+    const std::string dir = JoinPath(root, d.name);
+    if (!IsOwned(dir, kCheckpointKind)) {
+      const absl::Status refused = RemoveStepDir(dir, "");  // only says why
+      return absl::Status(refused.code(),
+                          absl::StrCat("cannot replace the earlier run's checkpoints in ", root,
+                                       ": ", refused.message(), "; nothing was deleted"));
+    }
+  }
+  const std::string latest = JoinPath(root, kLatestName);
+  if (::unlink(latest.c_str()) != 0 && errno != ENOENT) {
+    return ErrnoStatus(errno, "cannot delete", latest);
+  }
+  if (auto s = FsyncDir(root); !s.ok()) return s;
+  for (const auto& d : dirs) {
+    if (auto s = RemoveStepDir(JoinPath(root, d.name), ""); !s.ok()) return s;
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace rmoe::distributed

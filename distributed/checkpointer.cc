@@ -14,6 +14,7 @@
 #include "distributed/expert_parallel.h"
 #include "rmoe/config/job_spec.h"
 #include "rmoe/train/trainer.h"
+#include "rmoe/util/ownership.h"
 
 namespace rmoe::distributed {
 namespace fs = std::filesystem;
@@ -142,9 +143,16 @@ absl::StatusOr<std::string> ShardedCheckpointer::Save(const JobSpec& job,
   options.background = async;
   options.pause_before_commit_seconds = hooks_.pause_before_commit_seconds;
   options.delay_background_write_seconds = hooks_.delay_background_write_seconds;
-  auto pending = BeginCheckpoint(CheckpointRoot(job), state, StateTensors(model, optimizer, false),
-                                 *groups_.world, options);
+  options.run_id = run_id_;
+  const std::string root = CheckpointRoot(job);
+  auto pending =
+      BeginCheckpoint(root, state, StateTensors(model, optimizer, false), *groups_.world, options);
   if (!pending.ok()) return pending.status();
+  if (rank() == 0 && run_id_.empty()) {
+    // Later saves must find the same root (the first save created or marked it).
+    auto mark = ReadOwnerMark(root);
+    if (mark.ok() && mark->has_value()) run_id_ = (*mark)->run_id;
+  }
   const std::string dir = (*pending)->dir();
   in_flight_ = InFlight{*std::move(pending), start, SecondsSince(start), async};
   if (!async) {
@@ -227,6 +235,14 @@ absl::StatusOr<TrainingProgress> ShardedCheckpointer::Load(
     static_cast<torch::optim::AdamWParamState&>(*item.second).step(manifest->step());
   }
   return ProgressOf(*manifest);
+}
+
+std::vector<std::string> ShardedCheckpointer::FindEarlierRun(const JobSpec& job) {
+  return PreviousCheckpoints(CheckpointRoot(job));
+}
+
+absl::Status ShardedCheckpointer::RemoveEarlierRun(const JobSpec& job) {
+  return RemovePreviousCheckpoints(CheckpointRoot(job));
 }
 
 }  // namespace rmoe::distributed

@@ -36,6 +36,8 @@ class ShardedCheckpointer : public Checkpointer {
   absl::StatusOr<TrainingProgress> Load(const std::string& path, const JobSpec& job,
                                         Transformer& model,
                                         torch::optim::Optimizer& optimizer) override;
+  std::vector<std::string> FindEarlierRun(const JobSpec& job) override;
+  absl::Status RemoveEarlierRun(const JobSpec& job) override;
 
  private:
   // The model's parameters and AdamW moments as this rank holds them, each named and placed
@@ -58,6 +60,8 @@ class ShardedCheckpointer : public Checkpointer {
   };
   std::optional<InFlight> in_flight_;
   std::vector<CheckpointReport> reports_;
+  // Rank 0: the run id of the checkpoint root, from the first save on (CheckpointWriteOptions).
+  std::string run_id_;
 };
 
 }  // namespace rmoe::distributed

@@ -19,10 +19,12 @@
 #endif
 #include "distributed/parallel_runtime.h"
 #include "rmoe/config/job_spec.h"
+#include "rmoe/config/resources.h"
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
 #include "rmoe/util/cli.h"
+#include "rmoe/util/files.h"
 
 namespace {
 
@@ -45,7 +47,14 @@ progress and writes metrics and the model; errors name their rank.
                       checkpoint root (its latest); without PATH, the latest checkpoint
                       under checkpoint.directory (default <output_dir>/checkpoints). The
                       layout may differ from the one that saved it; the model may not.
-  --dry-run           print the resolved spec and parameter counts, train nothing
+  --overwrite         a fresh run where an earlier run left its model, metrics.jsonl or
+                      checkpoints replaces them; without it (or --resume) such a run stops
+                      before training and lists what is there. Only what rmoe wrote is
+                      ever deleted: directories it created carry a .rmoe-owner mark, and
+                      anything else in the way is refused by name
+  --dry-run           print the resolved spec, parameter counts and the memory estimate
+                      per rank; allocates and trains nothing. (A real run checks the same
+                      estimate against the memory available before it builds the model.)
   --quiet             no progress output
   --test-pause-before-commit S, --test-delay-background-write S
                       fault-injection hooks for the checkpoint tests: rank 0 pauses S
@@ -103,7 +112,7 @@ struct Arguments {
   std::string job_path;
   std::vector<std::string> overrides;
   std::string resume;
-  bool dry_run = false, quiet = false;
+  bool dry_run = false, quiet = false, overwrite = false;
   rmoe::distributed::CheckpointTestHooks checkpoint_hooks;
 };
 
@@ -129,12 +138,15 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
     auto vocab = rmoe::ResolveVocabSize(*spec);
     if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
     spec->mutable_model()->set_vocab_size(*vocab);
-    rmoe::Transformer model(spec->model());
-    const auto counts = model->CountParameters();
+    // From the spec alone: a dry run allocates nothing, whatever the model's size.
+    const rmoe::SpecParameterCounts counts = rmoe::CountSpecParameters(spec->model());
     std::printf("%s", rmoe::JobSpecToText(*spec).c_str());
-    std::printf("# parameters: %lld total, %lld active per token, %lld in experts\n",
-                static_cast<long long>(counts.total), static_cast<long long>(counts.active),
-                static_cast<long long>(counts.expert));
+    std::printf("# parameters: %.0f total, %.0f active per token, %.0f in experts\n",
+                counts.total, counts.active, counts.expert);
+    const auto available = rmoe::AvailableMemoryBytes();
+    std::printf("# memory per rank: about %s; available here: %s\n",
+                rmoe::EstimateTrainingMemory(*spec).Describe().c_str(),
+                available ? rmoe::FormatBytes(*available).c_str() : "unknown");
     return 0;
   }
 
@@ -143,6 +155,7 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
   rmoe::TrainOptions options;
   options.quiet = args.quiet;
   options.resume = resume == kResumeLatest ? rmoe::CheckpointRoot(*spec) : resume;
+  options.overwrite = args.overwrite;
   options.stop_requested = &g_stop_requested;
   InstallStopHandlers();
   auto summary = rmoe::Train(*spec, options, &runtime, &checkpointer);
@@ -197,6 +210,7 @@ int Run(int argc, char** argv) {
       .Repeated("--set", "FIELD=VALUE")
       .OptionalValue("--resume", kResumeLatest)
       .Switch("--dry-run")
+      .Switch("--overwrite")
       .Switch("--quiet")
       .Switch("--version")
       .Value("--test-pause-before-commit", "SECONDS")
@@ -214,6 +228,11 @@ int Run(int argc, char** argv) {
   args.overrides = parsed->All("--set");
   args.resume = parsed->Get("--resume");
   args.dry_run = parsed->Has("--dry-run");
+  args.overwrite = parsed->Has("--overwrite");
+  if (args.overwrite && !args.resume.empty()) {
+    return Fail(2, "--overwrite and --resume contradict each other: a resumed run continues "
+                   "the earlier one, --overwrite replaces it");
+  }
   args.quiet = parsed->Has("--quiet");
   auto pause = parsed->Number("--test-pause-before-commit", 0, {0});
   auto delay = parsed->Number("--test-delay-background-write", 0, {0});
@@ -243,6 +262,7 @@ int Run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  rmoe::ReportFileSizeLimitAsErrors();
   try {
     return Run(argc, argv);
   } catch (const std::exception& e) {  // before MPI started: argument handling only

@@ -1,4 +1,5 @@
 #include "rmoe/config/job_spec.h"
+#include "rmoe/config/resources.h"
 #include "rmoe/data/dataset.h"
 
 #include <stdlib.h>
@@ -408,12 +409,15 @@ INSTANTIATE_TEST_SUITE_P(
 INSTANTIATE_TEST_SUITE_P(
     Training, ValidationRuleTest,
     ::testing::Values(
-        ValidationCase{{"optimizer.lr=0"}, "optimizer.lr = 0 must be > 0"},
+        ValidationCase{{"optimizer.lr=0"}, "optimizer.lr = 0 must be in (0, 1]"},
+        ValidationCase{{"optimizer.lr=1e38"}, "optimizer.lr = 1e+38 must be in (0, 1]"},
         ValidationCase{{"optimizer.beta1=1"}, "optimizer.beta1 = 1 must be in [0, 1)"},
         ValidationCase{{"optimizer.beta2=-0.1"}, "optimizer.beta2 = -0.1 must be in [0, 1)"},
         ValidationCase{{"optimizer.eps=0"}, "optimizer.eps = 0 must be > 0"},
         ValidationCase{{"optimizer.weight_decay=-0.1"},
-                       "optimizer.weight_decay = -0.1 must be >= 0"},
+                       "optimizer.weight_decay = -0.1 must be in [0, 1]"},
+        ValidationCase{{"optimizer.weight_decay=65537"},
+                       "optimizer.weight_decay = 65537 must be in [0, 1]"},
         ValidationCase{{"optimizer.grad_clip=-1"}, "optimizer.grad_clip = -1 must be >= 0"},
         ValidationCase{{"schedule.steps=0"}, "schedule.steps = 0 must be > 0"},
         ValidationCase{{"schedule.warmup_steps=2000"},
@@ -423,15 +427,18 @@ INSTANTIATE_TEST_SUITE_P(
         ValidationCase{{"schedule.min_lr_ratio=1.5"},
                        "schedule.min_lr_ratio = 1.5 must be in [0, 1]"},
         ValidationCase{{"schedule.micro_batch_size=0"},
-                       "schedule.micro_batch_size = 0 must be > 0"},
+                       "schedule.micro_batch_size = 0 must be in [1, 65536]"},
+        ValidationCase{{"schedule.micro_batch_size=100000"},
+                       "schedule.micro_batch_size = 100000 must be in [1, 65536]"},
         ValidationCase{{"schedule.grad_accum_steps=0"},
-                       "schedule.grad_accum_steps = 0 must be > 0"},
+                       "schedule.grad_accum_steps = 0 must be in [1, 65536]"},
         ValidationCase{{"schedule.seq_len=512"},
                        "schedule.seq_len = 512 must be in [1, model.max_seq_len = 256]"},
         ValidationCase{{"schedule.seq_len=0"},
                        "schedule.seq_len = 0 must be in [1, model.max_seq_len = 256]"},
         ValidationCase{{"schedule.eval_interval=-1"}, "schedule.eval_interval = -1 must be >= 0"},
-        ValidationCase{{"schedule.eval_batches=0"}, "schedule.eval_batches = 0 must be > 0"}));
+        ValidationCase{{"schedule.eval_batches=0"},
+                       "schedule.eval_batches = 0 must be in [1, 65536]"}));
 
 INSTANTIATE_TEST_SUITE_P(
     DataAndOutputs, ValidationRuleTest,
@@ -448,7 +455,9 @@ INSTANTIATE_TEST_SUITE_P(
         ValidationCase{{"checkpoint.interval=-1"}, "checkpoint.interval = -1 must be >= 0"},
         ValidationCase{{"checkpoint.keep_last=0"}, "checkpoint.keep_last = 0 must be >= 1"},
         ValidationCase{{"logging.interval=0"}, "logging.interval = 0 must be > 0"},
-        ValidationCase{{"runtime.num_threads=-1"}, "runtime.num_threads = -1 must be >= 0"},
+        ValidationCase{{"runtime.num_threads=-1"}, "runtime.num_threads = -1 must be in [0, 1024]"},
+        ValidationCase{{"runtime.num_threads=100000"},
+                       "runtime.num_threads = 100000 must be in [0, 1024]"},
         ValidationCase{{"runtime.device=gpu"},
                        "runtime.device = \"gpu\" must be \"cpu\", \"cuda\" or \"cuda:N\""},
         ValidationCase{{"runtime.device=cuda:"}, "runtime.device = \"cuda:\" must be"},
@@ -475,7 +484,7 @@ TEST(ValidateJobSpecTest, ListsEveryProblemOnItsOwnLine) {
       WithOverrides({"model.d_model=0", "optimizer.lr=-1", "output_dir="}), kNoDataFiles);
   ASSERT_FALSE(status.ok());
   EXPECT_EQ(status.message(),
-            "model.d_model = 0 must be > 0\noptimizer.lr = -1 must be > 0\n"
+            "model.d_model = 0 must be > 0\noptimizer.lr = -1 must be in (0, 1]\n"
             "output_dir = \"\" must be non-empty");
 }
 
@@ -644,6 +653,50 @@ TEST(JobSpecToTextTest, WritesDefaultsExplicitlyAndRoundTrips) {
   EXPECT_EQ(JobSpecToText(*parsed), text);
   EXPECT_THAT(parsed->model().moe().moe_layers(), ElementsAre(1, 3));
   EXPECT_TRUE(parsed->model().has_d_model());
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Resources: the memory estimate and its check, from the spec alone.
+
+TEST(ResourcesTest, AModelTooLargeForTheMemoryIsRefusedWithTheNumbers) {
+  JobSpec spec = WithOverrides({"model.vocab_size=256", "model.moe.num_experts=4096",
+                                "model.moe.expert_hidden_dim=8192", "model.d_model=1024"});
+  const MemoryEstimate estimate = EstimateTrainingMemory(spec);
+  // 16 bytes per parameter (fp32 weights, gradients, two AdamW moments) for ~1e11 of them.
+  EXPECT_GT(estimate.parameters + estimate.gradients + estimate.optimizer, 16 * 1e11);
+  const absl::Status refused = CheckTrainingMemory(spec, 1, 2.0 * (1 << 30));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(Msg(refused), HasSubstr("needs about"));
+  EXPECT_THAT(Msg(refused), HasSubstr("2.0 GiB is available"));
+  EXPECT_THAT(Msg(refused), HasSubstr("AdamW moments"));
+  EXPECT_THAT(Msg(refused), HasSubstr("model.moe.num_experts"));
+  // Unknown availability never refuses; a small model fits.
+  EXPECT_TRUE(CheckTrainingMemory(spec, 1, std::nullopt).ok());
+  JobSpec small = WithOverrides({"model.vocab_size=256"});
+  EXPECT_TRUE(CheckTrainingMemory(small, 1, 2.0 * (1 << 30)).ok());
+  // Ranks on one machine share it; expert parallelism splits the experts.
+  const double one = EstimateTrainingMemory(small).total();
+  EXPECT_FALSE(CheckTrainingMemory(small, 4, 3 * one).ok());
+  JobSpec split = spec;
+  split.mutable_parallel()->set_expert_parallel_size(8);
+  EXPECT_LT(EstimateTrainingMemory(split).parameters, estimate.parameters / 7);
+}
+
+TEST(ResourcesTest, ActivationsGrowWithTheMicroBatch) {
+  JobSpec spec = WithOverrides({"model.vocab_size=256"});
+  const double base = EstimateTrainingMemory(spec).activations;
+  spec.mutable_schedule()->set_micro_batch_size(spec.schedule().micro_batch_size() * 4);
+  EXPECT_NEAR(EstimateTrainingMemory(spec).activations, 4 * base, 1e-6 * base);
+}
+
+TEST(ResourcesTest, AvailableMemoryIsKnownOnLinuxAndFormatted) {
+  const std::optional<double> available = AvailableMemoryBytes();
+  ASSERT_TRUE(available.has_value());
+  EXPECT_GT(*available, 0);
+  EXPECT_EQ(FormatBytes(17), "17 B");
+  EXPECT_EQ(FormatBytes(1536), "1.5 KiB");
+  EXPECT_EQ(FormatBytes(3.0 * (1 << 30)), "3.0 GiB");
 }
 
 }  // namespace

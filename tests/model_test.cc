@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "rmoe/config/resources.h"
 #include "rmoe/model/experts.h"
 #include "rmoe/model/fused_ops.h"
 #include "rmoe/model/layers.h"
@@ -602,6 +603,31 @@ TEST(Transformer, ParameterCountsSeparateActiveFromTotal) {
   EXPECT_DOUBLE_EQ(other->TrainingFlopsPerToken(1),
                    6.0 * (other->CountParameters().active - other_embedding) +
                        12.0 * spec.num_layers() * spec.d_model());
+}
+
+
+// --dry-run and the memory check count parameters from the spec alone: the counts must be
+// those of the model built from it, for every router and layout.
+TEST(SpecParameterCounts, EqualTheBuiltModelsCounts) {
+  for (const auto& router : testing::AllRouters()) {
+    for (int layout = 0; layout < 3; ++layout) {
+      ModelSpec spec = testing::TinyModel(router);
+      if (layout >= 1) {
+        spec.mutable_moe()->add_moe_layers(1);  // layers 0 and 2 dense
+        spec.set_dense_hidden_dim(24);
+        spec.mutable_moe()->set_shared_expert(true);
+        spec.mutable_moe()->set_shared_expert_hidden_dim(12);
+      }
+      if (layout == 2) spec.set_tie_embeddings(false);
+      SCOPED_TRACE(router.name + " layout " + std::to_string(layout));
+      Transformer model(spec);
+      const ParameterCounts built = model->CountParameters();
+      const SpecParameterCounts counted = CountSpecParameters(spec);
+      EXPECT_EQ(counted.total, static_cast<double>(built.total));
+      EXPECT_EQ(counted.active, static_cast<double>(built.active));
+      EXPECT_EQ(counted.expert, static_cast<double>(built.expert));
+    }
+  }
 }
 
 }  // namespace

@@ -669,7 +669,8 @@ class SweepRunTest : public ::testing::Test {
 
 TEST_F(SweepRunTest, Commands) {
   EXPECT_THAT(TrainCommand(options_, sweep_.points[0], false),
-              ElementsAre(train_, "--job", sweep_.points[0].dir + "/job.pbtxt", "--quiet"));
+              ElementsAre(train_, "--job", sweep_.points[0].dir + "/job.pbtxt", "--quiet",
+                          "--overwrite"));
   EXPECT_THAT(TrainCommand(options_, sweep_.points[1], true),
               ElementsAre(mpirun_, "-np", "2", "--oversubscribe", train_, "--job",
                           sweep_.points[1].dir + "/job.pbtxt", "--quiet", "--resume"));

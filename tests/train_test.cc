@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -186,6 +187,68 @@ TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {
   fs::remove_all(dir);
 }
 
+// A model saved with its files' checksums: any damaged byte, a truncated or missing file
+// is refused by name before anything is loaded.
+TEST(ModelIo, ADamagedModelIsRefusedNamingTheFile) {
+  torch::manual_seed(3);
+  auto dir = TempDir("damaged");
+  JobSpec spec;
+  *spec.mutable_model() = testing::TinyModel(testing::AllRouters()[0]);
+  spec.mutable_data()->set_dataset_dir((dir / "dataset").string());
+  fs::create_directories(dir / "dataset");
+  std::ofstream(dir / "dataset" / "meta.pbtxt")
+      << "vocab_size: 37 bytes_per_token: 2 document_separator: 10 train_tokens: 100 "
+         "val_tokens: 100 tokenizer { kind: BYTE }";
+  Transformer model(spec.model());
+  const std::string saved = (dir / "model").string();
+  ASSERT_TRUE(SaveModel(saved, spec, model).ok());
+  ASSERT_TRUE(VerifyModelFiles(saved).ok());
+  const std::string weights = saved + "/model.pt";
+  const auto size = fs::file_size(weights);
+  {  // 4 KiB of 0xFF in the middle of the weights
+    std::fstream file(weights, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(static_cast<std::streamoff>(size / 2));
+    const std::string junk(4096, '\xff');
+    file.write(junk.data(), static_cast<std::streamsize>(std::min<uintmax_t>(junk.size(), size / 2)));
+  }
+  auto loaded = LoadModel(saved);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(loaded.status().message().find(weights + " is damaged"), std::string::npos)
+      << loaded.status();
+  // Saving again replaces the damaged directory (it is rmoe's), and the result loads.
+  ASSERT_TRUE(SaveModel(saved, spec, model).ok());
+  ASSERT_TRUE(LoadModel(saved).ok());
+  fs::resize_file(saved + "/meta.pbtxt", 5);
+  EXPECT_NE(LoadModel(saved).status().message().find("meta.pbtxt is damaged"), std::string::npos);
+  fs::remove(saved + "/checksums");
+  EXPECT_NE(LoadModel(saved).status().message().find("has no checksums file"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+// A model directory rmoe did not write is never replaced; the save fails naming it.
+TEST(ModelIo, AForeignModelDirectoryIsNeverReplaced) {
+  auto dir = TempDir("foreign_model");
+  JobSpec spec;
+  *spec.mutable_model() = testing::TinyModel(testing::AllRouters()[0]);
+  spec.mutable_data()->set_dataset_dir((dir / "dataset").string());
+  Transformer model(spec.model());
+  fs::create_directories(dir / "model");
+  std::ofstream(dir / "model" / "thesis.tex") << "years of work";
+  const absl::Status saved = SaveModel((dir / "model").string(), spec, model);
+  EXPECT_EQ(saved.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(saved.message().find((dir / "model").string()), std::string::npos) << saved;
+  EXPECT_TRUE(fs::exists(dir / "model" / "thesis.tex"));
+  EXPECT_FALSE(fs::exists(dir / "model.tmp"));
+  // Nor a foreign directory at the temporary name.
+  fs::remove_all(dir / "model");
+  fs::create_directories(dir / "model.tmp");
+  std::ofstream(dir / "model.tmp" / "notes") << "mine";
+  EXPECT_FALSE(SaveModel((dir / "model").string(), spec, model).ok());
+  EXPECT_TRUE(fs::exists(dir / "model.tmp" / "notes"));
+  fs::remove_all(dir);
+}
+
 // Trains the tiny config on a byte-level dataset of the real corpus (fetched by
 // tools/test.sh), prepared once for the suite by the real rmoe_prepare_data.
 class RealText : public ::testing::Test {
@@ -236,8 +299,10 @@ TEST_F(RealText, TrainingBeatsTheUnigramEntropyByFar) {
 }
 
 TEST_F(RealText, ADivergingRunStopsWithAMessage) {
-  const JobSpec spec = Job("diverge", {"optimizer.lr=1e30", "optimizer.grad_clip=0",
-                                       "optimizer.weight_decay=0", "schedule.steps=20"});
+  // A learning rate validation refuses, set behind its back to force the divergence.
+  JobSpec spec = Job("diverge", {"optimizer.grad_clip=0", "optimizer.weight_decay=0",
+                                 "schedule.steps=20"});
+  spec.mutable_optimizer()->set_lr(1e30);
   TrainOptions options;
   options.quiet = true;
   auto summary = Train(spec, options);
@@ -277,6 +342,12 @@ class RecordingCheckpointer : public Checkpointer {
     loaded_from = path;
     return restore;
   }
+  std::vector<std::string> FindEarlierRun(const JobSpec&) override { return earlier; }
+  absl::Status RemoveEarlierRun(const JobSpec&) override {
+    ++removals;
+    earlier.clear();
+    return absl::OkStatus();
+  }
 
   bool background = false;
   absl::Status poll_error = absl::OkStatus();
@@ -285,6 +356,8 @@ class RecordingCheckpointer : public Checkpointer {
   std::vector<CheckpointReport> in_flight, committed;
   int polls = 0, finishes = 0;
   std::string loaded_from;
+  std::vector<std::string> earlier;  // what FindEarlierRun reports
+  int removals = 0;
 
  private:
   absl::Status Commit() {
@@ -430,6 +503,92 @@ TEST_F(RealText, AResumedRunContinuesFromTheRestoredStep) {
   ASSERT_FALSE(done.ok());
   EXPECT_NE(done.status().message().find("nothing left to train"), std::string::npos)
       << done.status();
+}
+
+// A fresh run where an earlier run left its results stops and lists them; --overwrite
+// replaces them (and asks the checkpointer to remove the earlier checkpoints); a resumed
+// run continues them.
+TEST_F(RealText, AFreshRunDoesNotOverwriteAnEarlierOneUnlessTold) {
+  const JobSpec spec = Job("twice", {"schedule.warmup_steps=1", "schedule.steps=3", "checkpoint.interval=0"});
+  TrainOptions options;
+  options.quiet = true;
+  ASSERT_TRUE(Train(spec, options).ok());
+  const fs::path out = *dir_ / "twice";
+  const auto first_metrics = fs::file_size(out / "metrics.jsonl");
+  RecordingCheckpointer checkpointer;
+  checkpointer.earlier = {(out / "checkpoints" / "step_00000003").string()};
+  auto refused = Train(spec, options, nullptr, &checkpointer);
+  ASSERT_FALSE(refused.ok());
+  const std::string message(refused.status().message());
+  EXPECT_NE(message.find("holds an earlier run"), std::string::npos) << message;
+  EXPECT_NE(message.find((out / "model").string()), std::string::npos) << message;
+  EXPECT_NE(message.find("step_00000003"), std::string::npos) << message;
+  EXPECT_NE(message.find("--resume"), std::string::npos) << message;
+  EXPECT_NE(message.find("--overwrite"), std::string::npos) << message;
+  EXPECT_EQ(fs::file_size(out / "metrics.jsonl"), first_metrics);
+  EXPECT_EQ(checkpointer.removals, 0);
+
+  options.overwrite = true;
+  ASSERT_TRUE(Train(spec, options, nullptr, &checkpointer).ok());
+  EXPECT_EQ(checkpointer.removals, 1);
+  EXPECT_EQ(RecordsOfType(out / "metrics.jsonl", "host").size(), 1u) << "metrics start afresh";
+  EXPECT_TRUE(fs::exists(out / "model" / "checksums"));
+}
+
+// A user's own directory where the model would go stops the run before training, whatever
+// the flags, and is left as it was.
+TEST_F(RealText, AForeignModelDirectoryStopsTheRunBeforeTraining) {
+  const JobSpec spec = Job("foreign", {"schedule.warmup_steps=1", "schedule.steps=3", "checkpoint.interval=0"});
+  const fs::path out = *dir_ / "foreign";
+  fs::create_directories(out / "model");
+  std::ofstream(out / "model" / "thesis.tex") << "years of work";
+  TrainOptions options;
+  options.quiet = true;
+  options.overwrite = true;
+  auto refused = Train(spec, options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("rmoe did not write it"), std::string::npos)
+      << refused.status();
+  EXPECT_TRUE(fs::exists(out / "model" / "thesis.tex"));
+  EXPECT_FALSE(fs::exists(out / "metrics.jsonl")) << "refused before anything was written";
+}
+
+// metrics.jsonl is never written through a symbolic link: its target stays as it was.
+TEST_F(RealText, AMetricsFileThatIsASymlinkIsRefused) {
+  const JobSpec spec = Job("metrics_link", {"schedule.warmup_steps=1", "schedule.steps=2", "checkpoint.interval=0"});
+  const fs::path out = *dir_ / "metrics_link";
+  fs::create_directories(out);
+  std::ofstream(*dir_ / "victim.txt") << "precious";
+  fs::create_symlink(*dir_ / "victim.txt", out / "metrics.jsonl");
+  TrainOptions options;
+  options.quiet = true;
+  options.overwrite = true;
+  auto refused = Train(spec, options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("symbolic link"), std::string::npos)
+      << refused.status();
+  std::ifstream victim(*dir_ / "victim.txt");
+  std::string text((std::istreambuf_iterator<char>(victim)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "precious");
+}
+
+// A run resumed from step 4 drops the records of later steps an interrupted run had
+// written, so every step appears once.
+TEST(Metrics, AResumedFileKeepsOnlyRecordsUpToTheResumedStep) {
+  auto dir = TempDir("metrics_resume");
+  const std::string path = (dir / "metrics.jsonl").string();
+  std::ofstream(path) << "{\"type\":\"host\"}\n{\"type\":\"train\",\"step\":2}\n"
+                         "{\"type\":\"checkpoint\",\"step\":4}\n{\"type\":\"train\",\"step\":5}\n"
+                         "{\"type\":\"train\",\"st";  // torn by the crash
+  auto writer = MetricsWriter::Open(path, /*resumed_step=*/4);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  writer->Write(JsonObject().Add("type", std::string("train")).Add("step", int64_t{5}));
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text,
+            "{\"type\":\"host\"}\n{\"type\":\"train\",\"step\":2}\n"
+            "{\"type\":\"checkpoint\",\"step\":4}\n{\"type\":\"train\",\"step\":5}\n");
+  fs::remove_all(dir);
 }
 
 TEST_F(RealText, StepsFollowTheScheduleAndLowerTheLoss) {

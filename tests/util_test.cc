@@ -17,6 +17,7 @@
 #include "rmoe/util/env.h"
 #include "rmoe/util/files.h"
 #include "rmoe/util/json.h"
+#include "rmoe/util/ownership.h"
 
 namespace rmoe {
 namespace {
@@ -157,17 +158,85 @@ TEST(AtomicFileWriterTest, OnlyACommitReplacesTheFile) {
   EXPECT_FALSE(fs::exists(dir / "f.tmp"));
 }
 
-TEST(ReplaceDirectoryTest, SwapsInTheNewDirectory) {
+// ---------------------------------------------------------------------------------------
+// Ownership marks
+
+TEST(OwnershipTest, ReplacesOnlyOwnedDirectories) {
   TempDir dir;
-  fs::create_directories(dir / "target");
+  const std::string target = dir / "target", staged = dir / "staged";
+  ASSERT_TRUE(CreateOwnedDirectory(target, {kModelKind, "run1"}).ok());
   Write(dir / "target/old_file", "old");
-  fs::create_directories(dir / "staged");
+  ASSERT_TRUE(CreateOwnedDirectory(staged, {kModelKind, "run2"}).ok());
   Write(dir / "staged/new_file", "new");
-  ASSERT_TRUE(ReplaceDirectory(dir / "staged", dir / "target").ok());
+  ASSERT_TRUE(ReplaceOwnedDirectory(staged, target, kModelKind).ok());
   EXPECT_EQ(Read(dir / "target/new_file"), "new");
   EXPECT_FALSE(fs::exists(dir / "target/old_file"));
   EXPECT_FALSE(fs::exists(dir / "staged"));
   EXPECT_FALSE(fs::exists(dir / "target.old"));
+  EXPECT_TRUE(IsOwned(target, kModelKind, "run2"));
+  EXPECT_FALSE(IsOwned(target, kModelKind, "run1"));
+  EXPECT_FALSE(IsOwned(target, kDatasetKind));
+}
+
+TEST(OwnershipTest, AForeignDirectoryInTheWaySurvives) {
+  TempDir dir;
+  const std::string target = dir / "model", staged = dir / "staged";
+  fs::create_directories(target);
+  Write(dir / "model/thesis.tex", "years of work");
+  ASSERT_TRUE(CreateOwnedDirectory(staged, {kModelKind, "run"}).ok());
+  const absl::Status replaced = ReplaceOwnedDirectory(staged, target, kModelKind);
+  EXPECT_EQ(replaced.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(replaced.message(), HasSubstr(target));
+  EXPECT_THAT(replaced.message(), HasSubstr("rmoe did not create it"));
+  EXPECT_EQ(Read(dir / "model/thesis.tex"), "years of work");
+  EXPECT_TRUE(fs::exists(dir / "staged"));
+  // Another kind's mark is not ours either.
+  ASSERT_TRUE(CreateOwnedDirectory(dir / "data", {kDatasetKind, "r"}).ok());
+  EXPECT_FALSE(RemoveOwnedDirectory(dir / "data", kModelKind).ok());
+  EXPECT_TRUE(fs::exists(dir / "data"));
+  // Nor is another run's.
+  EXPECT_FALSE(RemoveOwnedDirectory(dir / "data", kDatasetKind, "other").ok());
+  EXPECT_TRUE(RemoveOwnedDirectory(dir / "data", kDatasetKind, "r").ok());
+  EXPECT_FALSE(fs::exists(dir / "data"));
+  EXPECT_TRUE(RemoveOwnedDirectory(dir / "data", kDatasetKind).ok());  // gone: fine
+}
+
+TEST(OwnershipTest, NeverFollowsSymbolicLinks) {
+  TempDir dir;
+  const std::string victim = dir / "victim";
+  ASSERT_TRUE(CreateOwnedDirectory(victim, {kModelKind, "run"}).ok());
+  Write(dir / "victim/precious", "keep");
+  // A link to an owned directory is not that directory.
+  fs::create_directory_symlink(victim, dir / "link");
+  EXPECT_FALSE(IsOwned(dir / "link", kModelKind));
+  const absl::Status removed = RemoveOwnedDirectory(dir / "link", kModelKind);
+  EXPECT_THAT(removed.message(), HasSubstr("symbolic link"));
+  // A linked mark is refused too.
+  fs::create_directories(dir / "other");
+  fs::create_symlink(dir / ("victim/" + std::string(kOwnerMarkName)),
+                   dir / ("other/" + std::string(kOwnerMarkName)));
+  EXPECT_FALSE(IsOwned(dir / "other", kModelKind));
+  EXPECT_FALSE(RemoveOwnedDirectory(dir / "other", kModelKind).ok());
+  // Links inside an owned directory are removed, their targets kept.
+  ASSERT_TRUE(CreateOwnedDirectory(dir / "owned", {kModelKind, "run"}).ok());
+  fs::create_directory_symlink(victim, dir / "owned/inner");
+  ASSERT_TRUE(RemoveOwnedDirectory(dir / "owned", kModelKind).ok());
+  EXPECT_EQ(Read(dir / "victim/precious"), "keep");
+}
+
+TEST(OwnershipTest, MarksReadBack) {
+  TempDir dir;
+  EXPECT_FALSE(ReadOwnerMark(dir.path()).value().has_value());
+  ASSERT_TRUE(WriteOwnerMark(dir.path(), {kCheckpointRootKind, NewRunId()}).ok());
+  auto mark = ReadOwnerMark(dir.path());
+  ASSERT_TRUE(mark.ok() && mark->has_value());
+  EXPECT_EQ((*mark)->kind, kCheckpointRootKind);
+  EXPECT_EQ((*mark)->run_id.size(), 16u);
+  EXPECT_NE(NewRunId(), NewRunId());
+  Write(dir / kOwnerMarkName, "garbage");
+  EXPECT_THAT(ReadOwnerMark(dir.path()).status().message(), HasSubstr("was not written by rmoe"));
+  EXPECT_EQ(CreateOwnedDirectory(dir.path(), {kModelKind, "r"}).code(),
+            absl::StatusCode::kAlreadyExists);
 }
 
 TEST(FindExecutableTest, SearchesThePath) {

@@ -13,6 +13,7 @@
 
 #include "distributed/checkpoint.h"
 #include "rmoe/config/job_spec.h"
+#include "rmoe/config/resources.h"
 #include "rmoe/util/cli.h"
 #include "rmoe/util/files.h"
 #include "rmoe/util/json.h"
@@ -60,22 +61,6 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-std::string HumanBytes(int64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double value = static_cast<double>(bytes);
-  int unit = 0;
-  while (value >= 1024 && unit < 4) {
-    value /= 1024;
-    ++unit;
-  }
-  char text[64];
-  if (unit == 0) {
-    std::snprintf(text, sizeof(text), "%lld B", static_cast<long long>(bytes));
-  } else {
-    std::snprintf(text, sizeof(text), "%.1f %s", value, units[unit]);
-  }
-  return text;
-}
 
 struct Dtype {
   const char* name;  // as the manifest writes it
@@ -198,7 +183,7 @@ int Inspect(const std::string& path, bool all_tensors) {
     g.bytes += TensorBytes(t);
   }
   auto group = [](const Group& g) {
-    std::string text = std::to_string(g.count) + ", " + HumanBytes(g.bytes);
+    std::string text = std::to_string(g.count) + ", " + rmoe::FormatBytes(g.bytes);
     if (g.bytes >= 1024) text += " (" + std::to_string(g.bytes) + " bytes)";
     return text;
   };
@@ -255,7 +240,7 @@ int Verify(const std::string& path) {
   std::printf("OK: %s (step %lld): %d tensors, %lld pieces in %zu shard files, %s checked\n",
               c.dir.c_str(), static_cast<long long>(c.manifest.step()), c.manifest.tensors_size(),
               static_cast<long long>(pieces), ShardFiles(c.manifest).size(),
-              HumanBytes(bytes).c_str());
+              rmoe::FormatBytes(bytes).c_str());
   return 0;
 }
 
@@ -360,7 +345,7 @@ int Export(const std::string& path, const std::string& out, const std::string& c
   }
   if (auto s = file->Commit(); !s.ok()) return Fail(std::string(s.message()));
   std::printf("exported %zu model tensors (%s) of %s, step %lld, to %s\n", items.size(),
-              HumanBytes(static_cast<int64_t>(at)).c_str(), c.dir.c_str(),
+              rmoe::FormatBytes(static_cast<int64_t>(at)).c_str(), c.dir.c_str(),
               static_cast<long long>(m.step()), out.c_str());
 
   return config.empty() ? 0 : WriteJobSpecJson(m, config);
@@ -369,6 +354,7 @@ int Export(const std::string& path, const std::string& out, const std::string& c
 }  // namespace
 
 int main(int argc, char** argv) {
+  rmoe::ReportFileSizeLimitAsErrors();
   const std::vector<std::string> args = rmoe::cli::Arguments(argc, argv);
   if (rmoe::cli::AsksForHelp(args)) return rmoe::cli::PrintUsage(kUsage);
   if (args.empty()) return Usage("no command given");

@@ -30,6 +30,7 @@
 #include "rmoe/data/subprocess_tokenizer.h"
 #include "rmoe/util/cli.h"
 #include "rmoe/util/files.h"
+#include "rmoe/util/ownership.h"
 
 namespace rmoe {
 namespace {
@@ -379,20 +380,23 @@ absl::Status Build(const DataSpec& data, const Options& options, const Corpus& c
   if (target.filename().empty()) target = target.parent_path();  // "dir/" -> "dir"
   const fs::path work(target.string() + ".partial");
   std::error_code error;
-  fs::remove_all(work, error);
-  fs::create_directories(work, error);
-  if (error) {
-    return absl::PermissionDeniedError(absl::StrCat("data.dataset_dir: cannot create ",
-                                                    work.string(), ": ", error.message()));
+  if (target.has_parent_path()) fs::create_directories(target.parent_path(), error);
+  // The remains of an interrupted build are ours to replace; anything else there is not.
+  absl::Status created = RemoveOwnedDirectory(work.string(), kDatasetKind);
+  if (created.ok()) created = CreateOwnedDirectory(work.string(), {kDatasetKind, NewRunId()});
+  if (!created.ok()) {
+    return absl::Status(created.code(),
+                        absl::StrCat("data.dataset_dir: ", created.message()));
   }
   double tokenizer_seconds = 0;
   Splits splits;
   absl::StatusOr<DatasetMeta> meta =
       BuildIn(work, data, corpus, options, &tokenizer_seconds, &splits);
   absl::Status status =
-      meta.ok() ? ReplaceDirectory(work.string(), target.string()) : meta.status();
+      meta.ok() ? ReplaceOwnedDirectory(work.string(), target.string(), kDatasetKind)
+                : meta.status();
   if (!status.ok()) {
-    fs::remove_all(work, error);
+    (void)RemoveOwnedDirectory(work.string(), kDatasetKind);
     return status;
   }
 
@@ -451,6 +455,7 @@ absl::Status Run(const Options& options) {
 }  // namespace rmoe
 
 int main(int argc, char** argv) {
+  rmoe::ReportFileSizeLimitAsErrors();
   const rmoe::Options options = rmoe::ParseArgs(argc, argv);
   const absl::Status status = rmoe::Run(options);
   if (!status.ok()) {

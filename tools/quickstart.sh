@@ -11,7 +11,10 @@ BIN=${RMOE_BUILD_DIR:-build}
 tools/setup.sh
 tools/fetch_corpus.sh data/raw/sotu
 "$BIN/tools/rmoe_prepare_data" --job "$JOB" "$@"
-"$BIN/launcher/rmoe_train" --job "$JOB" "$@"
+# Running the quick start again replaces its earlier run (unless asked to --resume it).
+replace=--overwrite
+for arg in "$@"; do [ "$arg" = --resume ] && replace=; done
+"$BIN/launcher/rmoe_train" --job "$JOB" $replace "$@"
 
 output_dir=$("$BIN/launcher/rmoe_train" --job "$JOB" "$@" --dry-run | sed -n 's/^output_dir: "\(.*\)"$/\1/p')
 echo

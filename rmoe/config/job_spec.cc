@@ -37,6 +37,13 @@ namespace pb = google::protobuf;
 // the upper bound keeps token ids within the uint16 token files.
 constexpr int kMinBpeVocab = 260;
 constexpr int kMaxBpeVocab = 65536;
+// Upper limits beyond which a value is a typo, not a choice: AdamW at a learning rate above
+// 1 moves every weight by about 1 a step; a weight decay above 1 shrinks weights past zero
+// once lr reaches 1; more threads than any machine has cores only thrash.
+constexpr double kMaxLearningRate = 1.0;
+constexpr double kMaxWeightDecay = 1.0;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxBatch = 65536;
 
 // ---------------------------------------------------------------------------------------
 // Naming fields in error messages.
@@ -376,11 +383,14 @@ void ValidateTraining(const JobSpec& spec, Problems& p) {
   }
 
   const OptimizerSpec& o = spec.optimizer();
-  p.Require(o.lr() > 0, "optimizer.lr", o.lr(), "> 0");
+  p.Require(o.lr() > 0 && o.lr() <= kMaxLearningRate, "optimizer.lr", o.lr(),
+            absl::StrCat("in (0, ", kMaxLearningRate, "]"));
   p.Require(o.beta1() >= 0 && o.beta1() < 1, "optimizer.beta1", o.beta1(), "in [0, 1)");
   p.Require(o.beta2() >= 0 && o.beta2() < 1, "optimizer.beta2", o.beta2(), "in [0, 1)");
   p.Require(o.eps() > 0, "optimizer.eps", o.eps(), "> 0");
-  p.Require(o.weight_decay() >= 0, "optimizer.weight_decay", o.weight_decay(), ">= 0");
+  p.Require(o.weight_decay() >= 0 && o.weight_decay() <= kMaxWeightDecay, "optimizer.weight_decay",
+            o.weight_decay(),
+            absl::StrCat("in [0, ", kMaxWeightDecay, "] (AdamW shrinks weights by lr x weight_decay a step)"));
   p.Require(o.grad_clip() >= 0, "optimizer.grad_clip", o.grad_clip(), ">= 0 (0 = no clipping)");
 
   const ScheduleSpec& s = spec.schedule();
@@ -389,14 +399,17 @@ void ValidateTraining(const JobSpec& spec, Problems& p) {
             s.warmup_steps(), absl::StrCat("in [0, schedule.steps = ", s.steps(), "]"));
   p.Require(s.min_lr_ratio() >= 0 && s.min_lr_ratio() <= 1, "schedule.min_lr_ratio",
             s.min_lr_ratio(), "in [0, 1]");
-  p.Require(s.micro_batch_size() > 0, "schedule.micro_batch_size", s.micro_batch_size(), "> 0");
-  p.Require(s.grad_accum_steps() > 0, "schedule.grad_accum_steps", s.grad_accum_steps(), "> 0");
+  p.Require(s.micro_batch_size() > 0 && s.micro_batch_size() <= kMaxBatch,
+            "schedule.micro_batch_size", s.micro_batch_size(), absl::StrCat("in [1, ", kMaxBatch, "]"));
+  p.Require(s.grad_accum_steps() > 0 && s.grad_accum_steps() <= kMaxBatch,
+            "schedule.grad_accum_steps", s.grad_accum_steps(), absl::StrCat("in [1, ", kMaxBatch, "]"));
   const int max_seq_len = spec.model().max_seq_len();
   p.Require(s.seq_len() > 0 && s.seq_len() <= max_seq_len, "schedule.seq_len", s.seq_len(),
             absl::StrCat("in [1, model.max_seq_len = ", max_seq_len, "]"));
   p.Require(s.eval_interval() >= 0, "schedule.eval_interval", s.eval_interval(),
             ">= 0 (0 = only at the end)");
-  p.Require(s.eval_batches() > 0, "schedule.eval_batches", s.eval_batches(), "> 0");
+  p.Require(s.eval_batches() > 0 && s.eval_batches() <= kMaxBatch, "schedule.eval_batches",
+            s.eval_batches(), absl::StrCat("in [1, ", kMaxBatch, "]"));
 }
 
 void ValidateData(const DataSpec& d, Problems& p) {
@@ -419,8 +432,9 @@ void ValidateOutputs(const JobSpec& spec, Problems& p) {
   p.Require(spec.checkpoint().keep_last() >= 1, "checkpoint.keep_last",
             spec.checkpoint().keep_last(), ">= 1");
   p.Require(spec.logging().interval() > 0, "logging.interval", spec.logging().interval(), "> 0");
-  p.Require(spec.runtime().num_threads() >= 0, "runtime.num_threads", spec.runtime().num_threads(),
-            ">= 0 (0 = every core)");
+  p.Require(spec.runtime().num_threads() >= 0 && spec.runtime().num_threads() <= kMaxThreads,
+            "runtime.num_threads", spec.runtime().num_threads(),
+            absl::StrCat("in [0, ", kMaxThreads, "] (0 = every core)"));
   absl::string_view device = spec.runtime().device();
   const bool cuda_index = absl::ConsumePrefix(&device, "cuda:") && !device.empty() &&
                           std::all_of(device.begin(), device.end(), absl::ascii_isdigit);

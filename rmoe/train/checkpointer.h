@@ -34,7 +34,7 @@ struct CheckpointReport {
   bool async = false;        // written in the background (checkpoint.async_save)
 };
 
-// Every method is collective: every rank calls it at the same step boundary.
+// Every method but the last two is collective: every rank calls it at the same step boundary.
 class Checkpointer {
  public:
   virtual ~Checkpointer() = default;
@@ -58,6 +58,12 @@ class Checkpointer {
   virtual absl::StatusOr<TrainingProgress> Load(const std::string& path, const JobSpec& job,
                                                 Transformer& model,
                                                 torch::optim::Optimizer& optimizer) = 0;
+
+  // Not collective; the main rank calls these before training. What an earlier run left
+  // where `job` saves its checkpoints (paths; empty when nothing), and their removal for a
+  // fresh run that replaces it, which refuses (deleting nothing) anything rmoe did not write.
+  virtual std::vector<std::string> FindEarlierRun(const JobSpec& job) = 0;
+  virtual absl::Status RemoveEarlierRun(const JobSpec& job) = 0;
 };
 
 }  // namespace rmoe

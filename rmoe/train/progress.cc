@@ -1,22 +1,74 @@
 #include "rmoe/train/progress.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <cmath>
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
+#include <absl/strings/str_split.h>
 
 namespace rmoe {
 
-absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, bool append) {
+namespace {
+
+// The records of `text` (JSON lines) up to `step`: a record with a larger "step" goes, one
+// without a step (the host record) stays, and a last line without its newline (cut short
+// by a crash) goes.
+std::string RecordsUpToStep(absl::string_view text, int64_t step) {
+  std::string kept;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty() || &line.back() + 1 == text.data() + text.size()) continue;
+    JsonValue record;
+    if (!ParseJson(line, &record)) continue;
+    const double record_step = record.Number("step");
+    if (std::isfinite(record_step) && record_step > static_cast<double>(step)) continue;
+    absl::StrAppend(&kept, line, "\n");
+  }
+  return kept;
+}
+
+}  // namespace
+
+absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, int64_t resumed_step) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "refusing to write the metrics file ", path, ": it is ",
+        S_ISLNK(st.st_mode) ? "a symbolic link" : "not a regular file",
+        ", and metrics are never written through one (remove it, or set logging.metrics_file)"));
+  }
+  int flags = O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC;
+  if (resumed_step >= 0) {
+    auto earlier = ReadFile(path, "metrics file");
+    if (earlier.ok()) {
+      if (auto s = WriteFileAtomically(path, RecordsUpToStep(*earlier, resumed_step)); !s.ok()) {
+        return s;
+      }
+    } else if (!absl::IsNotFound(earlier.status())) {
+      return earlier.status();
+    }
+    flags |= O_APPEND;
+  } else {
+    flags |= O_TRUNC;
+  }
   MetricsWriter writer;
-  writer.out_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
-  if (!writer.out_) return absl::InternalError(absl::StrCat("cannot open metrics file ", path));
+  writer.path_ = path;
+  writer.fd_ = FileDescriptor(::open(path.c_str(), flags, 0644));
+  if (!writer.fd_.ok()) return ErrnoStatus(errno, "cannot open metrics file", path);
   return writer;
 }
 
 void MetricsWriter::Write(const JsonObject& record) {
-  out_ << record.str() << '\n';
-  out_.flush();
+  if (!status_.ok()) return;
+  const std::string line = record.str() + "\n";
+  status_ = WriteAll(fd_.get(), line.data(), line.size(), path_);
+  if (!status_.ok()) {
+    std::fprintf(stderr, "rmoe: warning: metrics are no longer recorded: %s\n",
+                 std::string(status_.message()).c_str());
+  }
 }
 
 std::string FormatDuration(double seconds) {

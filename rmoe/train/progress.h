@@ -3,26 +3,33 @@
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <string>
 
 #include <absl/status/statusor.h>
 
 // JsonObject, which the metrics records are built with, lives with the other shared
 // plumbing; including it here keeps it in reach of every user of MetricsWriter.
+#include "rmoe/util/files.h"
 #include "rmoe/util/json.h"
 
 namespace rmoe {
 
-// Appends one record per line and flushes, so a crash loses at most the line in hand.
+// Appends one record per line and flushes, so a crash loses at most the line in hand. The
+// file is never written through a symbolic link.
 class MetricsWriter {
  public:
-  // `append` continues an existing file (a resumed run); otherwise it starts afresh.
-  static absl::StatusOr<MetricsWriter> Open(const std::string& path, bool append = false);
+  // A fresh file (truncating an earlier one) when `resumed_step` is negative. Otherwise a
+  // run resumed from that step continues the file: records of later steps, which the resumed
+  // run computes again, are dropped first (atomically), so no step is recorded twice.
+  static absl::StatusOr<MetricsWriter> Open(const std::string& path, int64_t resumed_step = -1);
+  // A failed write (disk full) is reported on stderr once; training goes on.
   void Write(const JsonObject& record);
+  const absl::Status& status() const { return status_; }
 
  private:
-  std::ofstream out_;
+  std::string path_;
+  FileDescriptor fd_;
+  absl::Status status_;
 };
 
 // "step 120/300 [#####.....] 40% | loss 3.214 | val 3.402 | 25.1k tok/s | ETA 1m20s".

@@ -10,11 +10,15 @@
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
+#include <absl/strings/str_join.h>
 
 #include "rmoe/config/job_spec.h"
+#include "rmoe/config/resources.h"
+#include "rmoe/data/subprocess_tokenizer.h"
 #include "rmoe/model/fused_ops.h"
 #include "rmoe/platform/cpu_features.h"
 #include "rmoe/train/model_io.h"
+#include "rmoe/util/ownership.h"
 
 namespace rmoe {
 namespace fs = std::filesystem;
@@ -143,8 +147,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec,
   std::unique_ptr<Trainer> trainer(
       new Trainer(spec, options, runtime ? *runtime : world_of_one, checkpointer));
   if (auto status = trainer->OpenData(); !status.ok()) return status;
+  // Before the first large allocation or any output: a job that cannot fit stops here.
+  if (auto status = CheckTrainingMemory(trainer->spec_, trainer->runtime_.local_size(),
+                                        AvailableMemoryBytes());
+      !status.ok()) {
+    return status;
+  }
   if (auto status = trainer->OpenOutputs(); !status.ok()) return status;
   if (auto status = trainer->BuildModel(); !status.ok()) return status;
+  if (auto status = trainer->OpenMetrics(); !status.ok()) return status;
   trainer->PrintHeader();
   return trainer;
 }
@@ -153,6 +164,12 @@ absl::Status Trainer::OpenData() {
   auto dataset = Dataset::Open(spec_.data().dataset_dir());
   if (!dataset.ok()) return dataset.status();
   dataset_.emplace(*std::move(dataset));
+  if (runtime_.is_main()) {
+    // A meta.pbtxt whose vocabulary or separator disagrees with the tokenizer would train a
+    // model that generation refuses afterwards: refuse it now.
+    auto tokenizer = OpenTokenizer(dataset_->meta(), spec_.data().dataset_dir());
+    if (!tokenizer.ok()) return tokenizer.status();
+  }
   auto vocab = ResolveVocabSize(spec_);
   if (!vocab.ok()) return vocab.status();
   spec_.mutable_model()->set_vocab_size(*vocab);
@@ -182,17 +199,69 @@ absl::Status Trainer::OpenOutputs() {
   // What this run computes on, measured before training starts (about 0.2 s).
   host_ = DescribeHost(/*probe=*/true, spec_.runtime().precision() == RuntimeSpec::BF16,
                        runtime_.local_size());
-  const fs::path output_dir(spec_.output_dir());
+  return ClaimOutputDir();
+}
+
+// The output directory, created and marked when new. A fresh run must not mix its results
+// with an earlier run's: it stops unless told to replace them. Whatever rmoe did not write is
+// never replaced, and a foreign model directory is refused now rather than after training.
+absl::Status Trainer::ClaimOutputDir() {
+  const std::string output_dir = spec_.output_dir();
   std::error_code ec;
-  fs::create_directories(output_dir, ec);
-  if (ec) {
-    return absl::InternalError(absl::StrCat("cannot create output_dir ", output_dir.string(),
-                                            ": ", ec.message()));
+  if (!fs::exists(output_dir, ec)) {
+    const fs::path parent = fs::path(output_dir).lexically_normal().parent_path();
+    if (!parent.empty()) fs::create_directories(parent, ec);
+    auto created = CreateOwnedDirectory(output_dir, {kOutputDirKind, NewRunId()});
+    if (!created.ok() && !absl::IsAlreadyExists(created)) {
+      return absl::Status(created.code(), absl::StrCat("output_dir: ", created.message()));
+    }
+  } else if (!fs::is_directory(output_dir, ec)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("output_dir ", output_dir, " exists and is not a directory"));
   }
-  auto writer = MetricsWriter::Open(spec_.logging().has_metrics_file()
-                                        ? spec_.logging().metrics_file()
-                                        : (output_dir / "metrics.jsonl").string(),
-                                    /*append=*/!options_.resume.empty());
+  const std::string model_dir = ModelDir();
+  const bool has_model = fs::exists(fs::symlink_status(model_dir, ec));
+  if (has_model && !IsOwned(model_dir, kModelKind)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        model_dir, " exists and rmoe did not write it (it has no ", kOwnerMarkName,
+        " mark), so the trained model could not be saved there; move it away or choose another "
+        "output_dir"));
+  }
+  if (!options_.resume.empty()) return absl::OkStatus();
+  std::vector<std::string> earlier;
+  if (has_model) earlier.push_back(model_dir);
+  if (fs::file_size(MetricsPath(), ec) > 0 && !ec) earlier.push_back(MetricsPath());
+  if (checkpointer_ != nullptr) {
+    for (const auto& path : checkpointer_->FindEarlierRun(spec_)) earlier.push_back(path);
+  }
+  if (earlier.empty()) return absl::OkStatus();
+  if (!options_.overwrite) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "output_dir ", output_dir, " holds an earlier run (", absl::StrJoin(earlier, ", "),
+        "): pass --resume to continue it, --overwrite to replace it, or choose another "
+        "output_dir"));
+  }
+  if (checkpointer_ != nullptr) {
+    if (auto status = checkpointer_->RemoveEarlierRun(spec_); !status.ok()) return status;
+  }
+  if (auto status = RemoveOwnedDirectory(model_dir, kModelKind); !status.ok()) return status;
+  std::fprintf(stderr, "rmoe: --overwrite: replacing the earlier run in %s (%s)\n",
+               output_dir.c_str(), absl::StrJoin(earlier, ", ").c_str());
+  return absl::OkStatus();
+}
+
+std::string Trainer::ModelDir() const { return (fs::path(spec_.output_dir()) / "model").string(); }
+
+std::string Trainer::MetricsPath() const {
+  return spec_.logging().has_metrics_file()
+             ? spec_.logging().metrics_file()
+             : (fs::path(spec_.output_dir()) / "metrics.jsonl").string();
+}
+
+// After BuildModel: a resumed run's metrics continue from its checkpoint's step.
+absl::Status Trainer::OpenMetrics() {
+  if (!runtime_.is_main()) return absl::OkStatus();
+  auto writer = MetricsWriter::Open(MetricsPath(), options_.resume.empty() ? -1 : position_.step);
   if (!writer.ok()) return writer.status();
   metrics_.emplace(*std::move(writer));
   metrics_->Write(host_->Json());
@@ -454,7 +523,7 @@ absl::StatusOr<TrainSummary> Trainer::Finish(int steps) {
   summary_.wall_seconds = SecondsSince(wall_start_);
   // A stopped run's checkpoint holds it; the run continues later.
   if (summary_.stopped_early) return summary_;
-  summary_.model_dir = (fs::path(spec_.output_dir()) / "model").string();
+  summary_.model_dir = ModelDir();
   runtime_.GatherExperts(model_);
   if (runtime_.is_main()) {
     if (auto status = SaveModel(summary_.model_dir, spec_, model_); !status.ok()) return status;

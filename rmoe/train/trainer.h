@@ -36,6 +36,10 @@ struct TrainOptions {
   bool quiet = false;  // no progress output at all (tests)
   // Continue from this checkpoint (or checkpoint root: its latest); empty = start afresh.
   std::string resume;
+  // A fresh run where an earlier run left its model, metrics or checkpoints replaces them
+  // (only what rmoe wrote; anything else in the way is refused). Without it, such a run
+  // stops before training and says what is there.
+  bool overwrite = false;
   // Set (e.g. by a SIGTERM handler) to stop after the step in hand, saving a checkpoint.
   const std::atomic<bool>* stop_requested = nullptr;
 };
@@ -147,7 +151,11 @@ class Trainer {
           Checkpointer* checkpointer);
   absl::Status OpenData();
   absl::Status OpenOutputs();
+  absl::Status ClaimOutputDir();
   absl::Status BuildModel();
+  absl::Status OpenMetrics();
+  std::string ModelDir() const;
+  std::string MetricsPath() const;
   void PrintHeader();
   void LogTrainRecord(int done, const StepResult& result);
   void ReportCheckpoints();

@@ -1,6 +1,7 @@
 #include "rmoe/util/files.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -206,25 +207,7 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view byte
   return writer->Commit();
 }
 
-absl::Status ReplaceDirectory(const std::string& staged, const std::string& target) {
-  const fs::path old(target + ".old");
-  std::error_code error;
-  fs::remove_all(old, error);
-  if (fs::exists(target, error)) {
-    fs::rename(target, old, error);
-    if (error) {
-      return absl::InternalError(absl::StrCat("cannot move ", target, " aside to ", old.string(),
-                                              ": ", error.message()));
-    }
-  }
-  fs::rename(staged, target, error);
-  if (error) {
-    return absl::InternalError(
-        absl::StrCat("cannot move ", staged, " to ", target, ": ", error.message()));
-  }
-  fs::remove_all(old, error);
-  return absl::OkStatus();
-}
+void ReportFileSizeLimitAsErrors() { ::signal(SIGXFSZ, SIG_IGN); }
 
 std::string FindExecutable(const std::string& program) {
   if (program.find('/') != std::string::npos) return program;

@@ -81,9 +81,10 @@ class AtomicFileWriter {
 // fsyncs the directory `dir`, making the names created or renamed in it durable.
 absl::Status FsyncDirectory(const std::string& dir);
 
-// Moves the finished directory `staged` to `target`, replacing what is there: the old
-// `target` is kept as `<target>.old` until the new one is in place, then removed.
-absl::Status ReplaceDirectory(const std::string& staged, const std::string& target);
+// Makes a write past the file-size limit (ulimit -f) fail with EFBIG, which the write's
+// error reports with the file's name, instead of SIGXFSZ killing the process without a
+// word. Programs that write files call it first thing in main().
+void ReportFileSizeLimitAsErrors();
 
 // `program` itself when it contains a '/'; otherwise the first executable regular file of
 // that name in a $PATH directory; "" when there is none.

@@ -28,7 +28,8 @@
 #include <thread>
 #include <vector>
 
-#include "distributed/crc32c.h"
+#include "rmoe/util/crc32c.h"
+#include "rmoe/util/ownership.h"
 #include "tests/distributed/mpi_test_env.h"
 
 namespace rmoe::distributed {
@@ -591,19 +592,34 @@ TEST_F(CheckpointTest, KeepLastPrunesOldestAndStaleUnfinishedSaves) {
   EXPECT_EQ(ListCheckpoints(root_),
             (std::vector<std::string>{root_ + "/step_00000003", root_ + "/step_00000004"}));
   if (rank() == 0) {
-    // A save of step 2 that died half-way, and one of step 10 (ahead: not stale).
-    fs::create_directories(root_ + "/step_00000002");
-    WriteFile(root_ + "/step_00000002/shard_00000.bin", "partial");
-    fs::create_directories(root_ + "/step_00000010");
-    WriteFile(root_ + "/step_00000010/shard_00000.bin", "partial");
+    // A save of this run's step 2 that died half-way, and one of step 10 (ahead: not stale).
+    const std::string run_id = ReadOwnerMark(root_).value()->run_id;
+    for (const char* step : {"/step_00000002", "/step_00000010"}) {
+      ASSERT_TRUE(CreateOwnedDirectory(root_ + step, {kCheckpointKind, run_id}).ok());
+      WriteFile(root_ + step + "/shard_00000.bin", "partial");
+    }
+    // What this run did not write is never pruned: a committed checkpoint copied in by hand,
+    // an unfinished one of another run.
+    fs::create_directories(root_ + "/step_00000001");
+    WriteFile(root_ + "/step_00000001/COMMITTED", "step 1\n");
+    WriteFile(root_ + "/step_00000001/notes.txt", "mine");
+    ASSERT_TRUE(CreateOwnedDirectory(root_ + "/step_00000000", {kCheckpointKind, "other"}).ok());
   }
   world().Barrier();
   ASSERT_TRUE(SaveCheckpoint(root_, State(5), MixedTensors(rank(), size()), world(), 2).ok());
   EXPECT_EQ(ListCheckpoints(root_),
-            (std::vector<std::string>{root_ + "/step_00000004", root_ + "/step_00000005"}));
+            (std::vector<std::string>{root_ + "/step_00000001", root_ + "/step_00000004",
+                                      root_ + "/step_00000005"}));
   EXPECT_FALSE(fs::exists(root_ + "/step_00000002"));
   EXPECT_FALSE(fs::exists(root_ + "/step_00000003"));
   EXPECT_TRUE(fs::exists(root_ + "/step_00000010"));
+  EXPECT_EQ(ReadFile(root_ + "/step_00000001/notes.txt"), "mine");
+  EXPECT_TRUE(fs::exists(root_ + "/step_00000000"));
+  world().Barrier();
+  if (rank() == 0) {
+    fs::remove_all(root_ + "/step_00000001");
+    fs::remove_all(root_ + "/step_00000000");
+  }
   EXPECT_EQ(ReadFile(root_ + "/latest"), "step_00000005\n");
   // keep_last 1 keeps only the new one; 0 keeps everything.
   ASSERT_TRUE(SaveCheckpoint(root_, State(6), MixedTensors(rank(), size()), world(), 1).ok());
@@ -613,13 +629,61 @@ TEST_F(CheckpointTest, KeepLastPrunesOldestAndStaleUnfinishedSaves) {
   EXPECT_EQ(ListCheckpoints(root_).size(), 3u);
 }
 
+// Only directories this run marked are ever deleted or replaced: a step directory in the
+// way that rmoe did not write is refused by name and survives; a root that now leads to
+// another run's checkpoints is refused; replacing an earlier run deletes nothing unless
+// every step directory is rmoe's.
+TEST_F(CheckpointTest, WhatThisRunDidNotWriteIsNeverDeleted) {
+  ASSERT_TRUE(SaveCheckpoint(root_, State(1), MixedTensors(rank(), size()), world(), 1).ok());
+  const std::string foreign = root_ + "/step_00000002";
+  if (rank() == 0) {
+    fs::create_directories(foreign);
+    WriteFile(foreign + "/thesis.tex", "years of work");
+  }
+  world().Barrier();
+  auto refused = SaveCheckpoint(root_, State(2), MixedTensors(rank(), size()), world(), 1);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(refused.status().message()).find("refusing to delete " + foreign),
+            std::string::npos)
+      << refused.status();
+  world().Barrier();
+  if (rank() == 0) {
+    EXPECT_EQ(ReadFile(foreign + "/thesis.tex"), "years of work");
+    EXPECT_EQ(ReadFile(root_ + "/latest"), "step_00000001\n");
+    // An earlier run cannot be replaced wholesale while a foreign directory is among it.
+    EXPECT_EQ(PreviousCheckpoints(root_),
+              (std::vector<std::string>{root_ + "/latest", root_ + "/step_00000001", foreign}));
+    const absl::Status replaced = RemovePreviousCheckpoints(root_);
+    EXPECT_NE(std::string(replaced.message()).find("nothing was deleted"), std::string::npos)
+        << replaced;
+    EXPECT_TRUE(fs::exists(root_ + "/latest"));
+    EXPECT_TRUE(fs::exists(root_ + "/step_00000001/COMMITTED"));
+    fs::remove_all(foreign);
+    ASSERT_TRUE(RemovePreviousCheckpoints(root_).ok());
+    EXPECT_TRUE(PreviousCheckpoints(root_).empty());
+    EXPECT_TRUE(RemovePreviousCheckpoints(root_ + "/none").ok()) << "no root: nothing to do";
+  }
+  world().Barrier();
+  // A root whose mark names another run: the path leads elsewhere now.
+  CheckpointWriteOptions options;
+  options.run_id = "0123456789abcdef";
+  auto elsewhere = SaveCheckpoint(root_, State(3), MixedTensors(rank(), size()), world(), options);
+  ASSERT_FALSE(elsewhere.ok());
+  EXPECT_NE(std::string(elsewhere.status().message()).find("was it replaced"), std::string::npos)
+      << elsewhere.status();
+  EXPECT_FALSE(fs::exists(root_ + "/step_00000003"));
+  world().Barrier();
+}
+
 TEST_F(CheckpointTest, UnfinishedSaveIsRefusedAndSkippedThenRedone) {
   auto first = SaveCheckpoint(root_, State(1), MixedTensors(rank(), size()), world(), 3);
   ASSERT_TRUE(first.ok()) << first.status();
   const std::string second = root_ + "/step_00000002";
   if (rank() == 0) {
     // What a crash before the commit leaves: shards and a manifest, no COMMITTED.
-    fs::create_directories(second);
+    ASSERT_TRUE(
+        CreateOwnedDirectory(second, {kCheckpointKind, ReadOwnerMark(root_).value()->run_id}).ok());
     fs::copy_file(*first + "/manifest.pb", second + "/manifest.pb");
     WriteFile(second + "/shard_00000.bin", "junk");
     WriteFile(second + "/leftover.tmp", "junk");

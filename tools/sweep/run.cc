@@ -194,7 +194,9 @@ std::vector<std::string> TrainCommand(const RunOptions& options, const Point& po
     argv.insert(argv.end(), options.mpirun_args.begin(), options.mpirun_args.end());
   }
   argv.insert(argv.end(), {options.train_program, "--job", (fs::path(point.dir) / kJobFile).string(), "--quiet"});
-  if (resume) argv.push_back("--resume");
+  // A point that starts afresh replaces what an earlier, unfinished attempt left in its
+  // directory (the sweep owns it).
+  argv.push_back(resume ? "--resume" : "--overwrite");
   return argv;
 }
 

@@ -1,5 +1,5 @@
 // CRC-32C: slicing-by-8 tables, and the SSE4.2 instruction where the CPU has one.
-#include "distributed/crc32c.h"
+#include "rmoe/util/crc32c.h"
 
 #include <array>
 #include <cstring>
@@ -9,7 +9,7 @@
 #include <nmmintrin.h>
 #endif
 
-namespace rmoe::distributed {
+namespace rmoe {
 namespace {
 
 constexpr uint32_t kPolynomial = 0x82F63B78u;  // 0x1EDC6F41 bit-reversed
@@ -109,4 +109,4 @@ uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t size) {
   return Crc32cExtendPortable(crc, data, size);
 }
 
-}  // namespace rmoe::distributed
+}  // namespace rmoe
