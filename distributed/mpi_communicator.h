@@ -31,10 +31,10 @@
 // stuck in a loop) would keep the others in the collective forever. So every collective runs
 // as nonblocking MPI calls (MPI_Iallreduce, MPI_Ialltoallv, MPI_Iallgather, MPI_Ibcast,
 // MPI_Ibarrier, ...) completed by one wait loop, which
-//   - polls MPI_Testall, spinning for the first ~50 us (small collectives keep their
-//     latency) and then sleeping between polls, a pause that grows with the time already
-//     waited up to 1 ms: a waiting rank uses a few percent of a core instead of all of it,
-//     and a long collective is noticed at most ~1/8 of its duration late;
+//   - polls MPI_Testall without pause for the first 2 ms (collectives of a few ms keep
+//     their speed: MPI's protocol needs both ranks polling) and then sleeps between polls,
+//     a pause of 1/16 of the time already waited, 50 us to 1 ms: a rank waiting for a slow
+//     peer uses a few percent of a core instead of all of it;
 //   - answers other ranks' inquiries (below) while it waits;
 //   - gives up after collective_timeout_seconds() (300 s by default, 0 = never; communicators
 //     from Split() inherit it; rmoe_train sets it from runtime.collective_timeout_seconds),
