@@ -100,13 +100,19 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool owned)
   Check(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MpiCommunicator", "MPI_Comm_set_errhandler");
   Check(MPI_Comm_rank(comm_, &rank_), "MpiCommunicator", "MPI_Comm_rank");
   Check(MPI_Comm_size(comm_, &size_), "MpiCommunicator", "MPI_Comm_size");
+  Check(MPI_Comm_dup(comm_, &side_channel_), "MpiCommunicator", "MPI_Comm_dup");
+  MPI_Comm_set_errhandler(side_channel_, MPI_ERRORS_RETURN);
+  LiveCommunicators().push_back(this);
 }
 
 MpiCommunicator::~MpiCommunicator() {
-  if (!owned_ || comm_ == MPI_COMM_NULL) return;
+  std::vector<const MpiCommunicator*>& live = LiveCommunicators();
+  live.erase(std::remove(live.begin(), live.end(), this), live.end());
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Comm_free(&comm_);
+  if (finalized) return;
+  if (side_channel_ != MPI_COMM_NULL) MPI_Comm_free(&side_channel_);
+  if (owned_ && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
 void MpiCommunicator::set_max_message_bytes_for_testing(int64_t bytes) {
@@ -124,6 +130,7 @@ void MpiCommunicator::Check(int rc, const char* operation, const char* mpi_call)
 }
 
 void MpiCommunicator::AllReduce(torch::Tensor& tensor, ReduceOp op) {
+  StartCollective("AllReduce");
   CheckTensor(tensor, "AllReduce");
   const c10::ScalarType dtype = tensor.scalar_type();
   const c10::ScalarType reduce_dtype = ReductionDtype(dtype);
@@ -143,9 +150,10 @@ void MpiCommunicator::AllReduce(torch::Tensor& tensor, ReduceOp op) {
   if (numel > per_call) ++chunked_operations_;
   for (int64_t offset = 0; offset < numel; offset += per_call) {
     const int count = static_cast<int>(std::min(per_call, numel - offset));
-    Check(MPI_Allreduce(MPI_IN_PLACE, data + offset * element_bytes, count, reduce->type,
-                        reduce->sum, comm_),
-          "AllReduce", "MPI_Allreduce");
+    MPI_Request request;
+    Wait(MPI_Iallreduce(MPI_IN_PLACE, data + offset * element_bytes, count, reduce->type,
+                        reduce->sum, comm_, &request),
+         &request, 1, "MPI_Iallreduce");
   }
   if (op == ReduceOp::kAvg) work.div_(size_);
   if (!work.is_same(tensor)) tensor.copy_(work);
@@ -179,18 +187,19 @@ torch::Tensor ReceiveBufferPool::Get(const std::vector<int64_t>& shape,
   return torch::empty({0}, options).set_(backing.storage(), 0, shape, strides);
 }
 
-std::vector<CollectiveMeta> MpiCommunicator::ExchangeMeta(const CollectiveMeta& local,
-                                                          const char* operation) const {
+std::vector<CollectiveMeta> MpiCommunicator::ExchangeMeta(const CollectiveMeta& local) {
   std::vector<CollectiveMeta> all(size_);
-  Check(MPI_Allgather(&local, kCollectiveMetaFields, MPI_INT64_T, all.data(), kCollectiveMetaFields,
-                      MPI_INT64_T, comm_),
-        operation, "MPI_Allgather");
+  MPI_Request request;
+  Wait(MPI_Iallgather(&local, kCollectiveMetaFields, MPI_INT64_T, all.data(), kCollectiveMetaFields,
+                      MPI_INT64_T, comm_, &request),
+       &request, 1, "MPI_Iallgather");
   return all;
 }
 
 torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
                                          const std::vector<int64_t>& send_splits,
                                          const std::vector<int64_t>& recv_splits) {
+  StartCollective("AllToAll");
   // Local checks first; their outcome is shared with every rank below, so that a bad argument
   // on one rank makes all of them throw rather than leaving the others in the collective.
   std::string problem = TensorProblem(send, "AllToAll", /*needs_rows=*/true);
@@ -208,7 +217,7 @@ torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
         layout.send_total > max_message_bytes_ || layout.recv_total > max_message_bytes_;
   }
 
-  const std::vector<CollectiveMeta> all = ExchangeMeta(local, "AllToAll");
+  const std::vector<CollectiveMeta> all = ExchangeMeta(local);
   CheckAgreement(kWho, "AllToAll", rank_, problem, local, all, "invalid arguments");
   bool fallback = false;
   for (const CollectiveMeta& m : all) fallback = fallback || m.needs_fallback;
@@ -229,9 +238,10 @@ torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
     auto to_int = [](const std::vector<int64_t>& v) { return std::vector<int>(v.begin(), v.end()); };
     const std::vector<int> sc = to_int(send_bytes), sd = to_int(send_offsets);
     const std::vector<int> rc = to_int(recv_bytes), rd = to_int(recv_offsets);
-    Check(MPI_Alltoallv(send_data, sc.data(), sd.data(), MPI_BYTE, recv_data, rc.data(), rd.data(),
-                        MPI_BYTE, comm_),
-          "AllToAll", "MPI_Alltoallv");
+    MPI_Request request;
+    Wait(MPI_Ialltoallv(send_data, sc.data(), sd.data(), MPI_BYTE, recv_data, rc.data(), rd.data(),
+                        MPI_BYTE, comm_, &request),
+         &request, 1, "MPI_Ialltoallv");
     return result;
   }
 
@@ -265,27 +275,29 @@ torch::Tensor MpiCommunicator::AllToAll(const torch::Tensor& send,
   if (send_bytes[rank_] > 0) {
     std::memcpy(recv_data + recv_offsets[rank_], send_data + send_offsets[rank_], send_bytes[rank_]);
   }
-  Check(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
-        "AllToAll", "MPI_Waitall");
+  Wait(MPI_SUCCESS, requests.data(), static_cast<int>(requests.size()), "MPI_Isend/MPI_Irecv");
   return result;
 }
 
 std::vector<int64_t> MpiCommunicator::AllToAllCounts(const std::vector<int64_t>& counts) {
+  StartCollective("AllToAllCounts");
   TORCH_CHECK(!counts.empty() && counts.size() % size_ == 0, "MpiCommunicator::AllToAllCounts: ",
               "counts.size() = ", counts.size(), " must be a positive multiple of size() = ", size_);
   const int64_t k = static_cast<int64_t>(counts.size()) / size_;
   TORCH_CHECK(k <= INT_MAX, "MpiCommunicator::AllToAllCounts: too many counts per rank");
   std::vector<int64_t> result(counts.size());
-  Check(MPI_Alltoall(counts.data(), static_cast<int>(k), MPI_INT64_T, result.data(),
-                     static_cast<int>(k), MPI_INT64_T, comm_),
-        "AllToAllCounts", "MPI_Alltoall");
+  MPI_Request request;
+  Wait(MPI_Ialltoall(counts.data(), static_cast<int>(k), MPI_INT64_T, result.data(),
+                     static_cast<int>(k), MPI_INT64_T, comm_, &request),
+       &request, 1, "MPI_Ialltoall");
   return result;
 }
 
 torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor) {
+  StartCollective("AllGather");
   const std::string problem = TensorProblem(tensor, "AllGather", /*needs_rows=*/true);
   const CollectiveMeta local = LocalMeta(problem, tensor);
-  const std::vector<CollectiveMeta> all = ExchangeMeta(local, "AllGather");
+  const std::vector<CollectiveMeta> all = ExchangeMeta(local);
   CheckAgreement(kWho, "AllGather", rank_, problem, local, all, "an invalid tensor");
   const int64_t row_bytes = local.row_bytes;
   const AllGatherLayout layout = LayOutAllGather(all, row_bytes);
@@ -302,9 +314,10 @@ torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor) {
   // Every rank knows every size, so all take the same path without further agreement.
   if (layout.total_bytes <= max_message_bytes_) {
     const std::vector<int> counts(bytes.begin(), bytes.end()), displs(offsets.begin(), offsets.end());
-    Check(MPI_Allgatherv(source.data_ptr(), counts[rank_], MPI_BYTE, out, counts.data(),
-                         displs.data(), MPI_BYTE, comm_),
-          "AllGather", "MPI_Allgatherv");
+    MPI_Request request;
+    Wait(MPI_Iallgatherv(source.data_ptr(), counts[rank_], MPI_BYTE, out, counts.data(),
+                         displs.data(), MPI_BYTE, comm_, &request),
+         &request, 1, "MPI_Iallgatherv");
     return result;
   }
   // Fallback: each rank's part is broadcast from it, in chunks of at most max_message_bytes_.
@@ -312,16 +325,18 @@ torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor) {
   if (bytes[rank_] > 0) std::memcpy(out + offsets[rank_], source.data_ptr(), bytes[rank_]);
   for (int root = 0; root < size_; ++root) {
     for (int64_t off = 0; off < bytes[root]; off += max_message_bytes_) {
-      Check(MPI_Bcast(out + offsets[root] + off,
+      MPI_Request request;
+      Wait(MPI_Ibcast(out + offsets[root] + off,
                       static_cast<int>(std::min(max_message_bytes_, bytes[root] - off)), MPI_BYTE,
-                      root, comm_),
-            "AllGather", "MPI_Bcast");
+                      root, comm_, &request),
+           &request, 1, "MPI_Ibcast");
     }
   }
   return result;
 }
 
 void MpiCommunicator::Broadcast(torch::Tensor& tensor, int root) {
+  StartCollective("Broadcast");
   CheckTensor(tensor, "Broadcast");
   TORCH_CHECK(root >= 0 && root < size_, "MpiCommunicator::Broadcast: root ", root,
               " is not a rank of this communicator (size ", size_, ")");
@@ -331,14 +346,19 @@ void MpiCommunicator::Broadcast(torch::Tensor& tensor, int root) {
   const int64_t total = work.numel() * work.element_size();
   if (total > max_message_bytes_) ++chunked_operations_;
   for (int64_t off = 0; off < total; off += max_message_bytes_) {
-    Check(MPI_Bcast(data + off, static_cast<int>(std::min(max_message_bytes_, total - off)), MPI_BYTE,
-                    root, comm_),
-          "Broadcast", "MPI_Bcast");
+    MPI_Request request;
+    Wait(MPI_Ibcast(data + off, static_cast<int>(std::min(max_message_bytes_, total - off)), MPI_BYTE,
+                    root, comm_, &request),
+         &request, 1, "MPI_Ibcast");
   }
   if (!work.is_same(tensor) && rank_ != root) tensor.copy_(work);
 }
 
-void MpiCommunicator::Barrier() { Check(MPI_Barrier(comm_), "Barrier", "MPI_Barrier"); }
+void MpiCommunicator::Barrier() {
+  StartCollective("Barrier");
+  MPI_Request request;
+  Wait(MPI_Ibarrier(comm_, &request), &request, 1, "MPI_Ibarrier");
+}
 
 std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key) {
   MPI_Comm new_comm = MPI_COMM_NULL;
@@ -349,6 +369,7 @@ std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key) {
   auto result = std::make_unique<MpiCommunicator>(new_comm, /*owned=*/true);
   guard.comm = MPI_COMM_NULL;
   result->max_message_bytes_ = max_message_bytes_;
+  result->collective_timeout_seconds_ = collective_timeout_seconds_;
   return result;
 }
 

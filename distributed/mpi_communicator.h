@@ -27,6 +27,28 @@
 // A rank that dies (exits without MPI_Finalize) makes OpenMPI's mpirun kill the whole job
 // with a non-zero exit status within about a second; see tests/distributed/dead_rank_main.cc.
 //
+// Stopped or hung ranks. A rank that stays alive but never joins (SIGSTOPped, deadlocked,
+// stuck in a loop) would keep the others in the collective forever. So every collective runs
+// as nonblocking MPI calls (MPI_Iallreduce, MPI_Ialltoallv, MPI_Iallgather, MPI_Ibcast,
+// MPI_Ibarrier, ...) completed by one wait loop, which
+//   - polls MPI_Testall without pause for the first 2 ms (collectives of a few ms keep
+//     their speed: MPI's protocol needs both ranks polling) and then sleeps between polls,
+//     a pause of 1/16 of the time already waited, 50 us to 1 ms: a rank waiting for a slow
+//     peer uses a few percent of a core instead of all of it;
+//   - answers other ranks' inquiries (below) while it waits;
+//   - gives up after collective_timeout_seconds() (300 s by default, 0 = never; communicators
+//     from Split() inherit it; rmoe_train sets it from runtime.collective_timeout_seconds),
+//     counted from the start of the collective.
+// A rank past the deadline asks every other rank, on a private duplicate of the communicator
+// (the side channel), which collective it is waiting in; each communicator numbers its
+// collectives (AllReduce #57), so "the same collective" is well defined. Ranks waiting in a
+// collective of any communicator of the process answer; stopped, hung or computing ranks do
+// not. After a grace period (min(5 s, timeout / 2)) it prints one line on stderr naming the
+// collective, the ranks that did not answer and where the others wait (see stall_report.h),
+// and ends the job with MPI_Abort(MPI_COMM_WORLD, 1). When several ranks time out together,
+// the lowest rank reports and the others hold back for one more grace period, so the job
+// normally prints one report. See tests/distributed/stalled_rank_main.cc.
+//
 // Messages of 2 GiB or more. MPI-3 counts and displacements are int (OpenMPI 4.1 has no
 // MPI-4 large-count calls). Data moves as MPI_BYTE (AllReduce: as elements of the reduction
 // type), and no MPI call gets more than max_message_bytes() bytes (INT_MAX by default).
@@ -41,7 +63,8 @@
 // messages on 2 ranks (AllToAll, AllGather, AllReduce, Broadcast).
 //
 // Threading: MPI_THREAD_FUNNELED. Call every method from the thread that created the
-// MpiRuntime (torch's intra-op threads never call MPI).
+// MpiRuntime (torch's intra-op threads never call MPI). The watchdog runs on that thread
+// too, inside the wait loop: there is no helper thread.
 #pragma once
 
 #ifndef OMPI_SKIP_MPICXX
@@ -52,6 +75,7 @@
 #endif
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -108,8 +132,9 @@ class ReceiveBufferPool {
 // whose storage is kept (views of parameters stay views).
 class MpiCommunicator : public Communicator {
  public:
-  // Wraps `comm` and sets MPI_ERRORS_RETURN on it. With `owned`, MPI_Comm_free on
-  // destruction (skipped if MPI is already finalized).
+  // Wraps `comm` and sets MPI_ERRORS_RETURN on it; duplicates it for the watchdog's side
+  // channel (a collective over `comm`: every member must construct its MpiCommunicator).
+  // With `owned`, MPI_Comm_free on destruction (skipped if MPI is already finalized).
   MpiCommunicator(MPI_Comm comm, bool owned);
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
@@ -126,10 +151,20 @@ class MpiCommunicator : public Communicator {
   void Broadcast(torch::Tensor& tensor, int root) override;
   void Barrier() override;
   // A negative `color` (e.g. MPI_UNDEFINED) joins no group: this rank gets nullptr.
-  // The new communicator owns its MPI_Comm and inherits max_message_bytes().
+  // The new communicator owns its MPI_Comm and inherits max_message_bytes() and
+  // collective_timeout_seconds().
   std::unique_ptr<Communicator> Split(int color, int key) override;
 
   MPI_Comm comm() const { return comm_; }
+
+  // How long one collective may take before this rank reports the missing ranks and aborts
+  // the job; 0 = no deadline. Default kDefaultCollectiveTimeoutSeconds. Set it to the same
+  // value on every rank, before Split() (new communicators copy it).
+  static constexpr double kDefaultCollectiveTimeoutSeconds = 300;
+  double collective_timeout_seconds() const { return collective_timeout_seconds_; }
+  void set_collective_timeout_seconds(double seconds);
+  // Collectives started on this communicator so far (the number the report gives them).
+  int64_t collectives_started() const { return sequence_; }
 
   // Largest count (in bytes) passed to one MPI call; INT_MAX unless a test lowers it.
   int64_t max_message_bytes() const { return max_message_bytes_; }
@@ -143,16 +178,35 @@ class MpiCommunicator : public Communicator {
 
  private:
   void Check(int rc, const char* operation, const char* mpi_call) const;
-  // Every rank's CollectiveMeta, in rank order (MPI_Allgather).
-  std::vector<CollectiveMeta> ExchangeMeta(const CollectiveMeta& local, const char* operation) const;
+  // Every rank's CollectiveMeta, in rank order (MPI_Iallgather).
+  std::vector<CollectiveMeta> ExchangeMeta(const CollectiveMeta& local);
+
+  // The watchdog (mpi_watchdog.cc). Every public collective calls StartCollective first; every
+  // nonblocking MPI call it makes is completed by Wait.
+  void StartCollective(const char* operation);
+  // Checks `start_rc` (the return code of the call that produced `requests`), then completes
+  // them: polls without spinning, answers inquiries, and past the deadline reports and aborts.
+  void Wait(int start_rc, MPI_Request* requests, int count, const char* mpi_call);
+  bool TestAll(MPI_Request* requests, int count, std::vector<MPI_Status>& statuses,
+               const char* mpi_call) const;
+  // Answers inquiries on the side channel of every live communicator of this process, with
+  // the collective this one (the communicator being waited in) is in.
+  void AnswerInquiries() const;
+  [[noreturn]] void ReportStallAndAbort(const char* mpi_call) const;
+  static std::vector<const MpiCommunicator*>& LiveCommunicators();
 
   MPI_Comm comm_;
   bool owned_;
+  MPI_Comm side_channel_ = MPI_COMM_NULL;  // a duplicate of comm_, for the watchdog only
   int rank_ = 0;
   int size_ = 1;
   int64_t max_message_bytes_;
   int64_t chunked_operations_ = 0;
   ReceiveBufferPool receive_buffers_;
+  double collective_timeout_seconds_ = kDefaultCollectiveTimeoutSeconds;
+  int64_t sequence_ = 0;            // collectives started; the current one's number
+  const char* operation_ = "none";  // the current (or last) collective
+  std::chrono::steady_clock::time_point started_;  // when the current collective started
 };
 
 // The process's MPI: MPI_Init_thread(MPI_THREAD_FUNNELED) in the constructor (unless MPI is

@@ -73,6 +73,10 @@ BLAS kernels: with an OpenBLAS-based LibTorch and OPENBLAS_CORETYPE unset, rmoe_
 picks OpenBLAS's core from the CPU's features and restarts itself with it; every start
 checks fp32 products numerically and stops if they are wrong. OPENBLAS_CORETYPE set by
 you is always used. MKL (PyTorch's wheels) chooses its own kernels.
+A rank that stops or hangs no longer leaves the others waiting forever: a rank still in an
+MPI collective after runtime.collective_timeout_seconds (default 300, 0 = no deadline)
+prints which ranks are missing and in which collective the others wait, then aborts the
+job (exit status non-zero).
 Checkpoints: every checkpoint.interval steps, and on SIGTERM or SIGINT, which finish the
 step in hand, save a checkpoint and exit 0 (a second signal ends the process at once).
 Exit status: 0 done (or stopped by a signal after saving), 2 bad arguments or job spec,
@@ -129,6 +133,8 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
   // Every rank reads the same spec, so every rank reaches the same verdict on it.
   auto spec = rmoe::LoadJobSpecWithOverrides(job_path, args.overrides);
   if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
+  // Before the groups are split off, so that their communicators inherit the deadline.
+  mpi.World().set_collective_timeout_seconds(spec->runtime().collective_timeout_seconds());
   auto groups = rmoe::distributed::ProcessGroups::Create(
       world, spec->parallel().expert_parallel_size(), spec->model().moe().num_experts());
   if (!groups.ok()) return Fail(2, std::string(groups.status().message()));

@@ -462,6 +462,12 @@ INSTANTIATE_TEST_SUITE_P(
                        "runtime.device = \"gpu\" must be \"cpu\", \"cuda\" or \"cuda:N\""},
         ValidationCase{{"runtime.device=cuda:"}, "runtime.device = \"cuda:\" must be"},
         ValidationCase{{"runtime.device=cuda:x"}, "runtime.device = \"cuda:x\" must be"},
+        ValidationCase{{"runtime.collective_timeout_seconds=-1"},
+                       "runtime.collective_timeout_seconds = -1 must be in [0, 86400] seconds"},
+        ValidationCase{{"runtime.collective_timeout_seconds=86401"},
+                       "runtime.collective_timeout_seconds = 86401 must be in [0, 86400]"},
+        ValidationCase{{"runtime.collective_timeout_seconds=nan"},
+                       "runtime.collective_timeout_seconds = nan must be finite and in [0, 86400]"},
         ValidationCase{{"output_dir="}, "output_dir = \"\" must be non-empty"}));
 
 TEST(ValidateJobSpecTest, AcceptsBoundaryAndConditionalValues) {
@@ -470,6 +476,8 @@ TEST(ValidateJobSpecTest, AcceptsBoundaryAndConditionalValues) {
            {"data.tokenizer.kind=BYTE", "data.tokenizer.vocab_size=10"},
            {"runtime.device=cuda"},
            {"runtime.device=cuda:1"},
+           {"runtime.collective_timeout_seconds=0"},
+           {"runtime.collective_timeout_seconds=86400"},
            {"model.moe.top_k=8", "model.moe.capacity_factor=0", "schedule.seq_len=256"},
            {"schedule.warmup_steps=1000", "schedule.min_lr_ratio=1", "data.val_fraction=0.5"},
            {"model.moe.moe_layers=3,0", "parallel.expert_parallel_size=4"},

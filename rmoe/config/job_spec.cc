@@ -440,6 +440,10 @@ void ValidateOutputs(const JobSpec& spec, Problems& p) {
                           std::all_of(device.begin(), device.end(), absl::ascii_isdigit);
   p.Require(spec.runtime().device() == "cpu" || spec.runtime().device() == "cuda" || cuda_index,
             "runtime.device", spec.runtime().device(), "\"cpu\", \"cuda\" or \"cuda:N\"");
+  const double collective_timeout = spec.runtime().collective_timeout_seconds();
+  p.Require(collective_timeout >= 0 && collective_timeout <= 86400,
+            "runtime.collective_timeout_seconds", collective_timeout,
+            "in [0, 86400] seconds (0 = no deadline)");
   p.Require(!spec.output_dir().empty(), "output_dir", spec.output_dir(), "non-empty");
 }
 

@@ -3,6 +3,7 @@
 // that each rank can check exactly what it received. Collectives come before assertions, so a
 // failed check on one rank does not leave the others blocked.
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <string>
@@ -12,6 +13,7 @@
 #include <torch/torch.h>
 
 #include "distributed/mpi_communicator.h"
+#include "distributed/stall_report.h"
 
 namespace rmoe::distributed {
 namespace {
@@ -557,10 +559,97 @@ TEST(ErrorsTest, MpiFailureNamesRankAndOperation) {
     EXPECT_NE(e.error_code(), MPI_SUCCESS);
   }
   if (rank == 1) {
-    EXPECT_NE(what.find("rank 1: Broadcast: MPI_Bcast failed: MPI_ERR_TRUNCATE"), std::string::npos)
+    EXPECT_NE(what.find("rank 1: Broadcast: MPI_Ibcast failed: MPI_ERR_TRUNCATE"), std::string::npos)
         << "got: " << what;
   }
   pair->Barrier();
+}
+
+TEST(CollectiveTimeoutTest, DefaultCountsAndInheritance) {
+  EXPECT_EQ(World().collective_timeout_seconds(),
+            MpiCommunicator::kDefaultCollectiveTimeoutSeconds);
+  EXPECT_THROW(World().set_collective_timeout_seconds(-1), c10::Error);
+  EXPECT_THROW(World().set_collective_timeout_seconds(std::nan("")), c10::Error);
+  const int64_t before = World().collectives_started();
+  World().Barrier();
+  torch::Tensor t = torch::ones({3});
+  World().AllReduce(t, ReduceOp::kSum);
+  EXPECT_EQ(World().collectives_started(), before + 2);
+
+  World().set_collective_timeout_seconds(12.5);
+  std::unique_ptr<Communicator> group = World().Split(0, World().rank());
+  World().set_collective_timeout_seconds(MpiCommunicator::kDefaultCollectiveTimeoutSeconds);
+  auto* mpi_group = dynamic_cast<MpiCommunicator*>(group.get());
+  ASSERT_NE(mpi_group, nullptr);
+  EXPECT_EQ(mpi_group->collective_timeout_seconds(), 12.5);
+  EXPECT_EQ(mpi_group->collectives_started(), 0);
+  mpi_group->Barrier();
+}
+
+// The report, from made-up answers (no MPI involved).
+StalledCollective AllReduce57() {
+  StalledCollective stalled;
+  stalled.rank = 0;
+  stalled.world_rank = 0;
+  stalled.operation = "AllReduce";
+  stalled.sequence = 57;
+  stalled.mpi_call = "MPI_Iallreduce";
+  stalled.timeout_seconds = 3;
+  return stalled;
+}
+
+PeerAnswer Silent(int rank, int world_rank) {
+  PeerAnswer peer;
+  peer.rank = rank;
+  peer.world_rank = world_rank;
+  return peer;
+}
+
+PeerAnswer Waiting(int rank, const std::string& operation, int64_t sequence,
+                   bool same_communicator = true) {
+  PeerAnswer peer;
+  peer.rank = rank;
+  peer.world_rank = rank;
+  peer.answered = true;
+  peer.same_communicator = same_communicator;
+  peer.operation = operation;
+  peer.sequence = sequence;
+  return peer;
+}
+
+TEST(StallReportTest, NamesSilentRanksAndThoseWaitingAlongside) {
+  EXPECT_EQ(DescribeStalledCollective(
+                AllReduce57(), {Waiting(3, "AllReduce", 57), Silent(1, 1), Waiting(2, "AllReduce", 57)}),
+            "rmoe: rank 0: collective AllReduce #57 (MPI_Iallreduce) did not complete within 3 s: "
+            "rank 1 (world rank 1) did not answer (stopped, hung, or computing outside any "
+            "collective); ranks 2, 3 are waiting in the same collective. Aborting the job "
+            "(runtime.collective_timeout_seconds sets this deadline).");
+}
+
+TEST(StallReportTest, NamesOtherCollectivesWithTheirNumbers) {
+  StalledCollective stalled = AllReduce57();
+  stalled.rank = 1;
+  stalled.world_rank = 5;
+  stalled.timeout_seconds = 2.5;
+  const std::string report = DescribeStalledCollective(
+      stalled, {Silent(0, 4), Silent(3, 7), Waiting(2, "Barrier", 56), Waiting(4, "AllReduce", 58),
+                Waiting(5, "AllToAll", 12, /*same_communicator=*/false),
+                Waiting(6, "AllReduce", 57)});
+  EXPECT_EQ(report,
+            "rmoe: rank 1 (world rank 5): collective AllReduce #57 (MPI_Iallreduce) did not "
+            "complete within 2.5 s: ranks 0, 3 (world ranks 4, 7) did not answer (stopped, hung, "
+            "or computing outside any collective); rank 5 is waiting in AllToAll #12 of another "
+            "communicator; rank 4 is waiting in AllReduce #58; rank 2 is waiting in Barrier #56; "
+            "rank 6 is waiting in the same collective. Aborting the job "
+            "(runtime.collective_timeout_seconds sets this deadline).");
+}
+
+TEST(StallReportTest, EveryoneWaitingMeansMpiItselfIsStuck) {
+  const std::string report = DescribeStalledCollective(AllReduce57(), {Waiting(1, "AllReduce", 57)});
+  EXPECT_NE(report.find("rank 1 is waiting in the same collective; every rank is in it, yet MPI "
+                        "did not complete it. Aborting"),
+            std::string::npos)
+      << report;
 }
 
 // For the harness, not the communicator: rank 0 skips a barrier the other ranks wait in.
