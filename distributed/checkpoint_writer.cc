@@ -320,11 +320,7 @@ absl::StatusOr<std::string> PrepareStepDir(const std::string& root, const std::s
       // A committed checkpoint that `latest` does not name: left by a run that resumed from
       // an earlier checkpoint (or crashed between COMMITTED and `latest`). Replace it.
     }
-    // An empty directory is what a crash between creating a step directory and marking it
-    // leaves; removing it cannot lose anything.
-    if (S_ISDIR(st.st_mode) && ::rmdir(dir.c_str()) == 0) {
-      // removed
-    } else if (auto s = RemoveStepDir(dir, *run_id); !s.ok()) {
+    if (auto s = RemoveStepDir(dir, *run_id); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("cannot save step ", step, ": ", s.message()));
     }
   }
@@ -603,8 +599,9 @@ absl::Status RemovePreviousCheckpoints(const std::string& root) {
   const std::vector<StepDir> dirs = ListStepDirs(root);
   for (const auto& d : dirs) {
     const std::string dir = JoinPath(root, d.name);
-    if (!IsOwned(dir, kCheckpointKind)) {
-      const absl::Status refused = RemoveStepDir(dir, "");  // only says why
+    if (IsOwned(dir, kCheckpointKind)) continue;
+    // Refused (and why), unless it is what an interrupted creation left, which goes.
+    if (const absl::Status refused = RemoveStepDir(dir, ""); !refused.ok()) {
       return absl::Status(refused.code(),
                           absl::StrCat("cannot replace the earlier run's checkpoints in ", root,
                                        ": ", refused.message(), "; nothing was deleted"));
@@ -616,7 +613,9 @@ absl::Status RemovePreviousCheckpoints(const std::string& root) {
   }
   if (auto s = FsyncDir(root); !s.ok()) return s;
   for (const auto& d : dirs) {
-    if (auto s = RemoveStepDir(JoinPath(root, d.name), ""); !s.ok()) return s;
+    const std::string dir = JoinPath(root, d.name);
+    if (!IsDirectory(dir)) continue;  // an interrupted creation, removed above
+    if (auto s = RemoveStepDir(dir, ""); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

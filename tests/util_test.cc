@@ -224,6 +224,29 @@ TEST(OwnershipTest, NeverFollowsSymbolicLinks) {
   EXPECT_EQ(Read(dir / "victim/precious"), "keep");
 }
 
+// A crash inside CreateOwnedDirectory leaves a directory holding only the mark's temporary
+// file (or nothing): such remains are removed; one more file makes the directory foreign.
+TEST(OwnershipTest, TheRemainsOfAnInterruptedCreationAreRemoved) {
+  TempDir dir;
+  const std::string remains = dir / "step";
+  fs::create_directories(remains);
+  Write(remains + "/" + kOwnerMarkName + ".tmp", "rmoe chec");
+  EXPECT_TRUE(RemoveOwnedDirectory(remains, kCheckpointKind, "run").ok());
+  EXPECT_FALSE(fs::exists(remains));
+  fs::create_directories(remains);
+  EXPECT_TRUE(RemoveOwnedDirectory(remains, kCheckpointKind, "run").ok()) << "empty";
+  fs::create_directories(remains);
+  Write(remains + "/" + kOwnerMarkName + ".tmp", "x");
+  Write(remains + "/data", "mine");
+  EXPECT_FALSE(RemoveOwnedDirectory(remains, kCheckpointKind, "run").ok());
+  EXPECT_EQ(Read(remains + "/data"), "mine");
+  // Replacing over such remains works.
+  ASSERT_TRUE(CreateOwnedDirectory(dir / "staged", {kModelKind, "r"}).ok());
+  fs::create_directories(dir / "model");
+  ASSERT_TRUE(ReplaceOwnedDirectory(dir / "staged", dir / "model", kModelKind).ok());
+  EXPECT_TRUE(IsOwned(dir / "model", kModelKind, "r"));
+}
+
 TEST(OwnershipTest, MarksReadBack) {
   TempDir dir;
   EXPECT_FALSE(ReadOwnerMark(dir.path()).value().has_value());

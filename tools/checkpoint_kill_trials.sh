@@ -33,6 +33,7 @@ train() {
   local cmd=("$train" --job "$job" --set data.dataset_dir="$dataset" --set output_dir="$out"
              --set checkpoint.interval=1 --set checkpoint.keep_last=2
              --set checkpoint.async_save="$async" --set schedule.eval_interval=0
+             --set schedule.warmup_steps=1
              --set runtime.num_threads=1 --quiet "$@")
   if [ "$ranks" -gt 1 ]; then
     mpirun -np "$ranks" --oversubscribe "${cmd[@]}" > "$log" 2>&1 &

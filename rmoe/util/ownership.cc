@@ -35,6 +35,27 @@ std::string Describe(const struct stat& st) {
   return "a special file";
 }
 
+// What a crash inside CreateOwnedDirectory leaves: an empty directory, or one holding only
+// the mark's temporary file (the mark itself appears complete, by rename, or not at all).
+// Deleting it loses nothing.
+bool IsInterruptedCreation(const std::string& dir) {
+  std::error_code error;
+  for (const auto& entry : fs::directory_iterator(dir, error)) {
+    if (entry.path().filename() != std::string(kOwnerMarkName) + ".tmp") return false;
+    if (!entry.is_regular_file(error) || entry.is_symlink(error)) return false;
+  }
+  return !error;
+}
+
+absl::Status RemoveInterruptedCreation(const std::string& dir) {
+  const std::string temporary = MarkPath(dir) + ".tmp";
+  if (::unlink(temporary.c_str()) != 0 && errno != ENOENT) {
+    return ErrnoStatus(errno, "cannot delete", temporary);
+  }
+  if (::rmdir(dir.c_str()) != 0) return ErrnoStatus(errno, "cannot delete directory", dir);
+  return FsyncDirectory(ParentOf(dir));
+}
+
 }  // namespace
 
 std::string NewRunId() {
@@ -102,6 +123,7 @@ absl::Status RemoveOwnedDirectory(const std::string& dir, absl::string_view kind
         owner, "); move it away yourself"));
   }
   if (!IsOwned(dir, kind, run_id)) {
+    if (IsInterruptedCreation(dir)) return RemoveInterruptedCreation(dir);
     auto mark = ReadOwnerMark(dir);
     const std::string found =
         !mark.ok() ? std::string(mark.status().message())
@@ -131,11 +153,12 @@ absl::Status RemoveOwnedDirectory(const std::string& dir, absl::string_view kind
 absl::Status ReplaceOwnedDirectory(const std::string& staged, const std::string& target,
                                    absl::string_view kind) {
   const std::string old = target + ".old";
-  // Check both before touching either, so a refusal leaves everything as it was.
+  // Check both before replacing either: something foreign there is refused (with its
+  // reason) and left as it was; the remains of an interrupted creation go.
   for (const std::string& path : {target, old}) {
     struct stat st;
     if (::lstat(path.c_str(), &st) == 0 && !IsOwned(path, kind)) {
-      return RemoveOwnedDirectory(path, kind);  // the refusal, with its reason
+      if (auto status = RemoveOwnedDirectory(path, kind); !status.ok()) return status;
     }
   }
   if (auto status = RemoveOwnedDirectory(old, kind); !status.ok()) return status;

@@ -50,8 +50,10 @@ bool IsOwned(const std::string& dir, absl::string_view kind, absl::string_view r
 
 // Removes `dir` with everything in it if IsOwned(dir, kind, run_id); nothing there is fine.
 // Anything else at `dir` (unmarked, marked by another kind or run, a symbolic link) is
-// refused with FailedPrecondition naming it, and left as it was. The mark goes last, so an
-// interrupted removal leaves a directory that is still recognisably ours.
+// refused with FailedPrecondition naming it, and left as it was, except the remains of an
+// interrupted CreateOwnedDirectory (nothing in it but the mark or its temporary file),
+// whose removal loses nothing. The mark goes last, so an interrupted removal leaves a
+// directory that is still recognisably ours.
 absl::Status RemoveOwnedDirectory(const std::string& dir, absl::string_view kind,
                                   absl::string_view run_id = "");
 
