@@ -246,6 +246,12 @@ TEST(ModelIo, AForeignModelDirectoryIsNeverReplaced) {
   std::ofstream(dir / "model.tmp" / "notes") << "mine";
   EXPECT_FALSE(SaveModel((dir / "model").string(), spec, model).ok());
   EXPECT_TRUE(fs::exists(dir / "model.tmp" / "notes"));
+  // Nor anything behind a symbolic link planted at the temporary name.
+  fs::rename(dir / "model.tmp", dir / "victim");
+  fs::create_directory_symlink(dir / "victim", dir / "model.tmp");
+  const absl::Status linked = SaveModel((dir / "model").string(), spec, model);
+  EXPECT_NE(linked.message().find("symbolic link"), std::string::npos) << linked;
+  EXPECT_TRUE(fs::exists(dir / "victim" / "notes"));
   fs::remove_all(dir);
 }
 

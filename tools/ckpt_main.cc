@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <string>
@@ -297,6 +298,13 @@ int WriteJobSpecJson(const CheckpointManifest& m, const std::string& config) {
 }
 
 int Export(const std::string& path, const std::string& out, const std::string& config) {
+  for (const std::string& file : {out, config}) {
+    std::error_code ec;
+    if (!file.empty() && std::filesystem::is_directory(file, ec)) {
+      return Fail(file + " is a directory: give the name of the file to write, e.g. " + file +
+                  "/model.safetensors");
+    }
+  }
   Loaded c;
   if (!Load(path, &c)) return 1;
   const CheckpointManifest& m = c.manifest;
