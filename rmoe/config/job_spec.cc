@@ -647,4 +647,17 @@ std::string JobSpecToText(const JobSpec& spec) {
   return text;
 }
 
+bool IsMoELayer(const ModelSpec& model, int layer) {
+  const auto& layers = model.moe().moe_layers();
+  return layers.empty() || std::find(layers.begin(), layers.end(), layer) != layers.end();
+}
+
+std::vector<int> MoELayerIndices(const ModelSpec& model) {
+  std::vector<int> layers;
+  for (int layer = 0; layer < model.num_layers(); ++layer) {
+    if (IsMoELayer(model, layer)) layers.push_back(layer);
+  }
+  return layers;
+}
+
 }  // namespace rmoe

@@ -65,4 +65,9 @@ absl::Status CheckResumable(const JobSpec& saved, const JobSpec& current);
 // stay unset. ParseJobSpec reads the result back.
 std::string JobSpecToText(const JobSpec& spec);
 
+// True if layer `layer` is an MoE layer under this spec (empty moe_layers = all).
+bool IsMoELayer(const ModelSpec& model, int layer);
+// The indices of the MoE layers, in order.
+std::vector<int> MoELayerIndices(const ModelSpec& model);
+
 }  // namespace rmoe

@@ -13,20 +13,15 @@
 #include <absl/strings/str_join.h>
 #include <absl/strings/strip.h>
 
+#include "rmoe/config/job_spec.h"
+
 namespace rmoe {
 namespace {
 
 constexpr double kFloatBytes = 4;
 
-bool IsMoELayerOf(const ModelSpec& model, int layer) {
-  const auto& layers = model.moe().moe_layers();
-  return layers.empty() || std::find(layers.begin(), layers.end(), layer) != layers.end();
-}
-
 int CountMoELayers(const ModelSpec& model) {
-  int count = 0;
-  for (int layer = 0; layer < model.num_layers(); ++layer) count += IsMoELayerOf(model, layer);
-  return count;
+  return static_cast<int>(MoELayerIndices(model).size());
 }
 
 double DenseHiddenDim(const ModelSpec& model) {

@@ -5,19 +5,6 @@
 
 namespace rmoe {
 
-bool IsMoELayer(const ModelSpec& model, int layer) {
-  const auto& layers = model.moe().moe_layers();
-  return layers.empty() || std::find(layers.begin(), layers.end(), layer) != layers.end();
-}
-
-std::vector<int> MoELayerIndices(const ModelSpec& model) {
-  std::vector<int> layers;
-  for (int layer = 0; layer < model.num_layers(); ++layer) {
-    if (IsMoELayer(model, layer)) layers.push_back(layer);
-  }
-  return layers;
-}
-
 BlockImpl::BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe,
                      RecurrentCell shared_router_cell) {
   attn_norm_ = register_module("attn_norm", RMSNorm(model.d_model(), model.norm_eps()));

@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "proto/job.pb.h"
+#include "rmoe/config/job_spec.h"  // IsMoELayer, MoELayerIndices
 #include "rmoe/model/layers.h"
 #include "rmoe/model/moe_layer.h"
 
@@ -84,10 +85,5 @@ class TransformerImpl : public torch::nn::Module {
   torch::nn::Linear lm_head_{nullptr};  // absent when tied to the embedding
 };
 TORCH_MODULE(Transformer);
-
-// True if layer `layer` is an MoE layer under this spec (empty moe_layers = all).
-bool IsMoELayer(const ModelSpec& model, int layer);
-// The indices of the MoE layers, in order.
-std::vector<int> MoELayerIndices(const ModelSpec& model);
 
 }  // namespace rmoe
