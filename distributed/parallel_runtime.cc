@@ -56,10 +56,11 @@ void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& ten
   }
 }
 
-DistributedRuntime::DistributedRuntime(ProcessGroups groups, int local_size,
+DistributedRuntime::DistributedRuntime(ProcessGroups groups, int local_rank, int local_size,
                                        std::shared_ptr<TimedCommunicator> timer,
                                        size_t bucket_bytes)
     : groups_(std::move(groups)),
+      local_rank_(local_rank),
       local_size_(local_size),
       timer_(std::move(timer)),
       bucket_bytes_(bucket_bytes) {}
@@ -89,13 +90,12 @@ void DistributedRuntime::SynchronizeGradients(Transformer& model) {
   for (auto& g : expert_grads) g.div_(static_cast<double>(world_size()));
 }
 
-double DistributedRuntime::ClipGradients(Transformer& model, double max_norm) {
-  const auto squares = SquaredGradientNorm;
+torch::Tensor DistributedRuntime::ClipGradients(Transformer& model, double max_norm) {
   // Replicated gradients are equal everywhere after synchronisation; each expert lives on
   // exactly one rank of an EP group, so the group's sum counts every expert once.
-  auto expert_squares = torch::tensor({squares(parameters_.experts)}, torch::kDouble);
+  auto expert_squares = SquaredGradientNorm(parameters_.experts);
   groups_.expert_parallel->AllReduce(expert_squares, ReduceOp::kSum);
-  const double norm = std::sqrt(squares(parameters_.replicated) + expert_squares.item<double>());
+  const auto norm = (SquaredGradientNorm(parameters_.replicated) + expert_squares).sqrt();
   ScaleGradientsToNorm(model->parameters(), norm, max_norm);
   return norm;
 }

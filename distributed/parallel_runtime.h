@@ -42,18 +42,20 @@ class DistributedRuntime : public ParallelRuntime {
  public:
   // `timer`, when given, is the communicator the groups were created from: its clock gives
   // the time spent communicating.
-  DistributedRuntime(ProcessGroups groups, int local_size,
+  // local_rank and local_size: this rank's place among the ranks on its machine.
+  DistributedRuntime(ProcessGroups groups, int local_rank, int local_size,
                      std::shared_ptr<TimedCommunicator> timer = nullptr,
                      size_t bucket_bytes = 16 << 20);
 
   int rank() const override { return groups_.world->rank(); }
   int world_size() const override { return groups_.world->size(); }
   int local_size() const override { return local_size_; }
+  int local_rank() const override { return local_rank_; }
 
   void ShardExperts(Transformer& model) override;
   void GatherExperts(Transformer& model) override;
   void SynchronizeGradients(Transformer& model) override;
-  double ClipGradients(Transformer& model, double max_norm) override;
+  torch::Tensor ClipGradients(Transformer& model, double max_norm) override;
   double Average(double value) override;
   void SumOverRanks(torch::Tensor& tensor) override;
   double TakeCommunicationSeconds() override { return timer_ ? timer_->TakeSeconds() : 0; }
@@ -62,7 +64,7 @@ class DistributedRuntime : public ParallelRuntime {
 
  private:
   ProcessGroups groups_;
-  int local_size_;
+  int local_rank_, local_size_;
   std::shared_ptr<TimedCommunicator> timer_;
   size_t bucket_bytes_;
   ParameterPartition parameters_;

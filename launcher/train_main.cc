@@ -18,9 +18,11 @@
 #include "distributed/nccl_communicator.h"
 #endif
 #include "distributed/parallel_runtime.h"
+#include "distributed/routing_communicator.h"
 #include "rmoe/config/job_spec.h"
 #include "rmoe/config/resources.h"
 #include "rmoe/platform/host_report.h"
+#include "rmoe/train/device.h"
 #include "rmoe/train/progress.h"
 #include "rmoe/train/trainer.h"
 #include "rmoe/util/cli.h"
@@ -73,10 +75,16 @@ BLAS kernels: with an OpenBLAS-based LibTorch and OPENBLAS_CORETYPE unset, rmoe_
 picks OpenBLAS's core from the CPU's features and restarts itself with it; every start
 checks fp32 products numerically and stops if they are wrong. OPENBLAS_CORETYPE set by
 you is always used. MKL (PyTorch's wheels) chooses its own kernels.
+GPUs: --set runtime.device=cuda trains each rank on its own GPU (its local rank modulo the
+GPUs it sees; start one rank per GPU: mpirun -np 8 rmoe_train ... on an 8-GPU node), with
+tensors moved over NCCL and host numbers over MPI; cuda:N picks GPU N. Where no GPU is
+usable (no device or driver, CUDA_VISIBLE_DEVICES empty, a build without CUDA or NCCL) the
+run stops at once and says which. The losses are read from the GPU once per logging step:
+a divergence is reported at the next logging step or checkpoint, before anything is saved.
 A rank that stops or hangs no longer leaves the others waiting forever: a rank still in an
 MPI collective after runtime.collective_timeout_seconds (default 300, 0 = no deadline)
 prints which ranks are missing and in which collective the others wait, then aborts the
-job (exit status non-zero).
+job (exit status non-zero); on GPUs, NCCL collectives get the same deadline.
 Checkpoints: every checkpoint.interval steps, and on SIGTERM or SIGINT, which finish the
 step in hand, save a checkpoint and exit 0 (a second signal ends the process at once).
 Exit status: 0 done (or stopped by a signal after saving), 2 bad arguments or job spec,
@@ -120,74 +128,100 @@ struct Arguments {
   rmoe::distributed::CheckpointTestHooks checkpoint_hooks;
 };
 
+// --dry-run: the resolved spec, parameter counts and memory estimate, from the spec alone.
+int DryRun(rmoe::distributed::MpiRuntime& mpi, rmoe::JobSpec spec) {
+  std::shared_ptr<rmoe::distributed::Communicator> world(
+      &mpi.World(), [](rmoe::distributed::Communicator*) {});
+  // The layout is checked as a real run would check it.
+  auto groups = rmoe::distributed::ProcessGroups::Create(
+      world, spec.parallel().expert_parallel_size(), spec.model().moe().num_experts());
+  if (!groups.ok()) return Fail(2, std::string(groups.status().message()));
+  if (world->rank() != 0) return 0;
+  auto vocab = rmoe::ResolveVocabSize(spec);
+  if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
+  spec.mutable_model()->set_vocab_size(*vocab);
+  // From the spec alone: a dry run allocates nothing, whatever the model's size.
+  const rmoe::SpecParameterCounts counts = rmoe::CountSpecParameters(spec.model());
+  std::printf("%s", rmoe::JobSpecToText(spec).c_str());
+  std::printf("# parameters: %.0f total, %.0f active per token, %.0f in experts\n",
+              counts.total, counts.active, counts.expert);
+  const auto available = rmoe::AvailableMemoryBytes();
+  std::printf("# memory per rank: about %s; available here: %s\n",
+              rmoe::EstimateTrainingMemory(spec).Describe().c_str(),
+              available ? rmoe::FormatBytes(*available).c_str() : "unknown");
+  return 0;
+}
+
+void PrintSummary(const rmoe::TrainSummary& summary, int ranks) {
+  if (summary.stopped_early) {
+    std::printf("stopped by a signal after step %d; checkpoint %s\nresume with --resume\n",
+                summary.steps, summary.last_checkpoint.c_str());
+    return;
+  }
+  const double gflops_per_rank = summary.gflops_per_second / ranks;
+  std::printf(
+      "done: %d steps in %s, %.0f tokens/s on %d ranks x %d threads (%.1f model GFLOP/s per "
+      "rank%s); final val loss %.4f nats/token (ppl %.2f), best %.4f\nmodel saved to %s\n",
+      summary.steps, rmoe::FormatDuration(summary.wall_seconds).c_str(),
+      summary.tokens_per_second, ranks, summary.threads, gflops_per_rank,
+      summary.fp32_probe_gflops > 0
+          ? absl::StrFormat(", %.0f%% of the fp32 probe", 100 * gflops_per_rank / summary.fp32_probe_gflops).c_str()
+          : "",
+      summary.final_val_loss,
+      std::exp(summary.final_val_loss), summary.best_val_loss, summary.model_dir.c_str());
+}
+
 // Everything after argument parsing, on every rank.
 int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
-  const std::string& job_path = args.job_path;
-  const std::string& resume = args.resume;
-  // Every collective goes through the timer, which splits step time into compute and
-  // communication in the metrics.
-  auto timer = std::make_shared<rmoe::distributed::TimedCommunicator>(
-      std::shared_ptr<rmoe::distributed::Communicator>(&mpi.World(),
-                                                       [](rmoe::distributed::Communicator*) {}));
-  std::shared_ptr<rmoe::distributed::Communicator> world = timer;
   // Every rank reads the same spec, so every rank reaches the same verdict on it.
-  auto spec = rmoe::LoadJobSpecWithOverrides(job_path, args.overrides);
+  auto spec = rmoe::LoadJobSpecWithOverrides(args.job_path, args.overrides);
   if (!spec.ok()) return Fail(2, std::string(spec.status().message()));
   // Before the groups are split off, so that their communicators inherit the deadline.
-  mpi.World().set_collective_timeout_seconds(spec->runtime().collective_timeout_seconds());
+  const double timeout = spec->runtime().collective_timeout_seconds();
+  mpi.World().set_collective_timeout_seconds(timeout);
+  if (args.dry_run) return DryRun(mpi, *std::move(spec));
+
+  // A GPU that is not there is reported now, before NCCL or the data are touched.
+  auto device = rmoe::ResolveDevice(spec->runtime().device(), mpi.LocalRank());
+  if (!device.ok()) return Fail(1, std::string(device.status().message()));
+  auto communicator = rmoe::distributed::MakeTrainingCommunicator(mpi, *device, timeout);
+  if (!communicator.ok()) {
+    Fail(1, std::string(communicator.status().message()));
+    if (mpi.World().size() > 1) mpi.Abort(1);  // the others may wait in NCCL's start-up
+    return 1;
+  }
+  // Every collective goes through the timer, which splits step time into compute and
+  // communication in the metrics.
+  auto timer = std::make_shared<rmoe::distributed::TimedCommunicator>(*std::move(communicator));
+  std::shared_ptr<rmoe::distributed::Communicator> world = timer;
   auto groups = rmoe::distributed::ProcessGroups::Create(
       world, spec->parallel().expert_parallel_size(), spec->model().moe().num_experts());
   if (!groups.ok()) return Fail(2, std::string(groups.status().message()));
 
-  if (args.dry_run) {
-    if (world->rank() != 0) return 0;
-    auto vocab = rmoe::ResolveVocabSize(*spec);
-    if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
-    spec->mutable_model()->set_vocab_size(*vocab);
-    // From the spec alone: a dry run allocates nothing, whatever the model's size.
-    const rmoe::SpecParameterCounts counts = rmoe::CountSpecParameters(spec->model());
-    std::printf("%s", rmoe::JobSpecToText(*spec).c_str());
-    std::printf("# parameters: %.0f total, %.0f active per token, %.0f in experts\n",
-                counts.total, counts.active, counts.expert);
-    const auto available = rmoe::AvailableMemoryBytes();
-    std::printf("# memory per rank: about %s; available here: %s\n",
-                rmoe::EstimateTrainingMemory(*spec).Describe().c_str(),
-                available ? rmoe::FormatBytes(*available).c_str() : "unknown");
-    return 0;
-  }
-
   rmoe::distributed::ShardedCheckpointer checkpointer(*groups, args.checkpoint_hooks);
-  rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
+  rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalRank(), mpi.LocalSize(), timer);
   rmoe::TrainOptions options;
   options.quiet = args.quiet;
-  options.resume = resume == kResumeLatest ? rmoe::CheckpointRoot(*spec) : resume;
+  options.resume = args.resume == kResumeLatest ? rmoe::CheckpointRoot(*spec) : args.resume;
   options.overwrite = args.overwrite;
   options.stop_requested = &g_stop_requested;
   InstallStopHandlers();
-  auto summary = rmoe::Train(*spec, options, &runtime, &checkpointer);
+  absl::StatusOr<rmoe::TrainSummary> summary;
+  try {
+    summary = rmoe::Train(*spec, options, &runtime, &checkpointer);
+  } catch (const c10::Error& e) {
+    summary = absl::InternalError(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    summary = absl::InternalError(e.what());
+  }
   if (!summary.ok()) {
     Fail(1, std::string(summary.status().message()));
-    // Other ranks may be waiting in a collective for this one: end the whole job.
+    // Other ranks may be waiting in a collective for this one: end the whole job now, while
+    // the communicators still exist (unwinding an NCCL communicator would wait for them).
     if (world->size() > 1) mpi.Abort(1);
     return 1;
   }
-  if (world->rank() != 0) return 0;
-  if (summary->stopped_early) {
-    std::printf("stopped by a signal after step %d; checkpoint %s\nresume with --resume\n",
-                summary->steps, summary->last_checkpoint.c_str());
-    return 0;
-  }
-  const double gflops_per_rank = summary->gflops_per_second / world->size();
-  std::printf(
-      "done: %d steps in %s, %.0f tokens/s on %d ranks x %d threads (%.1f model GFLOP/s per "
-      "rank%s); final val loss %.4f nats/token (ppl %.2f), best %.4f\nmodel saved to %s\n",
-      summary->steps, rmoe::FormatDuration(summary->wall_seconds).c_str(),
-      summary->tokens_per_second, world->size(), summary->threads, gflops_per_rank,
-      summary->fp32_probe_gflops > 0
-          ? absl::StrFormat(", %.0f%% of the fp32 probe", 100 * gflops_per_rank / summary->fp32_probe_gflops).c_str()
-          : "",
-      summary->final_val_loss,
-      std::exp(summary->final_val_loss), summary->best_val_loss, summary->model_dir.c_str());
+  if (world->rank() == 0) PrintSummary(*summary, world->size());
   return 0;
 }
 

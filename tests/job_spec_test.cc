@@ -476,6 +476,8 @@ TEST(ValidateJobSpecTest, AcceptsBoundaryAndConditionalValues) {
            {"data.tokenizer.kind=BYTE", "data.tokenizer.vocab_size=10"},
            {"runtime.device=cuda"},
            {"runtime.device=cuda:1"},
+           {"runtime.device=CUDA"},
+           {"runtime.device=CPU"},
            {"runtime.collective_timeout_seconds=0"},
            {"runtime.collective_timeout_seconds=86400"},
            {"model.moe.top_k=8", "model.moe.capacity_factor=0", "schedule.seq_len=256"},

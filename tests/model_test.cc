@@ -100,10 +100,6 @@ TEST(FusedAttention, ACachedChunkUsesTheBottomRightMask) {
 
 // The fused element-wise nodes against their plain-operator forms: values and the
 // gradients of a random projection of the outputs, for every input.
-torch::Tensor ReferenceRmsNorm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * w;
-}
-
 // The rotary embedding as it was written with plain operators: select the even and odd
 // channels, rotate, stack them back.
 torch::Tensor ReferenceRotary(const torch::Tensor& x, const torch::Tensor& cos,
@@ -133,7 +129,7 @@ TEST(FusedOps, RmsNormMatchesPlainOperatorsWithGradients) {
     auto w = (torch::rand({24}, dtype) + 0.5).requires_grad_();
     auto probe = torch::randn({5, 7, 24}, torch::kDouble);
     auto fused = FusedRmsNorm(x, w, 1e-5);
-    auto reference = ReferenceRmsNorm(x, w, 1e-5);
+    auto reference = RmsNormOps(x, w, 1e-5);
     EXPECT_TRUE(torch::allclose(fused, reference, tol, tol)) << dtype;
     auto g_fused = ProbeGradients({fused}, {probe}, {x, w});
     auto g_reference = ProbeGradients({reference}, {probe}, {x, w});
@@ -175,6 +171,16 @@ TEST(FusedOps, SplitHeadsWithRotaryMatchesSelectRotateStack) {
     auto only_q_ref =
         torch::autograd::grad({(q_ref_again.to(torch::kDouble) * probes[0]).sum()}, {qkv})[0];
     EXPECT_TRUE(torch::allclose(only_q.to(torch::kDouble), only_q_ref.to(torch::kDouble), tol, tol));
+    // The plain-operator form other devices run gives the same heads and gradients.
+    auto ops = SplitHeadsWithRotaryOps(qkv, cos, sin);
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_TRUE(ops[i].is_contiguous());
+      EXPECT_TRUE(torch::allclose(ops[i].to(torch::kDouble), std::array{q, k, v}[i].to(torch::kDouble),
+                                  tol, tol)) << dtype << " part " << i;
+    }
+    auto g_ops = ProbeGradients({ops[0], ops[1], ops[2]}, probes, {qkv})[0];
+    EXPECT_TRUE(torch::allclose(g_ops.to(torch::kDouble), g_fused.to(torch::kDouble), tol, tol))
+        << dtype;
   }
 }
 

@@ -150,8 +150,8 @@ TEST(FusedAdamW, SquaredGradientNormSumsEveryDefinedGradient) {
   auto c = torch::zeros({4}).requires_grad_();  // no gradient
   a.mutable_grad() = torch::tensor({1.0f, 2.0f, 2.0f});
   b.mutable_grad() = torch::full({2, 2}, 0.5f);
-  EXPECT_NEAR(SquaredGradientNorm({a, b, c}), 9.0 + 1.0, 1e-6);
-  EXPECT_EQ(SquaredGradientNorm({c}), 0.0);
+  EXPECT_NEAR(SquaredGradientNorm({a, b, c}).item<double>(), 9.0 + 1.0, 1e-6);
+  EXPECT_EQ(SquaredGradientNorm({c}).item<double>(), 0.0);
 }
 
 TEST(ModelIo, SavedModelReloadsToIdenticalLogits) {

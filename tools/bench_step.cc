@@ -80,7 +80,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   auto groups = distributed::ProcessGroups::Create(timer, spec.parallel().expert_parallel_size(),
                                                    spec.model().moe().num_experts());
   if (!groups.ok()) throw UsageError(std::string(groups.status().message()));
-  distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalSize(), timer);
+  distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalRank(), mpi.LocalSize(), timer);
   const int threads = static_cast<int>(o.Int("--threads", spec.runtime().num_threads() > 0
                                                               ? spec.runtime().num_threads()
                                                               : 0));
@@ -140,7 +140,6 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
       auto inputs = window.narrow(1, 0, seq_len), targets = window.narrow(1, 1, seq_len);
       auto output = model->forward(inputs);
       auto lm_loss = LanguageModelLoss(output.logits, targets);
-      runtime.Average(lm_loss.item<double>());  // the trainer's divergence check
       ((lm_loss + output.router_loss) / accum).backward();
     }
     runtime.SynchronizeGradients(model);

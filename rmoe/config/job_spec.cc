@@ -435,11 +435,12 @@ void ValidateOutputs(const JobSpec& spec, Problems& p) {
   p.Require(spec.runtime().num_threads() >= 0 && spec.runtime().num_threads() <= kMaxThreads,
             "runtime.num_threads", spec.runtime().num_threads(),
             absl::StrCat("in [0, ", kMaxThreads, "] (0 = every core)"));
-  absl::string_view device = spec.runtime().device();
+  const std::string device_name = absl::AsciiStrToLower(spec.runtime().device());
+  absl::string_view device = device_name;
   const bool cuda_index = absl::ConsumePrefix(&device, "cuda:") && !device.empty() &&
                           std::all_of(device.begin(), device.end(), absl::ascii_isdigit);
-  p.Require(spec.runtime().device() == "cpu" || spec.runtime().device() == "cuda" || cuda_index,
-            "runtime.device", spec.runtime().device(), "\"cpu\", \"cuda\" or \"cuda:N\"");
+  p.Require(device_name == "cpu" || device_name == "cuda" || cuda_index, "runtime.device",
+            spec.runtime().device(), "\"cpu\", \"cuda\" or \"cuda:N\" (either case)");
   const double collective_timeout = spec.runtime().collective_timeout_seconds();
   p.Require(collective_timeout >= 0 && collective_timeout <= 86400,
             "runtime.collective_timeout_seconds", collective_timeout,

@@ -203,7 +203,15 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "RMSNorm weight of shape ",
               weight.sizes(), " for inputs of shape ", x.sizes());
+  if (!x.device().is_cpu()) return RmsNormOps(x, weight, eps);
   return RmsNormFunction::apply(x, weight, eps);
+}
+
+torch::Tensor RmsNormOps(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  const auto accumulate = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const auto wide = x.to(accumulate);
+  return (wide * torch::rsqrt(wide.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight.to(accumulate))
+      .to(x.scalar_type());
 }
 
 std::array<torch::Tensor, 3> SplitHeadsWithRotary(const torch::Tensor& qkv,
@@ -215,10 +223,28 @@ std::array<torch::Tensor, 3> SplitHeadsWithRotary(const torch::Tensor& qkv,
                   sin.sizes() == cos.sizes(),
               "rotary tables must be [T, head_dim / 2] = [", qkv.size(1), ", ", qkv.size(4) / 2,
               "], got ", cos.sizes(), " and ", sin.sizes());
+  if (!qkv.device().is_cpu()) return SplitHeadsWithRotaryOps(qkv, cos, sin);
   // The tables are fp32 values (a model moved to fp64 holds them widened, exactly).
   auto out = RotaryHeadsFunction::apply(qkv, cos.to(torch::kFloat).contiguous(),
                                         sin.to(torch::kFloat).contiguous());
   return {out[0], out[1], out[2]};
+}
+
+std::array<torch::Tensor, 3> SplitHeadsWithRotaryOps(const torch::Tensor& qkv,
+                                                     const torch::Tensor& cos,
+                                                     const torch::Tensor& sin) {
+  const auto accumulate = qkv.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const auto c = cos.to(accumulate), s = sin.to(accumulate);
+  const auto parts = qkv.permute({2, 0, 3, 1, 4});  // [3, B, H, T, hd]
+  auto rotate = [&](const torch::Tensor& x) {
+    auto pairs = x.to(accumulate).unflatten(-1, {x.size(-1) / 2, 2});
+    auto even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
+    return torch::stack({even * c - odd * s, even * s + odd * c}, -1)
+        .flatten(-2)
+        .to(x.scalar_type())
+        .contiguous();
+  };
+  return {rotate(parts[0]), rotate(parts[1]), parts[2].contiguous()};
 }
 
 torch::Tensor FusedCrossEntropy(const torch::Tensor& logits, const torch::Tensor& targets) {

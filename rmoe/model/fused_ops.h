@@ -12,15 +12,24 @@
 
 namespace rmoe {
 
-// x * rsqrt(mean(x^2, -1) + eps) * weight, over the last dimension.
+// x * rsqrt(mean(x^2, -1) + eps) * weight, over the last dimension. On devices other than
+// the CPU (where the hand-written loops cannot run, and a GPU fuses well enough) it is
+// RmsNormOps.
 torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// The same with plain operators, in fp32 (fp64 for fp64 inputs).
+torch::Tensor RmsNormOps(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
 // Splits the attention's fused projection qkv [B, T, 3, H, hd] into q, k and v, each
 // [B, H, T, hd] and contiguous, with q and k rotated pairwise (channels 2i, 2i+1) by the
-// angles whose cosines and sines are cos, sin [T, hd / 2] (used in fp32).
+// angles whose cosines and sines are cos, sin [T, hd / 2] (used in fp32). Off the CPU it is
+// SplitHeadsWithRotaryOps.
 std::array<torch::Tensor, 3> SplitHeadsWithRotary(const torch::Tensor& qkv,
                                                   const torch::Tensor& cos,
                                                   const torch::Tensor& sin);
+// The same with plain operators: select the even and odd channels, rotate, stack them back.
+std::array<torch::Tensor, 3> SplitHeadsWithRotaryOps(const torch::Tensor& qkv,
+                                                     const torch::Tensor& cos,
+                                                     const torch::Tensor& sin);
 
 // Mean next-token cross-entropy of logits [N, V] (fp32 or fp64) against targets [N] in
 // [0, V). Its backward reuses the forward's log-probabilities as the gradient's storage.

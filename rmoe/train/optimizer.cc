@@ -64,16 +64,16 @@ std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transfor
   return std::make_unique<FusedAdamW>(std::move(groups), torch::optim::AdamWOptions(opt.lr()));
 }
 
-double SquaredGradientNorm(const std::vector<torch::Tensor>& params) {
+torch::Tensor SquaredGradientNorm(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> grads;
   for (const auto& p : params) {
     if (p.grad().defined()) grads.push_back(p.grad());
   }
-  if (grads.empty()) return 0;
+  if (grads.empty()) return torch::zeros({}, torch::kDouble);
   torch::NoGradGuard no_grad;
-  // One reduction per gradient (no squared temporary), then a single read-back.
+  // One reduction per gradient (no squared temporary), summed in fp64 on their device.
   auto norms = torch::stack(at::_foreach_norm(grads, 2)).to(torch::kDouble);
-  return norms.square().sum().item<double>();
+  return norms.square().sum();
 }
 
 double LearningRate(const JobSpec& spec, int step) {

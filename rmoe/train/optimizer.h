@@ -32,8 +32,8 @@ double LearningRate(const JobSpec& spec, int step);
 // Sets every parameter group's learning rate.
 void SetLearningRate(torch::optim::Optimizer& optimizer, double lr);
 
-// Sum over `params` of the squared L2 norms of their gradients (undefined ones count 0), in
-// double, with one synchronisation point however many parameters there are.
-double SquaredGradientNorm(const std::vector<torch::Tensor>& params);
+// Sum over `params` of the squared L2 norms of their gradients (undefined ones count 0): a
+// 0-dim fp64 tensor on their device (on the CPU when there are none). Nothing is read back.
+torch::Tensor SquaredGradientNorm(const std::vector<torch::Tensor>& params);
 
 }  // namespace rmoe

@@ -19,9 +19,11 @@ namespace rmoe {
 // tensor from every rank for every parameter anyway.
 void FillMissingGradients(const std::vector<torch::Tensor>& params);
 
-// Scales the gradients of `params` by max_norm / (norm + 1e-6) when that is below 1 (as
-// torch's clip_grad_norm_ does), given their global `norm`. max_norm <= 0: no clipping.
-void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, double norm, double max_norm);
+// Scales the gradients of `params` by min(1, max_norm / (norm + 1e-6)), as torch's
+// clip_grad_norm_ does, given their global `norm` (a 0-dim tensor, on any device). The
+// factor stays on the device: clipping never waits for the GPU. max_norm <= 0: no clipping.
+void ScaleGradientsToNorm(const std::vector<torch::Tensor>& params, const torch::Tensor& norm,
+                          double max_norm);
 
 class ParallelRuntime {
  public:
@@ -31,6 +33,8 @@ class ParallelRuntime {
   virtual int world_size() const { return 1; }
   // Ranks on this machine: the cores are shared among them.
   virtual int local_size() const { return 1; }
+  // This rank's index among them (which GPU it takes).
+  virtual int local_rank() const { return 0; }
   // The one rank that prints progress and writes metrics and the model.
   bool is_main() const { return rank() == 0; }
 
@@ -44,11 +48,13 @@ class ParallelRuntime {
   // gradient afterwards (FillMissingGradients).
   virtual void SynchronizeGradients(Transformer& model);
   // Global L2 norm of all gradients (each parameter counted once across ranks); scales
-  // them so the norm is at most `max_norm` when max_norm > 0. Returns the norm before.
-  virtual double ClipGradients(Transformer& model, double max_norm);
+  // them so the norm is at most `max_norm` when max_norm > 0. Returns the norm before, a
+  // 0-dim fp64 tensor on the gradients' device (read it only when it is needed).
+  virtual torch::Tensor ClipGradients(Transformer& model, double max_norm);
   // The mean of `value` over all ranks (every rank must call it).
   virtual double Average(double value) { return value; }
-  // Sums `tensor` element-wise over all ranks, in place (every rank must call it).
+  // Sums `tensor` element-wise over all ranks, in place (every rank must call it). Any
+  // device: host and device tensors each travel over their own communicator.
   virtual void SumOverRanks(torch::Tensor& tensor) {}
   // Wall time spent in communication since the last call (for the compute/communication
   // split of a step).

@@ -91,18 +91,20 @@ double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_
                 int seq_len, int batches, ParallelRuntime& runtime, RoutingStatistics* routing) {
   torch::NoGradGuard no_grad;
   model->eval();
-  auto window = torch::empty({micro_batch_size, seq_len + 1}, torch::kLong);
+  TokenWindows windows(micro_batch_size, seq_len, DeviceOf(model));
   // Rank r takes batches r, r + W, ...; every rank runs the same number of forward passes,
   // because expert parallelism makes each of them a collective.
   const int world = runtime.world_size();
   const int per_rank = (batches + world - 1) / world;
-  double total = 0;
+  torch::Tensor total = torch::zeros({1}, torch::TensorOptions(torch::kDouble).device(DeviceOf(model)));
   for (int i = 0; i < per_rank; ++i) {
     const int b = i * world + runtime.rank();
-    sampler.FillBatch(b * micro_batch_size, micro_batch_size, window.data_ptr<int64_t>());
+    auto window = windows.Next([&](int64_t* tokens) {
+      sampler.FillBatch(b * micro_batch_size, micro_batch_size, tokens);
+    });
     auto [inputs, targets] = SplitInputsTargets(window);
     auto output = model->forward(inputs);
-    total += LanguageModelLoss(output.logits, targets).item<double>();
+    total += LanguageModelLoss(output.logits, targets).to(torch::kDouble);
     if (routing) routing->Add(output.moe);
   }
   model->train();
@@ -111,7 +113,8 @@ double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_
     runtime.SumOverRanks(counts);
     routing->Unflatten(counts);
   }
-  return runtime.Average(total / per_rank);
+  runtime.SumOverRanks(total);
+  return total.item<double>() / (static_cast<double>(per_rank) * world);
 }
 
 void LoggingWindow::Add(const StepResult& step, int64_t step_tokens, double step_comm_seconds) {
@@ -146,12 +149,20 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec,
   }
   std::unique_ptr<Trainer> trainer(
       new Trainer(spec, options, runtime ? *runtime : world_of_one, checkpointer));
+  // First: a missing GPU is known in a second, before the dataset is read.
+  auto device = ResolveDevice(spec.runtime().device(), trainer->runtime_.local_rank());
+  if (!device.ok()) return device.status();
+  trainer->device_ = *device;
   if (auto status = trainer->OpenData(); !status.ok()) return status;
   // Before the first large allocation or any output: a job that cannot fit stops here.
-  if (auto status = CheckTrainingMemory(trainer->spec_, trainer->runtime_.local_size(),
-                                        AvailableMemoryBytes());
-      !status.ok()) {
-    return status;
+  // (The estimate is of host memory: on a GPU the host holds little more than the model
+  // while it is built.)
+  if (trainer->device_.is_cpu()) {
+    if (auto status = CheckTrainingMemory(trainer->spec_, trainer->runtime_.local_size(),
+                                          AvailableMemoryBytes());
+        !status.ok()) {
+      return status;
+    }
   }
   if (auto status = trainer->OpenOutputs(); !status.ok()) return status;
   if (auto status = trainer->BuildModel(); !status.ok()) return status;
@@ -181,7 +192,7 @@ absl::Status Trainer::OpenData() {
   // eval_batches * micro_batch_size windows.
   eval_batches_ = std::max(1, std::min(schedule.eval_batches(),
                                        eval_sampler_->num_windows() / schedule.micro_batch_size()));
-  window_ = torch::empty({schedule.micro_batch_size(), schedule.seq_len() + 1}, torch::kLong);
+  windows_.emplace(schedule.micro_batch_size(), schedule.seq_len(), device_);
   const int64_t world = runtime_.world_size();
   samples_per_step_ =
       static_cast<int64_t>(schedule.micro_batch_size()) * schedule.grad_accum_steps() * world;
@@ -271,12 +282,14 @@ absl::Status Trainer::OpenMetrics() {
 absl::Status Trainer::BuildModel() {
   torch::manual_seed(spec_.seed());
   precision_.emplace(MatmulDtype(spec_));
-  if (spec_.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();
+  if (spec_.runtime().keep_freed_memory() && device_.is_cpu()) KeepFreedMemoryForReuse();
+  // Built on the CPU, where the same seed gives every rank the same weights, then moved.
   model_ = Transformer(spec_.model());
   model_->train();
   summary_.parameters = model_->CountParameters();
   flops_per_token_ = model_->TrainingFlopsPerToken(spec_.schedule().seq_len());
   runtime_.ShardExperts(model_);
+  model_->to(device_);
   optimizer_ = MakeOptimizer(spec_, model_);
   if (!options_.resume.empty()) {
     auto restored = checkpointer_->Load(options_.resume, spec_, model_, *optimizer_);
@@ -339,15 +352,19 @@ absl::StatusOr<TrainSummary> Trainer::Run() {
     const int done = ++step;
     window_since_log_.Add(*result, tokens_per_step_, runtime_.TakeCommunicationSeconds());
     const bool log_step = done % spec_.logging().interval() == 0 || done == last_step;
+    const bool stop = StopRequested();
+    // Losses are read where they are reported, and before every save, so that a diverged
+    // model never overwrites a good checkpoint.
+    if (log_step || (checkpointer_ != nullptr && (stop || CheckpointDue(done)))) {
+      if (auto status = ReadLosses(done, *result); !status.ok()) return status;
+    }
     if (log_step) LogTrainRecord(done, *result);
     MaybeEvaluate(done);
     // A terminal gets a live bar; a log file gets one line per logging step.
     if (progress_ && (interactive_ || log_step)) {
-      progress_->Update(done, result->loss, last_val_, tokens_per_second_);
+      progress_->Update(done, last_train_loss_, last_val_, tokens_per_second_);
     }
-    summary_.final_train_loss = result->loss;
     if (auto status = CommitFinishedSave(); !status.ok()) return status;
-    const bool stop = StopRequested();
     if (auto status = MaybeCheckpoint(done, stop); !status.ok()) return status;
     if (stop) {
       summary_.stopped_early = true;
@@ -365,11 +382,16 @@ absl::StatusOr<StepResult> Trainer::Step(int step) {
   result.lr = LearningRate(spec_, step);
   SetLearningRate(*optimizer_, result.lr);
   optimizer_->zero_grad(/*set_to_none=*/true);
+  const auto on_device = torch::TensorOptions(torch::kDouble).device(device_);
+  result.device_loss = torch::zeros({}, on_device);
+  result.device_router_loss = torch::zeros({}, on_device);
   for (int micro = 0; micro < accum; ++micro) {
     const uint64_t first_sample =
         (static_cast<uint64_t>(step - summary_.first_step) * accum + micro) * batch;
-    train_sampler_->FillBatch(first_sample, batch, window_.data_ptr<int64_t>());
-    auto [inputs, targets] = SplitInputsTargets(window_);
+    auto window = windows_->Next([&](int64_t* tokens) {
+      train_sampler_->FillBatch(first_sample, batch, tokens);
+    });
+    auto [inputs, targets] = SplitInputsTargets(window);
     const auto forward_start = std::chrono::steady_clock::now();
     result.output = model_->forward(inputs);
     result.forward_seconds += SecondsSince(forward_start);
@@ -379,25 +401,39 @@ absl::StatusOr<StepResult> Trainer::Step(int step) {
       result.dispatch_seconds += moe.dispatch_seconds;
     }
     auto lm_loss = LanguageModelLoss(result.output.logits, targets);
-    // Averaged over ranks so that every rank sees a divergence and stops together.
-    const double lm_value = runtime_.Average(lm_loss.item<double>());
-    if (!std::isfinite(lm_value)) {
-      return absl::InternalError(absl::StrFormat(
-          "the training loss became %f at step %d (micro-batch %d, lr %.3g): training "
-          "diverged; lower optimizer.lr, raise schedule.warmup_steps or keep "
-          "optimizer.grad_clip on",
-          lm_value, step, micro, result.lr));
-    }
     ((lm_loss + result.output.router_loss) / accum).backward();
-    result.loss += lm_value / accum;
-    result.router_loss += result.output.router_loss.item<double>() / accum;
+    result.device_loss += lm_loss.detach().to(torch::kDouble) / accum;
+    result.device_router_loss += result.output.router_loss.detach().to(torch::kDouble) / accum;
   }
   runtime_.SynchronizeGradients(model_);
-  result.grad_norm = runtime_.ClipGradients(model_, spec_.optimizer().grad_clip());
+  result.device_grad_norm = runtime_.ClipGradients(model_, spec_.optimizer().grad_clip());
   optimizer_->step();
   result.seconds = SecondsSince(step_start);
   train_seconds_ += result.seconds;
   return result;
+}
+
+// The one read-back of a step (collective: every rank calls it at the same steps).
+absl::Status Trainer::ReadLosses(int done, StepResult& result) {
+  auto losses = torch::stack({result.device_loss, result.device_router_loss});
+  runtime_.SumOverRanks(losses);
+  const auto host =
+      torch::cat({losses / runtime_.world_size(), result.device_grad_norm.reshape({1})})
+          .to(torch::kCPU);
+  result.loss = host[0].item<double>();
+  result.router_loss = host[1].item<double>();
+  result.grad_norm = host[2].item<double>();
+  // Every rank sees the same averaged value, so they all stop together.
+  if (!std::isfinite(result.loss)) {
+    return absl::InternalError(absl::StrFormat(
+        "the training loss became %f by step %d (last read finite at step %d; lr %.3g): "
+        "training diverged; lower optimizer.lr, raise schedule.warmup_steps or keep "
+        "optimizer.grad_clip on",
+        result.loss, done, last_finite_loss_step_, result.lr));
+  }
+  last_finite_loss_step_ = done;
+  summary_.final_train_loss = last_train_loss_ = result.loss;
+  return absl::OkStatus();
 }
 
 void Trainer::LogTrainRecord(int done, const StepResult& result) {
@@ -468,10 +504,13 @@ absl::Status Trainer::CommitFinishedSave() {
   return absl::OkStatus();
 }
 
-absl::Status Trainer::MaybeCheckpoint(int done, bool stop) {
+bool Trainer::CheckpointDue(int done) const {
   const int interval = spec_.checkpoint().interval();
-  const bool due = interval > 0 && (done % interval == 0 || done == spec_.schedule().steps());
-  if ((!stop && !due) || checkpointer_ == nullptr) return absl::OkStatus();
+  return interval > 0 && (done % interval == 0 || done == spec_.schedule().steps());
+}
+
+absl::Status Trainer::MaybeCheckpoint(int done, bool stop) {
+  if ((!stop && !CheckpointDue(done)) || checkpointer_ == nullptr) return absl::OkStatus();
   position_.consumed_samples += (done - position_.step) * samples_per_step_;
   position_.step = done;
   position_.best_val_loss = best_val_;

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -24,6 +25,7 @@
 #include "rmoe/model/transformer.h"
 #include "rmoe/platform/host_report.h"
 #include "rmoe/train/checkpointer.h"
+#include "rmoe/train/device.h"
 #include "rmoe/train/optimizer.h"
 #include "rmoe/train/parallel.h"
 #include "rmoe/train/progress.h"
@@ -64,9 +66,13 @@ struct TrainSummary {
 // What one optimizer step did.
 struct StepResult {
   double lr = 0;
-  double loss = 0;         // mean LM loss over the micro-batches and ranks (nats/token)
-  double router_loss = 0;  // this rank's weighted auxiliary losses, mean over micro-batches
-  double grad_norm = 0;    // before clipping
+  // Kept on the device, and read back (ReadLosses) only at the steps that need the values:
+  // the LM loss and the weighted auxiliary losses (means over the micro-batches; 0-dim
+  // fp64) and the gradient norm before clipping.
+  torch::Tensor device_loss, device_router_loss, device_grad_norm;
+  // What ReadLosses found: the LM loss and auxiliary losses averaged over the ranks
+  // (nats/token), the norm. NaN until read.
+  double loss = NAN, router_loss = NAN, grad_norm = NAN;
   double seconds = 0;
   double forward_seconds = 0;  // the model's forward passes
   double router_seconds = 0;   // the routers' forward, all MoE layers
@@ -161,6 +167,9 @@ class Trainer {
   void ReportCheckpoints();
   bool StopRequested();
 
+  absl::Status ReadLosses(int done, StepResult& result);
+  bool CheckpointDue(int done) const;
+
   JobSpec spec_;  // with the vocabulary size resolved
   TrainOptions options_;
   ParallelRuntime& runtime_;
@@ -171,7 +180,8 @@ class Trainer {
   std::optional<TrainSampler> train_sampler_;
   std::optional<EvalSampler> eval_sampler_;
   int eval_batches_ = 1;
-  torch::Tensor window_;  // [micro_batch_size, seq_len + 1] tokens
+  torch::Device device_{torch::kCPU};  // runtime.device, resolved for this rank
+  std::optional<TokenWindows> windows_;  // [micro_batch_size, seq_len + 1] tokens
 
   std::optional<LowPrecisionMatmulGuard> precision_;  // runtime.precision, while training
   Transformer model_{nullptr};
@@ -189,6 +199,8 @@ class Trainer {
   double train_seconds_ = 0;
   double tokens_per_second_ = 0;  // of the last logging window
   double last_val_ = NAN, best_val_ = INFINITY;
+  double last_train_loss_ = NAN;  // at the last step whose losses were read
+  int last_finite_loss_step_ = 0;  // that step, when its loss was finite
   TrainSummary summary_;
 };
 

@@ -188,7 +188,7 @@ TEST_P(TrainingEquivalence, TwentyStepsMatchOneRankAccumulatingTheSameMicroBatch
   spec.mutable_moe()->set_capacity_factor(router.kind == RouterSpec::LINEAR ? 1.0 : 0.0);
   auto groups = ProcessGroups::Create(world, expert_parallel, 8);
   ASSERT_TRUE(groups.ok()) << groups.status();
-  DistributedRuntime runtime(*groups, 1);
+  DistributedRuntime runtime(*groups, 0, 1);
   ParallelRuntime single;
 
   torch::manual_seed(7);
@@ -209,7 +209,7 @@ TEST_P(TrainingEquivalence, TwentyStepsMatchOneRankAccumulatingTheSameMicroBatch
     loss.backward();
     const double mean_loss = runtime.Average(loss.item<double>());
     runtime.SynchronizeGradients(model);
-    const double norm = runtime.ClipGradients(model, 0.5);
+    const double norm = runtime.ClipGradients(model, 0.5).item<double>();
     optimizer.step();
 
     reference_optimizer.zero_grad();
@@ -219,7 +219,7 @@ TEST_P(TrainingEquivalence, TwentyStepsMatchOneRankAccumulatingTheSameMicroBatch
       (l / ranks).backward();
       reference_loss += l.item<double>() / ranks;
     }
-    const double reference_norm = single.ClipGradients(reference, 0.5);
+    const double reference_norm = single.ClipGradients(reference, 0.5).item<double>();
     reference_optimizer.step();
     EXPECT_NEAR(mean_loss, reference_loss, tolerance * std::abs(reference_loss)) << "step " << step;
     // The norm sums W micro-batches' gradients in another order than the reference (one
@@ -263,7 +263,7 @@ TEST(RoutingStatistics, SummedOverRanksEqualOneProcessRoutingEveryBatch) {
   auto spec = EightExperts(AllRouters()[1]);
   auto groups = ProcessGroups::Create(world, world->size(), 8);
   ASSERT_TRUE(groups.ok()) << groups.status();
-  DistributedRuntime runtime(*groups, 1);
+  DistributedRuntime runtime(*groups, 0, 1);
   torch::manual_seed(11);
   Transformer model(spec);
   torch::manual_seed(11);

@@ -62,7 +62,7 @@ absl::Status TrainOn(int ranks, const JobSpec& spec, const std::string& resume =
                                         spec.model().moe().num_experts());
     if (!groups.ok()) return groups.status();
     ShardedCheckpointer checkpointer(*groups, hooks);
-    DistributedRuntime runtime(*groups, 1);
+    DistributedRuntime runtime(*groups, 0, 1);
     TrainOptions options;
     options.quiet = true;
     options.resume = resume;
