@@ -2,10 +2,12 @@
 // on real text (the State of the Union corpus) that must learn far more than unigram
 // statistics.
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <numeric>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -304,10 +306,101 @@ TEST_F(RealText, TrainingBeatsTheUnigramEntropyByFar) {
   EXPECT_TRUE(fs::exists(*dir_ / "run" / "metrics.jsonl"));
 }
 
+// The same steps on the GPU give the CPU's losses (fp32; the products may be summed in
+// another order, nothing else differs).
+TEST_F(RealText, CudaLossesMatchTheCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: nothing to compare";
+  auto losses_on = [&](const std::string& device) {
+    const JobSpec spec = Job("cuda_" + device, {"schedule.steps=20", "schedule.warmup_steps=2",
+                                                "checkpoint.interval=0", "runtime.device=" + device});
+    TrainOptions options;
+    options.quiet = true;
+    options.overwrite = true;
+    std::vector<double> losses;
+    auto trainer = Trainer::Create(spec, options, nullptr, nullptr);
+    EXPECT_TRUE(trainer.ok()) << trainer.status();
+    if (!trainer.ok()) return losses;
+    for (int step = 0; step < 20; ++step) {
+      auto result = (*trainer)->Step(step);
+      EXPECT_TRUE(result.ok() && (*trainer)->ReadLosses(step + 1, *result).ok());
+      if (result.ok()) losses.push_back(result->loss);
+    }
+    return losses;
+  };
+  const auto cpu = losses_on("cpu"), cuda = losses_on("cuda");
+  ASSERT_EQ(cpu.size(), 20u);
+  ASSERT_EQ(cuda.size(), 20u);
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    EXPECT_NEAR(cuda[i], cpu[i], 1e-3 * cpu[i]) << "step " << i + 1;
+  }
+}
+
+TEST(Device, CpuResolvesAndAMissingGpuIsNamed) {
+  auto cpu = ResolveDevice("CPU", 3);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  EXPECT_TRUE(cpu->is_cpu());
+  auto bad = ResolveDevice("gpu", 0);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("\"cuda:N\""), std::string::npos) << bad.status();
+  const int gpus = torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;
+  auto any = ResolveDevice("cuda", 5);
+  auto out_of_range = ResolveDevice("cuda:" + std::to_string(gpus), 0);
+  EXPECT_EQ(out_of_range.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(out_of_range.status().message().find("CUDA device(s)"), std::string::npos)
+      << out_of_range.status();
+  if (gpus == 0) {
+    EXPECT_EQ(any.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(any.status().message().find("no CUDA device is usable here"), std::string::npos)
+        << any.status();
+  } else {
+    ASSERT_TRUE(any.ok()) << any.status();
+    EXPECT_EQ(any->index(), 5 % gpus) << "the local rank picks the GPU";
+  }
+}
+
+TEST(Device, TokenWindowsReuseOneHostBufferOnTheCpu) {
+  TokenWindows windows(2, 3, torch::Device(torch::kCPU));
+  auto first = windows.Next([](int64_t* tokens) { std::iota(tokens, tokens + 8, 0); });
+  EXPECT_EQ(first.sizes(), torch::IntArrayRef({2, 4}));
+  EXPECT_EQ(first[1][3].item<int64_t>(), 7);
+  auto second = windows.Next([](int64_t* tokens) { std::fill(tokens, tokens + 8, 9); });
+  EXPECT_EQ(first.data_ptr(), second.data_ptr());
+  EXPECT_TRUE(torch::equal(second, torch::full({2, 4}, 9, torch::kLong)));
+}
+
+TEST(Device, CudaTokenWindowsArriveOnTheGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  TokenWindows windows(2, 3, torch::Device(torch::kCUDA, 0));
+  std::vector<torch::Tensor> seen;
+  for (int64_t k = 0; k < 4; ++k) {
+    seen.push_back(windows.Next([k](int64_t* tokens) { std::fill(tokens, tokens + 8, k); }));
+  }
+  for (int64_t k = 0; k < 4; ++k) {
+    EXPECT_TRUE(seen[k].is_cuda());
+    EXPECT_TRUE(torch::equal(seen[k].cpu(), torch::full({2, 4}, k, torch::kLong))) << k;
+  }
+}
+
+TEST(Clipping, ScalesOnlyGradientsAboveTheLimit) {
+  auto a = torch::zeros({2}).requires_grad_(), b = torch::zeros({2}).requires_grad_();
+  a.mutable_grad() = torch::tensor({3.0f, 0.0f});
+  b.mutable_grad() = torch::tensor({0.0f, 4.0f});
+  // The scaling rule every runtime's ClipGradients applies after its norm.
+  const auto norm = SquaredGradientNorm({a, b}).sqrt();
+  EXPECT_NEAR(norm.item<double>(), 5.0, 1e-12);
+  ScaleGradientsToNorm({a, b}, norm, 10.0);
+  EXPECT_TRUE(torch::equal(a.grad(), torch::tensor({3.0f, 0.0f}))) << "below the limit: unchanged";
+  ScaleGradientsToNorm({a, b}, norm, 1.0);
+  EXPECT_NEAR(SquaredGradientNorm({a, b}).sqrt().item<double>(), 1.0, 1e-6);
+  EXPECT_NEAR(a.grad()[0].item<double>(), 3.0 / 5.0, 1e-6);
+  ScaleGradientsToNorm({a, b}, norm, 0.0);  // no clipping
+  EXPECT_NEAR(a.grad()[0].item<double>(), 3.0 / 5.0, 1e-6);
+}
+
 TEST_F(RealText, ADivergingRunStopsWithAMessage) {
   // A learning rate validation refuses, set behind its back to force the divergence.
   JobSpec spec = Job("diverge", {"optimizer.grad_clip=0", "optimizer.weight_decay=0",
-                                 "schedule.steps=20"});
+                                 "schedule.steps=20", "logging.interval=2"});
   spec.mutable_optimizer()->set_lr(1e30);
   TrainOptions options;
   options.quiet = true;
@@ -401,6 +494,28 @@ TEST(LoggingWindow, SumsStepsAndReportsMeansPerStep) {
   EXPECT_DOUBLE_EQ(window.PerStep(window.router_seconds), 0.2);
   EXPECT_DOUBLE_EQ(window.PerStep(window.expert_seconds), 0.4);
   EXPECT_DOUBLE_EQ(window.PerStep(window.dispatch_seconds), 0.1);
+}
+
+// Losses are read at logging steps only, yet every save reads them first: a diverged model
+// never becomes a checkpoint (which, with keep_last, would replace a good one).
+TEST_F(RealText, ADivergedModelIsNeverCheckpointed) {
+  JobSpec spec = Job("diverge_ckpt", {"optimizer.grad_clip=0", "optimizer.weight_decay=0",
+                                      "schedule.steps=20", "logging.interval=100",
+                                      "checkpoint.interval=1", "schedule.eval_interval=0"});
+  spec.mutable_optimizer()->set_lr(1e30);
+  RecordingCheckpointer checkpointer;
+  TrainOptions options;
+  options.quiet = true;
+  auto summary = Train(spec, options, nullptr, &checkpointer);
+  ASSERT_FALSE(summary.ok());
+  EXPECT_NE(summary.status().message().find("training diverged"), std::string::npos)
+      << summary.status();
+  ASSERT_LT(checkpointer.saved.size(), 20u);
+  // The failing step is the one after the last save.
+  const std::string expected =
+      "by step " + std::to_string(checkpointer.saved.size() + 1) + " (last read finite at step " +
+      std::to_string(checkpointer.saved.size()) + ";";
+  EXPECT_NE(summary.status().message().find(expected), std::string::npos) << summary.status();
 }
 
 TEST_F(RealText, CheckpointsNeedACheckpointer) {
@@ -608,6 +723,8 @@ TEST_F(RealText, StepsFollowTheScheduleAndLowerTheLoss) {
   for (int step = 0; step < 40; ++step) {
     auto result = (*trainer)->Step(step);
     ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_TRUE(std::isnan(result->loss)) << "read back before it was asked for";
+    ASSERT_TRUE((*trainer)->ReadLosses(step + 1, *result).ok());
     EXPECT_GT(result->grad_norm, 0);
     EXPECT_GT(result->seconds, 0);
     EXPECT_GE(result->seconds, result->forward_seconds);

@@ -137,8 +137,11 @@ class Trainer {
   absl::StatusOr<TrainSummary> Run();
 
   // One optimizer step: accumulate gradients over the micro-batches, synchronise, clip,
-  // update. Fails when the loss stops being finite.
+  // update. Reads nothing back from the device.
   absl::StatusOr<StepResult> Step(int step);
+  // Reads step `done`'s losses and gradient norm into `result` (one device-to-host copy;
+  // collective: every rank calls it at the same steps). Fails when the loss is not finite.
+  absl::Status ReadLosses(int done, StepResult& result);
   // After step `done`: a validation pass when eval_interval says so or it is the last.
   void MaybeEvaluate(int done);
   // Commits a background save once every rank has written it (a collective poll).
@@ -167,7 +170,6 @@ class Trainer {
   void ReportCheckpoints();
   bool StopRequested();
 
-  absl::Status ReadLosses(int done, StepResult& result);
   bool CheckpointDue(int done) const;
 
   JobSpec spec_;  // with the vocabulary size resolved

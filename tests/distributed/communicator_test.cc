@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include "distributed/mpi_communicator.h"
+#include "distributed/routing_communicator.h"
 #include "distributed/stall_report.h"
 
 namespace rmoe::distributed {
@@ -650,6 +651,112 @@ TEST(StallReportTest, EveryoneWaitingMeansMpiItselfIsStuck) {
                         "did not complete it. Aborting"),
             std::string::npos)
       << report;
+}
+
+// Stands in for a device's communicator (NCCL): records which calls reach it.
+class RecordingCommunicator : public Communicator {
+ public:
+  RecordingCommunicator(int rank, int size, std::shared_ptr<std::vector<std::string>> calls)
+      : rank_(rank), size_(size), calls_(std::move(calls)) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void AllReduce(torch::Tensor&, ReduceOp) override { calls_->push_back("AllReduce"); }
+  torch::Tensor AllToAll(const torch::Tensor& send, const std::vector<int64_t>&,
+                         const std::vector<int64_t>&) override {
+    calls_->push_back("AllToAll");
+    return send;
+  }
+  std::vector<int64_t> AllToAllCounts(const std::vector<int64_t>& counts) override {
+    calls_->push_back("AllToAllCounts");
+    return counts;
+  }
+  torch::Tensor AllGather(const torch::Tensor& tensor) override {
+    calls_->push_back("AllGather");
+    return tensor;
+  }
+  void Broadcast(torch::Tensor&, int) override { calls_->push_back("Broadcast"); }
+  void Barrier() override { calls_->push_back("Barrier"); }
+  std::unique_ptr<Communicator> Split(int color, int key) override {
+    calls_->push_back("Split");
+    // The same group as MpiCommunicator::Split forms (collective on every rank, joining or
+    // not), which the router checks it against.
+    auto mpi = World().Split(color, key);
+    if (!mpi) return nullptr;
+    return std::make_unique<RecordingCommunicator>(mpi->rank(), mpi->size(), calls_);
+  }
+
+ private:
+  int rank_, size_;
+  std::shared_ptr<std::vector<std::string>> calls_;
+};
+
+std::shared_ptr<Communicator> BorrowedWorld() {
+  return std::shared_ptr<Communicator>(&World(), [](Communicator*) {});
+}
+
+TEST(RoutingCommunicatorTest, HostTensorsTakeTheHostCommunicatorAndOthersTheDevices) {
+  const int rank = World().rank(), size = World().size();
+  auto calls = std::make_shared<std::vector<std::string>>();
+  RoutingCommunicator routed(BorrowedWorld(),
+                             std::make_shared<RecordingCommunicator>(rank, size, calls));
+  // A "meta" tensor stands in for a GPU tensor.
+  torch::Tensor on_device = torch::ones({4, 3}, torch::TensorOptions().device(torch::kMeta));
+  routed.AllReduce(on_device, ReduceOp::kSum);
+  routed.AllToAll(on_device, std::vector<int64_t>(size, 0), std::vector<int64_t>(size, 0));
+  routed.AllGather(on_device);
+  routed.Broadcast(on_device, 0);
+  EXPECT_EQ(*calls, (std::vector<std::string>{"AllReduce", "AllToAll", "AllGather", "Broadcast"}));
+  calls->clear();
+  // Host tensors and counts go over MPI, and arrive as MPI delivers them.
+  torch::Tensor on_host = torch::full({2}, static_cast<int64_t>(rank + 1), torch::kLong);
+  routed.AllReduce(on_host, ReduceOp::kSum);
+  EXPECT_TRUE(torch::equal(on_host, torch::full({2}, int64_t{size * (size + 1) / 2}, torch::kLong)));
+  CheckUnevenAllToAll(routed, {3}, torch::kFloat);
+  EXPECT_TRUE(calls->empty()) << "host work reached the device communicator: " << calls->front();
+  routed.Barrier();
+  EXPECT_EQ(*calls, std::vector<std::string>{"Barrier"});
+}
+
+TEST(RoutingCommunicatorTest, SplitGroupsRouteTheSameWay) {
+  const int rank = World().rank(), size = World().size();
+  auto calls = std::make_shared<std::vector<std::string>>();
+  RoutingCommunicator routed(BorrowedWorld(),
+                             std::make_shared<RecordingCommunicator>(rank, size, calls));
+  std::unique_ptr<Communicator> group = routed.Split(rank % 2, rank);
+  ASSERT_NE(group, nullptr);
+  EXPECT_NE(dynamic_cast<RoutingCommunicator*>(group.get()), nullptr);
+  EXPECT_EQ(group->size(), (size - rank % 2 + 1) / 2);
+  EXPECT_EQ(group->rank(), rank / 2);
+  calls->clear();
+  CheckUnevenAllToAll(*group, {2}, torch::kInt32);
+  torch::Tensor on_device = torch::ones({1}, torch::TensorOptions().device(torch::kMeta));
+  group->AllReduce(on_device, ReduceOp::kAvg);
+  EXPECT_EQ(*calls, std::vector<std::string>{"AllReduce"});
+  // A rank that joins no group gets none from either side.
+  std::unique_ptr<Communicator> none = routed.Split(rank == 0 ? -1 : 1, rank);
+  EXPECT_EQ(none == nullptr, rank == 0);
+}
+
+TEST(RoutingCommunicatorTest, MpiOnBothSidesIsAWorkingWorld) {
+  // As a GPU run is wired, with MPI standing in for NCCL: the expert-parallel groups of a
+  // 2-way split exchange rows and sum, whichever side carries them.
+  const int rank = World().rank(), size = World().size();
+  RoutingCommunicator routed(BorrowedWorld(), std::shared_ptr<Communicator>(World().Split(0, rank)));
+  std::unique_ptr<Communicator> ep = routed.Split(rank / 2, rank);
+  ASSERT_NE(ep, nullptr);
+  CheckUnevenAllToAll(*ep, {3}, torch::kBFloat16);
+  torch::Tensor x = torch::full({3}, 1.0, torch::kDouble);
+  routed.AllReduce(x, ReduceOp::kSum);
+  EXPECT_TRUE(torch::equal(x, torch::full({3}, static_cast<double>(size), torch::kDouble)));
+  routed.Barrier();
+}
+
+TEST(RoutingCommunicatorTest, MismatchedSidesAreRefused) {
+  auto calls = std::make_shared<std::vector<std::string>>();
+  const int size = World().size();
+  EXPECT_THROW(RoutingCommunicator(BorrowedWorld(),
+                                   std::make_shared<RecordingCommunicator>(0, size + 1, calls)),
+               c10::Error);
 }
 
 // For the harness, not the communicator: rank 0 skips a barrier the other ranks wait in.
