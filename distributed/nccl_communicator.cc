@@ -1,9 +1,11 @@
 #include "distributed/nccl_communicator.h"
 
 #include "distributed/collective_args.h"
+#include "distributed/nccl_supervision.h"
 #include "rmoe/util/env.h"
 
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 #include <nccl.h>
 
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -20,9 +22,11 @@
 #include <cstring>
 #include <deque>
 #include <initializer_list>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <type_traits>
@@ -40,18 +44,19 @@
 #define RMOE_NCCL_HAS_BF16 0
 #endif
 
-// Every NCCL and CUDA call goes through one of these (inside NcclCommunicator::Impl): a failure
+// Every CUDA call goes through this (inside NcclCommunicator::Impl), and every NCCL call on the
+// communicator through RMOE_NCCL_COMM_CHECK (below, with the communicator's lock): a failure
 // throws NcclError naming the call, the rank and the operation `op`.
-#define RMOE_NCCL_CHECK(op, call) CheckNccl((call), #call, (op))
 #define RMOE_CUDA_CHECK(op, call) CheckCuda((call), #call, (op))
 
 namespace rmoe::distributed {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using Clock = SteadyClock;
 
 constexpr std::chrono::milliseconds kWatchdogPeriod{100};
-constexpr std::chrono::seconds kAbortGrace{10};  // how long the watchdog waits for ncclCommAbort
+// How long whoever aborts a communicator waits for ncclCommAbort before ending the process.
+constexpr std::chrono::milliseconds kAbortGrace{10000};
 
 // "ncclSend(buffer, count, ...)" -> "ncclSend".
 std::string CallName(const char* call) {
@@ -70,12 +75,40 @@ std::string CudaErrorString(cudaError_t rc) {
   return std::string(cudaGetErrorName(rc)) + ": " + cudaGetErrorString(rc);
 }
 
-double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
 double TimeoutFromEnv() {
   auto seconds = NumberFromEnv("RMOE_NCCL_TIMEOUT_S", 600, {0});
   TORCH_CHECK(seconds.ok(), std::string(seconds.status().message()), " (seconds; 0: no timeout)");
   return *seconds;
+}
+
+// The stream every communicator of this process uses on `device`: the world communicator and
+// every one Split() from it. With a stream each, two communicators' kernels could run in
+// either order, and in different orders on different ranks: rank 0 running an expert-parallel
+// all-to-all while rank 1 runs a replica all-reduce, each waiting for the other, deadlocks
+// once nothing on the host orders them. One stream runs them in the order they were called,
+// which is the same on every rank. A high-priority stream from torch's pool: pool streams
+// live as long as the process, which the caching allocator's recorded streams need.
+c10::cuda::CUDAStream SharedNcclStream(int device) {
+  static std::mutex mutex;
+  static auto* streams = new std::map<int, c10::cuda::CUDAStream>();  // never destroyed
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams->find(device);
+  if (it == streams->end()) {
+    it = streams
+             ->emplace(device, c10::cuda::getStreamFromPool(/*isHighPriority=*/true,
+                                                            static_cast<c10::DeviceIndex>(device)))
+             .first;
+  }
+  return it->second;
+}
+
+// Where the dynamic linker found libnccl (the library that defines ncclGetVersion).
+std::string LoadedNcclPath() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&ncclGetVersion), &info) == 0 || info.dli_fname == nullptr) {
+    return "";
+  }
+  return info.dli_fname;
 }
 
 // How AllReduce reduces a dtype: the NCCL type and "sum" op, and the dtype the data is
@@ -137,6 +170,19 @@ class NcclCommunicator::Impl {
   // The MPI half of Split(): this rank's MPI sub-communicator, or nullptr.
   std::unique_ptr<MpiCommunicator> SplitMpi(int color, int key);
 
+  // ncclCommAbort on a background thread, once; records `why` for later calls. Returns the
+  // abort, which callers wait for with a bound (see AbortAndWait). Never blocks for long: it
+  // takes no lock that an NCCL call holds.
+  std::shared_ptr<BackgroundTask> BeginAbort(const std::string& why);
+  // BeginAbort, then waits kAbortGrace for it; ends the process if ncclCommAbort is stuck.
+  void AbortAndWait(const std::string& why);
+  bool aborted() const { return aborted_.load(); }
+  std::string Describe(const char* op, const std::string& what) const;
+
+  // Every communicator of this process that is alive, for AbortAllNcclCommunicators.
+  static std::mutex& LiveMutex();
+  static std::set<Impl*>& Live();
+
   int rank() const { return rank_; }
   int size() const { return size_; }
   int device() const { return device_; }
@@ -147,36 +193,24 @@ class NcclCommunicator::Impl {
   }
 
  private:
-  // ncclGroupStart on construction; End() ends the group and checks; the destructor ends a
-  // group left open by an exception, so this thread's NCCL group depth stays right.
-  class Group {
-   public:
-    Group(Impl& impl, const char* op) : impl_(impl), op_(op) {
-      impl_.RMOE_NCCL_CHECK(op_, ncclGroupStart());
-      open_ = true;
-      impl_.in_group_ = true;
-    }
-    void End() {
-      open_ = false;
-      impl_.in_group_ = false;
-      impl_.RMOE_NCCL_CHECK(op_, ncclGroupEnd());
-    }
-    ~Group() {
-      if (!open_) return;
-      impl_.in_group_ = false;
-      (void)ncclGroupEnd();
-    }
+  class Group;
 
-   private:
-    Impl& impl_;
-    const char* op_;
-    bool open_ = false;
+  // The NCCL communicator and the lock that every use of it holds. Shared with the background
+  // abort, which takes the handle (under the lock) before calling ncclCommAbort and may
+  // outlive this Impl. Whoever holds the lock and finds the communicator not aborted may call
+  // NCCL on it: the abort cannot free it meanwhile.
+  struct CommHandle {
+    std::mutex mutex;
+    ncclComm_t comm = nullptr;  // nullptr before creation, once aborted, once destroyed
   };
 
-  struct Pending {
-    cudaEvent_t event;
+  // One operation the watchdog watches: events recorded on the stream before and after its
+  // NCCL calls.
+  struct Watched {
+    cudaEvent_t start;
+    cudaEvent_t end;
     const char* op;
-    Clock::time_point queued;
+    RunningTime running;
   };
 
   cudaStream_t stream() const { return stream_->stream(); }
@@ -187,23 +221,34 @@ class NcclCommunicator::Impl {
   [[noreturn]] void Throw(const char* op, const std::string& what, int code) const;
   void CheckNccl(ncclResult_t rc, const char* call, const char* op);
   void CheckCuda(cudaError_t rc, const char* call, const char* op);
-  std::string NcclDetail(ncclResult_t rc) const;
+  static std::string NcclDetail(ncclResult_t rc);
 
-  // ncclCommAbort, once; records why, for later calls.
-  void AbortComm(const std::string& message);
-  // Aborts the communicator and throws, for an asynchronous error or a timeout.
+  // Aborts the communicator and throws, for an NCCL failure, an asynchronous error or a timeout.
   [[noreturn]] void Fail(const char* op, const std::string& what, int code);
+  // Throws if the communicator was aborted (or, `comm` given, no longer exists).
+  void ThrowIfAborted(const char* op) const;
   // Throws if the communicator was aborted or NCCL holds an asynchronous error.
   void CheckAlive(const char* op);
+  // `call(comm)` with the communicator's lock held (already held inside a Group), after
+  // checking that it was not aborted; returns what the NCCL call returned.
+  template <typename Call>
+  ncclResult_t OnComm(const char* op, Call&& call);
   // One poll of ncclCommGetAsyncError: true when the queued NCCL work is in flight (ncclSuccess),
   // false while NCCL is still queueing it (ncclInProgress); fails on anything else.
   bool PollNccl(const char* op);
-  void CheckDeadline(const char* op, Clock::time_point start, const char* waiting);
+  void CheckDeadline(const char* op, const Deadline& deadline, const char* waiting);
   static void Backoff(int spins);
   // Polls until NCCL has queued the last call (non-blocking communicators; a no-op otherwise).
-  void WaitQueued(const char* op);
+  void WaitQueued(const char* op, const Deadline& deadline);
+  void WaitQueued(const char* op) { WaitQueued(op, Deadline::StartingNow(timeout_seconds())); }
   // Polls until `event` has completed on the GPU.
-  void WaitEvent(const char* op, cudaEvent_t event, const char* waiting);
+  void WaitEvent(const char* op, cudaEvent_t event, const Deadline& deadline, const char* waiting);
+  void WaitEvent(const char* op, cudaEvent_t event, const char* waiting) {
+    WaitEvent(op, event, Deadline::StartingNow(timeout_seconds()), waiting);
+  }
+  // The destructor's orderly end: waits for the queued work, ncclCommFinalize, ncclCommDestroy,
+  // all within one timeout; aborts instead when a wait fails.
+  void Close();
 
   void CheckTensor(const torch::Tensor& tensor, const char* op) const;
   std::string TensorProblem(const torch::Tensor& tensor, const char* op, bool needs_rows) const;
@@ -214,19 +259,24 @@ class NcclCommunicator::Impl {
   void OrderBeforeCurrent(const char* op);
   // The caching allocator will not reuse `t`'s memory before our stream is done with it.
   void KeepAlive(const torch::Tensor& t) const;
-  // Hands work queued on our stream to the watchdog.
-  void Watch(const char* op);
+  // An event from the spares (or a new one), recorded on our stream now.
+  cudaEvent_t RecordEvent(const char* op);
+  void ReturnEvent(cudaEvent_t event);
+  // Hands the work queued on our stream since `start` was recorded to the watchdog.
+  void Watch(const char* op, cudaEvent_t start);
 
-  // How every collective that moves tensors runs, after its argument checks and CheckAlive:
-  // on our device, our stream waits for the current one, `tensors` are kept alive for our
-  // stream, `enqueue()` queues the NCCL calls (and copies) on stream(), NCCL finishes queueing
-  // them (WaitQueued), the watchdog gets them, and the current stream waits for them. Returns
-  // without waiting for the GPU.
+  // How every collective runs, after its argument checks and CheckAlive: on our device, our
+  // stream waits for the current one, `tensors` are kept alive for our stream, `enqueue()`
+  // queues the NCCL calls (and copies) on stream() and NCCL finishes queueing them
+  // (WaitQueued). With `watch` (work the host does not wait for) the watchdog gets it, and the
+  // current stream waits for it; returns without waiting for the GPU.
   template <typename Enqueue>
-  void Collective(const char* op, std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue);
-  // Collective up to WaitQueued, for callers that wait on the host instead (Barrier).
+  void Queue(const char* op, std::initializer_list<torch::Tensor> tensors, bool watch,
+             Enqueue&& enqueue);
   template <typename Enqueue>
-  void Queue(const char* op, std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue);
+  void Collective(const char* op, std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue) {
+    Queue(op, tensors, /*watch=*/true, std::forward<Enqueue>(enqueue));
+  }
   // In one NCCL group, `send(to)` and `recv(from)` for every other rank, paired so that no two
   // ranks wait on each other (rank + i sends, rank - i receives); then WaitQueued, so that
   // whatever the caller queues next on our stream comes after the group.
@@ -248,6 +298,13 @@ class NcclCommunicator::Impl {
   std::vector<CollectiveMeta> ExchangeMeta(const char* op, const CollectiveMeta& local);
 
   void WatchdogLoop();
+  // Under watch_mutex_: drops the finished operations from the front of watched_ and polls
+  // the oldest unfinished one. Returns a problem to die of (a failed event query, or the
+  // oldest operation running past the timeout), or "".
+  std::string PollWatched(const char** op);
+  // ncclCommGetAsyncError for the watchdog, without waiting for the lock: "" when fine, busy or
+  // aborted.
+  std::string WatchdogAsyncError();
   [[noreturn]] void Die(const char* op, const std::string& what);
 
   MpiCommunicator* mpi_;
@@ -258,11 +315,8 @@ class NcclCommunicator::Impl {
   int device_;
   std::atomic<double> timeout_seconds_;
 
-  ncclComm_t comm_ = nullptr;
-  // A stream from torch's pool: pool streams live as long as the process, which the caching
-  // allocator's recorded streams need (a stream of our own, destroyed with the communicator,
-  // could still be named by blocks freed later).
-  std::optional<c10::cuda::CUDAStream> stream_;
+  std::shared_ptr<CommHandle> handle_ = std::make_shared<CommHandle>();
+  std::optional<c10::cuda::CUDAStream> stream_;  // SharedNcclStream(device_)
   cudaEvent_t ready_ = nullptr;  // recorded on the current stream, waited on by ours
   cudaEvent_t done_ = nullptr;   // recorded on ours, waited on by the current stream
   cudaEvent_t host_ = nullptr;   // what the host waits for
@@ -270,31 +324,70 @@ class NcclCommunicator::Impl {
   size_t pinned_elements_ = 0;
   torch::Tensor scratch_;  // int64, on device_, allocated on our stream
 
-  bool in_group_ = false;   // between ncclGroupStart and ncclGroupEnd (see CheckNccl)
-  std::mutex abort_mutex_;  // ncclCommAbort vs the watchdog's ncclCommGetAsyncError
+  // Between ncclGroupStart and ncclGroupEnd (a Group holds handle_->mutex): NCCL calls use the
+  // communicator without locking again, and their failures are left to the Group.
+  bool in_group_ = false;
   std::atomic<bool> aborted_{false};
-  std::string failure_;  // why it was aborted (under abort_mutex_)
+  mutable std::mutex failure_mutex_;
+  std::string failure_;                          // why it was aborted (under failure_mutex_)
+  std::shared_ptr<BackgroundTask> abort_task_;   // under failure_mutex_
 
   std::mutex watch_mutex_;
   std::condition_variable watch_cv_;
-  std::deque<Pending> pending_;
+  std::deque<Watched> watched_;
   std::vector<cudaEvent_t> spare_events_;
   bool stop_ = false;
   std::thread watchdog_;
 };
 
-// ---- errors ---------------------------------------------------------------------------------
+// ncclGroupStart .. ncclGroupEnd, holding the communicator's lock all along (NCCL keeps the
+// group's operations on the communicator until ncclGroupEnd launches them, so an abort in
+// between would leave ncclGroupEnd a freed communicator). End() launches the group.
+//
+// A failure half-way (an NCCL call that fails, any exception between start and End()) must
+// not launch the operations queued so far: the peers would receive some of our sends and wait
+// forever for the rest. NCCL launches nothing at ncclGroupEnd once an NCCL call inside the
+// group has failed its checks (it records the failure, ncclGroupError, and ncclGroupEnd only
+// frees the group's operations). So the destructor of a group left open makes one such
+// failing call, ends the group (this thread's group depth must return to 0, or every later
+// NCCL call of the thread would be swallowed by a group that never ends), releases the lock
+// and aborts the communicator: the other ranks' halves of the group cannot complete.
+class NcclCommunicator::Impl::Group {
+ public:
+  Group(Impl& impl, const char* op);
+  void End();
+  ~Group();
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
 
-void NcclCommunicator::Impl::Throw(const char* op, const std::string& what, int code) const {
+ private:
+  // An NCCL call that fails its argument checks and touches no communicator state that
+  // matters (NCCL >= 2.14: a null communicator; before, an invalid peer on ours).
+  void MakeNcclDropTheGroup();
+
+  Impl& impl_;
+  const char* op_;
+  std::unique_lock<std::mutex> lock_;
+};
+
+// ---- errors and aborts ----------------------------------------------------------------------
+
+std::string NcclCommunicator::Impl::Describe(const char* op, const std::string& what) const {
   std::ostringstream message;
   message << "rank " << world_rank_ << ": NcclCommunicator::" << op << ": " << what;
-  throw NcclError(message.str(), code, world_rank_);
+  return message.str();
 }
 
-std::string NcclCommunicator::Impl::NcclDetail(ncclResult_t rc) const {
+void NcclCommunicator::Impl::Throw(const char* op, const std::string& what, int code) const {
+  throw NcclError(Describe(op, what), code, world_rank_);
+}
+
+std::string NcclCommunicator::Impl::NcclDetail(ncclResult_t rc) {
   std::string detail = ncclGetErrorString(rc);
 #if RMOE_NCCL_HAS_LAST_ERROR
-  const char* last = ncclGetLastError(comm_);
+  // The communicator argument is unused by NCCL (the text is per thread): passing none keeps
+  // this safe on an aborted communicator.
+  const char* last = ncclGetLastError(nullptr);
   if (last != nullptr && *last != '\0') detail += std::string(" (") + last + ")";
 #endif
   return detail;
@@ -306,12 +399,16 @@ void NcclCommunicator::Impl::CheckNccl(ncclResult_t rc, const char* call, const 
   if (rc == ncclInProgress) return;  // non-blocking: WaitQueued polls for the outcome
 #endif
   const std::string what = CallName(call) + " failed: " + NcclDetail(rc);
-  // A bad argument leaves the communicator usable; anything else (system, internal, remote
-  // errors) does not. Inside a group it is not aborted here: Group's destructor still ends the
-  // group, which must not touch an aborted communicator; the next call's ncclCommGetAsyncError
-  // poll aborts it.
-  if (rc != ncclInvalidArgument && rc != ncclInvalidUsage && !in_group_) Fail(op, what, rc);
-  Throw(op, what, rc);
+  // Inside a group the lock is held, so the abort must wait for the Group's destructor,
+  // which drops the group and aborts.
+  if (in_group_) {
+    Throw(op, what + " (inside an NCCL group: none of the group runs, and the NCCL communicator "
+                     "is aborted)", rc);
+  }
+  // Even a bad argument aborts: the other ranks have queued their side of the operation and
+  // would wait for ours forever (and a non-blocking communicator records the failure as its
+  // asynchronous error anyway).
+  Fail(op, what, rc);
 }
 
 void NcclCommunicator::Impl::CheckCuda(cudaError_t rc, const char* call, const char* op) {
@@ -319,36 +416,67 @@ void NcclCommunicator::Impl::CheckCuda(cudaError_t rc, const char* call, const c
   Throw(op, CallName(call) + " failed: " + CudaErrorString(rc), rc);
 }
 
-void NcclCommunicator::Impl::AbortComm(const std::string& message) {
-  std::lock_guard<std::mutex> lock(abort_mutex_);
-  if (aborted_) return;
-  failure_ = message;
+std::shared_ptr<BackgroundTask> NcclCommunicator::Impl::BeginAbort(const std::string& why) {
+  std::lock_guard<std::mutex> lock(failure_mutex_);
+  if (abort_task_) return abort_task_;
+  failure_ = why;
+  // Before the abort starts: whoever takes the communicator's lock from now on sees it.
   aborted_ = true;
-  if (comm_ != nullptr) (void)ncclCommAbort(comm_);
+  abort_task_ = BackgroundTask::Start([handle = handle_] {
+    ncclComm_t comm = nullptr;
+    {
+      std::lock_guard<std::mutex> comm_lock(handle->mutex);  // waits for a call in progress
+      std::swap(comm, handle->comm);
+    }
+    if (comm != nullptr) (void)ncclCommAbort(comm);
+  });
+  return abort_task_;
+}
+
+void NcclCommunicator::Impl::AbortAndWait(const std::string& why) {
+  std::shared_ptr<BackgroundTask> abort = BeginAbort(why);
+  WaitOrEndProcess(*abort, kAbortGrace,
+                   "rank " + std::to_string(world_rank_) + ": ncclCommAbort (after: " + why + ")");
 }
 
 void NcclCommunicator::Impl::Fail(const char* op, const std::string& what, int code) {
-  std::ostringstream message;
-  message << "rank " << world_rank_ << ": NcclCommunicator::" << op << ": " << what;
-  AbortComm(message.str());
+  AbortAndWait(Describe(op, what));
   Throw(op, what + " (the NCCL communicator was aborted)", code);
 }
 
-void NcclCommunicator::Impl::CheckAlive(const char* op) {
-  if (aborted_) {
-    std::string failure;
-    {
-      std::lock_guard<std::mutex> lock(abort_mutex_);
-      failure = failure_;
-    }
-    Throw(op, "the communicator was aborted after an earlier error: " + failure, ncclInvalidUsage);
+void NcclCommunicator::Impl::ThrowIfAborted(const char* op) const {
+  if (!aborted_) return;
+  std::string failure;
+  {
+    std::lock_guard<std::mutex> lock(failure_mutex_);
+    failure = failure_;
   }
+  Throw(op, "the communicator was aborted after an earlier error: " + failure, ncclInvalidUsage);
+}
+
+void NcclCommunicator::Impl::CheckAlive(const char* op) {
+  ThrowIfAborted(op);
   (void)PollNccl(op);
 }
 
+template <typename Call>
+ncclResult_t NcclCommunicator::Impl::OnComm(const char* op, Call&& call) {
+  if (in_group_) return call(handle_->comm);  // the Group holds the lock and checked
+  std::unique_lock<std::mutex> lock(handle_->mutex);
+  ThrowIfAborted(op);
+  if (handle_->comm == nullptr) {
+    Throw(op, "the NCCL communicator was destroyed, or never created", ncclInvalidUsage);
+  }
+  return call(handle_->comm);
+}
+
+// An NCCL call that uses the communicator (as `comm`), through OnComm, checked.
+#define RMOE_NCCL_COMM_CHECK(op, call) \
+  CheckNccl(OnComm((op), [&](ncclComm_t comm) { return (call); }), #call, (op))
+
 bool NcclCommunicator::Impl::PollNccl(const char* op) {
   ncclResult_t state = ncclSuccess;
-  RMOE_NCCL_CHECK(op, ncclCommGetAsyncError(comm_, &state));
+  RMOE_NCCL_COMM_CHECK(op, ncclCommGetAsyncError(comm, &state));
   if (state == ncclSuccess) return true;
 #if RMOE_NCCL_NONBLOCKING
   if (state == ncclInProgress) return false;
@@ -358,15 +486,13 @@ bool NcclCommunicator::Impl::PollNccl(const char* op) {
        state);
 }
 
-void NcclCommunicator::Impl::CheckDeadline(const char* op, Clock::time_point start,
+void NcclCommunicator::Impl::CheckDeadline(const char* op, const Deadline& deadline,
                                            const char* waiting) {
-  const double timeout = timeout_seconds_.load();
-  if (timeout <= 0) return;
-  const double elapsed = Seconds(Clock::now() - start);
-  if (elapsed <= timeout) return;
+  const auto now = Clock::now();
+  if (!deadline.Passed(now)) return;
   std::ostringstream what;
-  what << "timed out after " << elapsed << " s " << waiting
-       << " (RMOE_NCCL_TIMEOUT_S = " << timeout
+  what << "timed out after " << deadline.ElapsedSeconds(now) << " s " << waiting
+       << " (RMOE_NCCL_TIMEOUT_S = " << deadline.timeout_seconds()
        << "; a peer may have died, or not called the same collective)";
   Fail(op, what.str(), 0);
 }
@@ -380,42 +506,102 @@ void NcclCommunicator::Impl::Backoff(int spins) {
   }
 }
 
-void NcclCommunicator::Impl::WaitQueued(const char* op) {
+void NcclCommunicator::Impl::WaitQueued(const char* op, const Deadline& deadline) {
 #if RMOE_NCCL_NONBLOCKING
-  const auto start = Clock::now();
   for (int spins = 0; !PollNccl(op); ++spins) {
-    CheckDeadline(op, start, "waiting for NCCL to queue the operation");
+    CheckDeadline(op, deadline, "waiting for NCCL to queue the operation");
     Backoff(spins);
   }
 #else
   (void)op;
+  (void)deadline;
 #endif
 }
 
-void NcclCommunicator::Impl::WaitEvent(const char* op, cudaEvent_t event, const char* waiting) {
-  const auto start = Clock::now();
+void NcclCommunicator::Impl::WaitEvent(const char* op, cudaEvent_t event, const Deadline& deadline,
+                                       const char* waiting) {
   for (int spins = 0;; ++spins) {
     const cudaError_t q = cudaEventQuery(event);
     if (q == cudaSuccess) return;
     if (q != cudaErrorNotReady) CheckCuda(q, "cudaEventQuery", op);
     (void)cudaGetLastError();  // not ready is not an error: clear it
     (void)PollNccl(op);
-    CheckDeadline(op, start, waiting);
+    CheckDeadline(op, deadline, waiting);
     Backoff(spins);
+  }
+}
+
+// ---- groups ---------------------------------------------------------------------------------
+
+NcclCommunicator::Impl::Group::Group(Impl& impl, const char* op)
+    : impl_(impl), op_(op), lock_(impl.handle_->mutex) {
+  impl_.ThrowIfAborted(op_);
+  if (impl_.handle_->comm == nullptr) {
+    impl_.Throw(op_, "the NCCL communicator was destroyed, or never created", ncclInvalidUsage);
+  }
+  const ncclResult_t rc = ncclGroupStart();
+  if (rc != ncclSuccess) {
+    lock_.unlock();  // CheckNccl aborts, which needs the lock
+    impl_.CheckNccl(rc, "ncclGroupStart()", op_);
+  }
+  impl_.in_group_ = true;
+}
+
+void NcclCommunicator::Impl::Group::End() {
+  const ncclResult_t rc = ncclGroupEnd();
+  impl_.in_group_ = false;
+  lock_.unlock();
+  impl_.CheckNccl(rc, "ncclGroupEnd()", op_);
+}
+
+void NcclCommunicator::Impl::Group::MakeNcclDropTheGroup() {
+#if RMOE_NCCL_NONBLOCKING
+  (void)ncclSend(nullptr, 0, ncclUint8, 0, nullptr, impl_.stream());
+#else
+  // Before 2.14 NCCL returns before recording a null communicator in the group.
+  (void)ncclSend(nullptr, 1, ncclUint8, -1, impl_.handle_->comm, impl_.stream());
+#endif
+}
+
+NcclCommunicator::Impl::Group::~Group() {
+  if (!impl_.in_group_) return;  // ended, or never started
+  MakeNcclDropTheGroup();
+  (void)ncclGroupEnd();
+  impl_.in_group_ = false;
+  lock_.unlock();
+  try {
+    impl_.AbortAndWait(impl_.Describe(
+        op_, "an operation inside an NCCL group failed; none of the group ran, and the other "
+             "ranks' part of it cannot complete"));
+  } catch (const std::exception& e) {  // could not even start the abort (no thread)
+    std::fprintf(stderr, "%s\n", e.what());
   }
 }
 
 // ---- set-up and tear-down -------------------------------------------------------------------
 
+std::mutex& NcclCommunicator::Impl::LiveMutex() {
+  static auto* mutex = new std::mutex();  // never destroyed: usable during exit
+  return *mutex;
+}
+
+std::set<NcclCommunicator::Impl*>& NcclCommunicator::Impl::Live() {
+  static auto* live = new std::set<Impl*>();
+  return *live;
+}
+
 void NcclCommunicator::Impl::Init() {
   constexpr const char* kOp = "Create";
+  const std::string version_problem = NcclVersionProblem(
+      NcclCommunicator::CompiledNcclVersion(), NcclCommunicator::RuntimeNcclVersion(),
+      LoadedNcclPath());
+  if (!version_problem.empty()) Throw(kOp, version_problem, ncclInvalidUsage);
   int count = 0;
   RMOE_CUDA_CHECK(kOp, cudaGetDeviceCount(&count));
   TORCH_CHECK(device_ >= 0 && device_ < count, "NcclCommunicator: CUDA device ", device_,
               " does not exist (", count, " visible)");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-  stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true,
-                                         static_cast<c10::DeviceIndex>(device_));
+  stream_ = SharedNcclStream(device_);
   RMOE_CUDA_CHECK(kOp, cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
   RMOE_CUDA_CHECK(kOp, cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
   RMOE_CUDA_CHECK(kOp, cudaEventCreateWithFlags(&host_, cudaEventDisableTiming));
@@ -434,9 +620,8 @@ void NcclCommunicator::Impl::Init() {
   }
   const int mpi_rc = MPI_Bcast(&boot, static_cast<int>(sizeof(boot)), MPI_BYTE, 0, mpi_->comm());
   if (mpi_rc != MPI_SUCCESS) {
-    throw MpiError("rank " + std::to_string(world_rank_) +
-                       ": NcclCommunicator::Create: MPI_Bcast failed: " + MpiErrorString(mpi_rc),
-                   mpi_rc, world_rank_);
+    throw MpiError(Describe(kOp, "MPI_Bcast failed: " + MpiErrorString(mpi_rc)), mpi_rc,
+                   world_rank_);
   }
   if (!boot.ok) {
     if (rank_ == 0) Throw(kOp, std::string("ncclGetUniqueId failed: ") + ncclGetErrorString(id_rc), id_rc);
@@ -444,18 +629,57 @@ void NcclCommunicator::Impl::Init() {
           ncclSystemError);
   }
 
+  ncclComm_t comm = nullptr;
 #if RMOE_NCCL_NONBLOCKING
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;  // every wait is a poll with a deadline: see the header
-  RMOE_NCCL_CHECK(kOp, ncclCommInitRankConfig(&comm_, size_, boot.id, rank_, &config));
-  WaitQueued(kOp);
+  const ncclResult_t init_rc = ncclCommInitRankConfig(&comm, size_, boot.id, rank_, &config);
 #else
-  RMOE_NCCL_CHECK(kOp, ncclCommInitRank(&comm_, size_, boot.id, rank_));
+  const ncclResult_t init_rc = ncclCommInitRank(&comm, size_, boot.id, rank_);
 #endif
+  if (init_rc == ncclSuccess || init_rc == ncclInProgress) {
+    std::lock_guard<std::mutex> lock(handle_->mutex);
+    handle_->comm = comm;  // from here on only through the lock
+  }
+  CheckNccl(init_rc, "ncclCommInitRank", kOp);
+  WaitQueued(kOp);
+  {
+    std::lock_guard<std::mutex> lock(LiveMutex());
+    Live().insert(this);
+  }
   watchdog_ = std::thread([this] { WatchdogLoop(); });
 }
 
+void NcclCommunicator::Impl::Close() {
+  constexpr const char* kOp = "~NcclCommunicator";
+  // One deadline for every wait here: a dead peer costs one timeout, not one per wait.
+  const Deadline deadline = Deadline::StartingNow(timeout_seconds());
+  try {
+    // Let the queued work finish (a dead peer: the wait times out and aborts).
+    RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
+    WaitEvent(kOp, host_, deadline, "waiting for the queued work before destroying the communicator");
+#if RMOE_NCCL_NONBLOCKING
+    RMOE_NCCL_COMM_CHECK(kOp, ncclCommFinalize(comm));
+    WaitQueued(kOp, deadline);
+#endif
+    ncclComm_t comm = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(handle_->mutex);
+      std::swap(comm, handle_->comm);
+    }
+    if (comm != nullptr) (void)ncclCommDestroy(comm);
+  } catch (const std::exception& e) {
+    // Timeouts and NCCL failures have aborted the communicator already; a CUDA failure has not.
+    std::fprintf(stderr, "%s\n", e.what());
+    AbortAndWait(e.what());
+  }
+}
+
 NcclCommunicator::Impl::~Impl() {
+  {
+    std::lock_guard<std::mutex> lock(LiveMutex());
+    Live().erase(this);
+  }
   {
     std::lock_guard<std::mutex> lock(watch_mutex_);
     stop_ = true;
@@ -468,30 +692,21 @@ NcclCommunicator::Impl::~Impl() {
   int previous_device = -1;
   (void)cudaGetDevice(&previous_device);
   (void)cudaSetDevice(device_);
-  if (comm_ != nullptr && !aborted_) {
-    constexpr const char* kOp = "~NcclCommunicator";
-    try {
-      // Let the queued work finish (a dead peer: the wait times out and aborts).
-      if (stream_) {
-        RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
-        WaitEvent(kOp, host_, "waiting for the queued work before destroying the communicator");
-      }
-#if RMOE_NCCL_NONBLOCKING
-      RMOE_NCCL_CHECK(kOp, ncclCommFinalize(comm_));
-      WaitQueued(kOp);
-#endif
-      (void)ncclCommDestroy(comm_);
-      comm_ = nullptr;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "%s\n", e.what());
-      AbortComm(e.what());
-    }
+  bool has_comm = false;
+  {
+    std::lock_guard<std::mutex> lock(handle_->mutex);
+    has_comm = handle_->comm != nullptr;
   }
+  // After an abort (ours, or AbortAllNcclCommunicators) nothing is waited for.
+  if (has_comm && !aborted_) Close();
   {
     std::lock_guard<std::mutex> lock(watch_mutex_);
-    for (const Pending& p : pending_) (void)cudaEventDestroy(p.event);
+    for (const Watched& w : watched_) {
+      (void)cudaEventDestroy(w.start);
+      (void)cudaEventDestroy(w.end);
+    }
     for (cudaEvent_t e : spare_events_) (void)cudaEventDestroy(e);
-    pending_.clear();
+    watched_.clear();
     spare_events_.clear();
   }
   for (cudaEvent_t e : {ready_, done_, host_}) {
@@ -519,7 +734,7 @@ void NcclCommunicator::Impl::KeepAlive(const torch::Tensor& t) const {
   c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *stream_);
 }
 
-void NcclCommunicator::Impl::Watch(const char* op) {
+cudaEvent_t NcclCommunicator::Impl::RecordEvent(const char* op) {
   cudaEvent_t event = nullptr;
   {
     std::lock_guard<std::mutex> lock(watch_mutex_);
@@ -530,12 +745,29 @@ void NcclCommunicator::Impl::Watch(const char* op) {
   }
   if (event == nullptr) RMOE_CUDA_CHECK(op, cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
   const cudaError_t rc = cudaEventRecord(event, stream());
-  std::lock_guard<std::mutex> lock(watch_mutex_);
   if (rc != cudaSuccess) {
-    spare_events_.push_back(event);
-    RMOE_CUDA_CHECK(op, rc);
+    ReturnEvent(event);
+    CheckCuda(rc, "cudaEventRecord", op);
   }
-  pending_.push_back(Pending{event, op, Clock::now()});
+  return event;
+}
+
+void NcclCommunicator::Impl::ReturnEvent(cudaEvent_t event) {
+  if (event == nullptr) return;
+  std::lock_guard<std::mutex> lock(watch_mutex_);
+  spare_events_.push_back(event);
+}
+
+void NcclCommunicator::Impl::Watch(const char* op, cudaEvent_t start) {
+  cudaEvent_t end = nullptr;
+  try {
+    end = RecordEvent(op);
+  } catch (...) {
+    ReturnEvent(start);
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(watch_mutex_);
+  watched_.push_back(Watched{start, end, op, RunningTime()});
 }
 
 void NcclCommunicator::Impl::EnsureBuffers(const char* op, size_t elements) {
@@ -557,6 +789,54 @@ void NcclCommunicator::Impl::EnsureBuffers(const char* op, size_t elements) {
   }
 }
 
+std::string NcclCommunicator::Impl::PollWatched(const char** op) {
+  const auto now = Clock::now();
+  // Work on one stream completes in order: drop what has finished from the front. Only the
+  // front can have started: a later operation's start event follows the front's kernels.
+  while (!watched_.empty()) {
+    Watched& oldest = watched_.front();
+    *op = oldest.op;
+    const cudaError_t end = cudaEventQuery(oldest.end);
+    if (end == cudaSuccess) {
+      spare_events_.push_back(oldest.start);
+      spare_events_.push_back(oldest.end);
+      watched_.pop_front();
+      continue;
+    }
+    if (end != cudaErrorNotReady) return "cudaEventQuery failed: " + CudaErrorString(end);
+    (void)cudaGetLastError();
+    const cudaError_t start = cudaEventQuery(oldest.start);
+    if (start != cudaSuccess && start != cudaErrorNotReady) {
+      return "cudaEventQuery failed: " + CudaErrorString(start);
+    }
+    (void)cudaGetLastError();
+    const double running = oldest.running.Poll(start == cudaSuccess, now);
+    const double timeout = timeout_seconds_.load();
+    if (!Overdue(running, timeout)) return "";
+    std::ostringstream what;
+    what << "not finished " << running << " s after it started on the GPU (RMOE_NCCL_TIMEOUT_S = "
+         << timeout << "; a peer may have died, or not called the same collective)";
+    return what.str();
+  }
+  return "";
+}
+
+std::string NcclCommunicator::Impl::WatchdogAsyncError() {
+  // try_lock: the watchdog must keep watching even while a (blocking) NCCL call holds the lock.
+  std::unique_lock<std::mutex> lock(handle_->mutex, std::try_to_lock);
+  if (!lock.owns_lock() || aborted_ || handle_->comm == nullptr) return "";
+  ncclResult_t state = ncclSuccess;
+  const ncclResult_t rc = ncclCommGetAsyncError(handle_->comm, &state);
+  lock.unlock();
+  if (rc != ncclSuccess) return std::string("ncclCommGetAsyncError failed: ") + ncclGetErrorString(rc);
+  if (state == ncclSuccess) return "";
+#if RMOE_NCCL_NONBLOCKING
+  if (state == ncclInProgress) return "";
+#endif
+  return "NCCL reported an asynchronous error (a peer may have died, or the network failed): " +
+         NcclDetail(state);
+}
+
 void NcclCommunicator::Impl::WatchdogLoop() {
   // cudaEventQuery needs this thread to use the communicator's device.
   const cudaError_t rc = cudaSetDevice(device_);
@@ -569,48 +849,15 @@ void NcclCommunicator::Impl::WatchdogLoop() {
   while (!stop_) {
     watch_cv_.wait_for(lock, kWatchdogPeriod);
     if (stop_) break;
-    if (aborted_) return;  // the calling thread aborted it and reports why
-    // Work on one stream completes in order: drop what has finished from the front.
-    while (!pending_.empty()) {
-      const cudaError_t q = cudaEventQuery(pending_.front().event);
-      if (q == cudaErrorNotReady) {
-        (void)cudaGetLastError();
-        break;
-      }
-      if (q != cudaSuccess) Die(pending_.front().op, "cudaEventQuery failed: " + CudaErrorString(q));
-      spare_events_.push_back(pending_.front().event);
-      pending_.pop_front();
-    }
-    if (pending_.empty()) continue;
-    const Pending oldest = pending_.front();
+    if (aborted_) return;  // whoever aborted it reports why
+    const char* op = "";
+    std::string problem = PollWatched(&op);
+    if (watched_.empty() && problem.empty()) continue;
     lock.unlock();
-    std::string problem;
-    {
-      std::lock_guard<std::mutex> abort_lock(abort_mutex_);
-      if (!aborted_) {
-        ncclResult_t state = ncclSuccess;
-        const ncclResult_t qrc = ncclCommGetAsyncError(comm_, &state);
-        if (qrc != ncclSuccess) {
-          problem = std::string("ncclCommGetAsyncError failed: ") + ncclGetErrorString(qrc);
-        } else if (state != ncclSuccess
-#if RMOE_NCCL_NONBLOCKING
-                   && state != ncclInProgress
-#endif
-        ) {
-          problem = "NCCL reported an asynchronous error (a peer may have died, or the network "
-                    "failed): " + NcclDetail(state);
-        }
-      }
-    }
-    const double timeout = timeout_seconds_.load();
-    const double age = Seconds(Clock::now() - oldest.queued);
-    if (problem.empty() && timeout > 0 && age > timeout) {
-      std::ostringstream what;
-      what << "not finished " << age << " s after it was queued (RMOE_NCCL_TIMEOUT_S = " << timeout
-           << "; a peer may have died, or not called the same collective)";
-      problem = what.str();
-    }
-    if (!problem.empty() && !aborted_) Die(oldest.op, problem);
+    // An asynchronous error is worth reporting first: it says why the operation is late.
+    const std::string async_error = WatchdogAsyncError();
+    if (!async_error.empty()) problem = async_error;
+    if (!problem.empty() && !aborted_) Die(op, problem);
     lock.lock();
   }
 }
@@ -621,14 +868,7 @@ void NcclCommunicator::Impl::Die(const char* op, const std::string& what) {
                "ending this process\n",
                world_rank_, op, what.c_str());
   std::fflush(stderr);
-  // ncclCommAbort can itself block on a broken network: give it kAbortGrace, then exit anyway.
-  auto finished = std::make_shared<std::atomic<bool>>(false);
-  std::thread([this, finished, message = std::string(op) + ": " + what] {
-    AbortComm("rank " + std::to_string(world_rank_) + ": NcclCommunicator::" + message);
-    *finished = true;
-  }).detach();
-  const auto deadline = Clock::now() + kAbortGrace;
-  while (!*finished && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  AbortAndWait(Describe(op, what));  // ends the process itself if ncclCommAbort is stuck
   std::fflush(stdout);
   // Not MPI_Abort: only the main thread may call MPI. mpirun ends the job when a rank exits
   // without MPI_Finalize.
@@ -655,20 +895,21 @@ void NcclCommunicator::Impl::CheckTensor(const torch::Tensor& tensor, const char
 
 template <typename Enqueue>
 void NcclCommunicator::Impl::Queue(const char* op, std::initializer_list<torch::Tensor> tensors,
-                                   Enqueue&& enqueue) {
+                                   bool watch, Enqueue&& enqueue) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   OrderAfterCurrent(op);
   for (const torch::Tensor& t : tensors) KeepAlive(t);
-  enqueue();
-  WaitQueued(op);
-}
-
-template <typename Enqueue>
-void NcclCommunicator::Impl::Collective(const char* op, std::initializer_list<torch::Tensor> tensors,
-                                        Enqueue&& enqueue) {
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-  Queue(op, tensors, std::forward<Enqueue>(enqueue));
-  Watch(op);
+  // After the wait for the current stream: it completes when the operation starts running.
+  cudaEvent_t start = watch ? RecordEvent(op) : nullptr;
+  try {
+    enqueue();
+    WaitQueued(op);
+  } catch (...) {
+    ReturnEvent(start);
+    throw;
+  }
+  if (!watch) return;
+  Watch(op, start);
   OrderBeforeCurrent(op);
 }
 
@@ -686,12 +927,12 @@ void NcclCommunicator::Impl::WithEveryPeer(const char* op, Send&& send, Recv&& r
 
 void NcclCommunicator::Impl::SendBytes(const char* op, const void* data, int64_t bytes, int peer) {
   if (bytes <= 0) return;
-  RMOE_NCCL_CHECK(op, ncclSend(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, stream()));
+  RMOE_NCCL_COMM_CHECK(op, ncclSend(data, static_cast<size_t>(bytes), ncclUint8, peer, comm, stream()));
 }
 
 void NcclCommunicator::Impl::RecvBytes(const char* op, void* data, int64_t bytes, int peer) {
   if (bytes <= 0) return;
-  RMOE_NCCL_CHECK(op, ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, stream()));
+  RMOE_NCCL_COMM_CHECK(op, ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, peer, comm, stream()));
 }
 
 void NcclCommunicator::Impl::CopyOnStream(const char* op, void* dst, const void* src, int64_t bytes) {
@@ -726,9 +967,9 @@ void NcclCommunicator::Impl::AllReduce(torch::Tensor& tensor, ReduceOp op) {
   }
 #endif
   Collective(kOp, {work}, [&] {
-    RMOE_NCCL_CHECK(kOp, ncclAllReduce(work.data_ptr(), work.data_ptr(),
-                                       static_cast<size_t>(work.numel()), reduction->type, nccl_op,
-                                       comm_, stream()));
+    RMOE_NCCL_COMM_CHECK(kOp, ncclAllReduce(work.data_ptr(), work.data_ptr(),
+                                            static_cast<size_t>(work.numel()), reduction->type,
+                                            nccl_op, comm, stream()));
   });
   if (divide) work.div_(size_);
   if (!work.is_same(tensor)) tensor.copy_(work);
@@ -792,7 +1033,7 @@ std::vector<int64_t> NcclCommunicator::Impl::HostExchange(const char* op,
   RMOE_CUDA_CHECK(op, cudaMemcpyAsync(in, pinned_, n_in * sizeof(int64_t), cudaMemcpyHostToDevice,
                                       stream()));
   if (gather) {
-    RMOE_NCCL_CHECK(op, ncclAllGather(in, out, k, ncclInt64, comm_, stream()));
+    RMOE_NCCL_COMM_CHECK(op, ncclAllGather(in, out, k, ncclInt64, comm, stream()));
     WaitQueued(op);
   } else {
     WithEveryPeer(
@@ -850,8 +1091,8 @@ torch::Tensor NcclCommunicator::Impl::AllGather(const torch::Tensor& tensor) {
   Collective(kOp, {source, result}, [&] {
     if (layout.even) {
       // Every rank knows every size, so all take the same path.
-      RMOE_NCCL_CHECK(kOp, ncclAllGather(src, dst, static_cast<size_t>(bytes[rank_]), ncclUint8,
-                                         comm_, stream()));
+      RMOE_NCCL_COMM_CHECK(kOp, ncclAllGather(src, dst, static_cast<size_t>(bytes[rank_]),
+                                              ncclUint8, comm, stream()));
       return;
     }
     WithEveryPeer(
@@ -873,8 +1114,8 @@ void NcclCommunicator::Impl::Broadcast(torch::Tensor& tensor, int root) {
   torch::Tensor work = tensor.contiguous();
   const size_t bytes = static_cast<size_t>(work.numel()) * work.element_size();
   Collective(kOp, {work}, [&] {
-    RMOE_NCCL_CHECK(kOp, ncclBroadcast(work.data_ptr(), work.data_ptr(), bytes, ncclUint8, root,
-                                       comm_, stream()));
+    RMOE_NCCL_COMM_CHECK(kOp, ncclBroadcast(work.data_ptr(), work.data_ptr(), bytes, ncclUint8,
+                                            root, comm, stream()));
   });
   if (!work.is_same(tensor) && rank_ != root) tensor.copy_(work);
 }
@@ -885,8 +1126,8 @@ void NcclCommunicator::Impl::Barrier() {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   EnsureBuffers(kOp, 1);
   int64_t* one = scratch_.data_ptr<int64_t>();  // its value does not matter
-  Queue(kOp, {}, [&] {
-    RMOE_NCCL_CHECK(kOp, ncclAllReduce(one, one, 1, ncclInt64, ncclSum, comm_, stream()));
+  Queue(kOp, {}, /*watch=*/false, [&] {
+    RMOE_NCCL_COMM_CHECK(kOp, ncclAllReduce(one, one, 1, ncclInt64, ncclSum, comm, stream()));
   });
   RMOE_CUDA_CHECK(kOp, cudaEventRecord(host_, stream()));
   WaitEvent(kOp, host_, "waiting for every rank to reach the barrier");
@@ -935,6 +1176,12 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> owned_mpi, i
 
 NcclCommunicator::~NcclCommunicator() = default;
 
+void NcclCommunicator::Abort(const std::string& reason) {
+  impl_->AbortAndWait(impl_->Describe("Abort", reason));
+}
+
+bool NcclCommunicator::aborted() const { return impl_->aborted(); }
+
 int NcclCommunicator::rank() const { return impl_->rank(); }
 int NcclCommunicator::size() const { return impl_->size(); }
 int NcclCommunicator::device() const { return impl_->device(); }
@@ -976,23 +1223,45 @@ int NcclCommunicator::RuntimeNcclVersion() {
   return version;
 }
 
+std::string NcclLibraryPath() { return LoadedNcclPath(); }
+
 std::string NcclBuildInfo() {
-  // NCCL_VERSION_CODE (2.9 on): major * 10000 + minor * 100 + patch; CUDART: major * 1000 +
-  // minor * 10.
-  auto nccl = [](int code) {
-    if (code == 0) return std::string("unknown");
-    return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." +
-           std::to_string(code % 100);
-  };
+  // CUDART_VERSION and cudaRuntimeGetVersion: major * 1000 + minor * 10.
   auto cuda = [](int code) {
     return std::to_string(code / 1000) + "." + std::to_string(code % 1000 / 10);
   };
   int runtime = 0;
   const std::string loaded_cuda =
       cudaRuntimeGetVersion(&runtime) == cudaSuccess ? cuda(runtime) : "unknown";
-  return "NCCL " + nccl(NcclCommunicator::RuntimeNcclVersion()) + " (built against " +
-         nccl(NcclCommunicator::CompiledNcclVersion()) + "), CUDA runtime " + loaded_cuda +
-         " (built against " + cuda(CUDART_VERSION) + ")";
+  const std::string library = NcclLibraryPath();
+  const std::string problem = NcclVersionProblem(NcclCommunicator::CompiledNcclVersion(),
+                                                 NcclCommunicator::RuntimeNcclVersion(), library);
+  return "NCCL " + NcclVersionString(NcclCommunicator::RuntimeNcclVersion()) + " (built against " +
+         NcclVersionString(NcclCommunicator::CompiledNcclVersion()) +
+         (library.empty() ? "" : "; " + library) + (problem.empty() ? "" : "; TOO OLD") +
+         "), CUDA runtime " + loaded_cuda + " (built against " + cuda(CUDART_VERSION) + ")";
+}
+
+int AbortAllNcclCommunicators(const std::string& reason) {
+  constexpr const char* kOp = "AbortAllNcclCommunicators";
+  // The tasks, not the communicators: a task outlives its communicator.
+  std::vector<std::pair<std::string, std::shared_ptr<BackgroundTask>>> aborts;
+  {
+    std::lock_guard<std::mutex> lock(NcclCommunicator::Impl::LiveMutex());
+    for (NcclCommunicator::Impl* impl : NcclCommunicator::Impl::Live()) {
+      if (impl->aborted()) continue;
+      aborts.emplace_back(impl->Describe(kOp, "ncclCommAbort"),
+                          impl->BeginAbort(impl->Describe(kOp, reason)));
+    }
+  }
+  // All aborts run at once; together they get one grace period.
+  const auto deadline = std::chrono::steady_clock::now() + kAbortGrace;
+  for (auto& [what, abort] : aborts) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    WaitOrEndProcess(*abort, std::max(left, std::chrono::milliseconds(0)), what);
+  }
+  return static_cast<int>(aborts.size());
 }
 
 std::unique_ptr<NcclCommunicator> MakeNcclCommunicator(MpiCommunicator& mpi, int local_rank) {
