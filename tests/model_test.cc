@@ -98,21 +98,9 @@ TEST(FusedAttention, ACachedChunkUsesTheBottomRightMask) {
   EXPECT_TRUE(torch::allclose(chunk, whole, 1e-12, 1e-12));
 }
 
-// The fused element-wise nodes against their plain-operator forms: values and the
-// gradients of a random projection of the outputs, for every input.
-torch::Tensor ReferenceRmsNorm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * w;
-}
-
-// The rotary embedding as it was written with plain operators: select the even and odd
-// channels, rotate, stack them back.
-torch::Tensor ReferenceRotary(const torch::Tensor& x, const torch::Tensor& cos,
-                              const torch::Tensor& sin) {
-  auto pairs = x.unflatten(-1, {x.size(-1) / 2, 2});
-  auto even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
-  auto c = cos.to(x.scalar_type()), s = sin.to(x.scalar_type());
-  return torch::stack({even * c - odd * s, even * s + odd * c}, -1).flatten(-2);
-}
+// The fused element-wise nodes against their plain-operator forms (what runs in their place
+// on devices other than the CPU): values and the gradients of a random projection of the
+// outputs, for every input.
 
 // Gradients of sum(outputs[i] * probes[i]) with respect to `inputs`.
 std::vector<torch::Tensor> ProbeGradients(const std::vector<torch::Tensor>& outputs,
@@ -133,7 +121,7 @@ TEST(FusedOps, RmsNormMatchesPlainOperatorsWithGradients) {
     auto w = (torch::rand({24}, dtype) + 0.5).requires_grad_();
     auto probe = torch::randn({5, 7, 24}, torch::kDouble);
     auto fused = FusedRmsNorm(x, w, 1e-5);
-    auto reference = ReferenceRmsNorm(x, w, 1e-5);
+    auto reference = RmsNormFromOperators(x, w, 1e-5);
     EXPECT_TRUE(torch::allclose(fused, reference, tol, tol)) << dtype;
     auto g_fused = ProbeGradients({fused}, {probe}, {x, w});
     auto g_reference = ProbeGradients({reference}, {probe}, {x, w});
@@ -153,9 +141,7 @@ TEST(FusedOps, SplitHeadsWithRotaryMatchesSelectRotateStack) {
     auto cos = angles.cos(), sin = angles.sin();
     auto qkv = torch::randn({batch, t, 3, heads, hd}).to(dtype).requires_grad_();
     auto [q, k, v] = SplitHeadsWithRotary(qkv, cos, sin);
-    auto permuted = qkv.permute({2, 0, 3, 1, 4});  // [3, B, H, T, hd]
-    auto q_ref = ReferenceRotary(permuted[0], cos, sin), k_ref = ReferenceRotary(permuted[1], cos, sin);
-    auto v_ref = permuted[2];
+    auto [q_ref, k_ref, v_ref] = SplitHeadsWithRotaryFromOperators(qkv, cos, sin);
     EXPECT_TRUE(q.is_contiguous() && k.is_contiguous() && v.is_contiguous());
     EXPECT_EQ(q.sizes(), torch::IntArrayRef({batch, heads, t, hd}));
     for (auto [a, b] : {std::pair{q, q_ref}, std::pair{k, k_ref}, std::pair{v, v_ref}}) {
@@ -171,7 +157,7 @@ TEST(FusedOps, SplitHeadsWithRotaryMatchesSelectRotateStack) {
     auto only_q = torch::autograd::grad({(SplitHeadsWithRotary(qkv, cos, sin)[0].to(torch::kDouble) *
                                           probes[0]).sum()},
                                         {qkv})[0];
-    auto q_ref_again = ReferenceRotary(qkv.permute({2, 0, 3, 1, 4})[0], cos, sin);
+    auto q_ref_again = SplitHeadsWithRotaryFromOperators(qkv, cos, sin)[0];
     auto only_q_ref =
         torch::autograd::grad({(q_ref_again.to(torch::kDouble) * probes[0]).sum()}, {qkv})[0];
     EXPECT_TRUE(torch::allclose(only_q.to(torch::kDouble), only_q_ref.to(torch::kDouble), tol, tol));
