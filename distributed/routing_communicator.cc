@@ -88,4 +88,12 @@ absl::StatusOr<std::shared_ptr<Communicator>> MakeTrainingCommunicator(MpiRuntim
 #endif
 }
 
+void AbortDeviceCommunicators(const std::string& reason) {
+#if RMOE_HAVE_NCCL
+  AbortAllNcclCommunicators(reason);
+#else
+  (void)reason;
+#endif
+}
+
 }  // namespace rmoe::distributed

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <absl/status/statusor.h>
@@ -53,5 +54,10 @@ class RoutingCommunicator : public Communicator {
 absl::StatusOr<std::shared_ptr<Communicator>> MakeTrainingCommunicator(MpiRuntime& mpi,
                                                                        torch::Device device,
                                                                        double timeout_seconds);
+
+// After an error, before MPI_Abort and before any communicator is destroyed: aborts this
+// process's GPU communicators (NCCL), so that nothing waits for peers that will never come;
+// at most 10 s. Nothing to do in a build without NCCL.
+void AbortDeviceCommunicators(const std::string& reason);
 
 }  // namespace rmoe::distributed

@@ -187,7 +187,10 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
   auto communicator = rmoe::distributed::MakeTrainingCommunicator(mpi, *device, timeout);
   if (!communicator.ok()) {
     Fail(1, std::string(communicator.status().message()));
-    if (mpi.World().size() > 1) mpi.Abort(1);  // the others may wait in NCCL's start-up
+    if (mpi.World().size() > 1) {  // the others may wait in NCCL's start-up
+      rmoe::distributed::AbortDeviceCommunicators(std::string(communicator.status().message()));
+      mpi.Abort(1);
+    }
     return 1;
   }
   // Every collective goes through the timer, which splits step time into compute and
@@ -218,7 +221,10 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
     Fail(1, std::string(summary.status().message()));
     // Other ranks may be waiting in a collective for this one: end the whole job now, while
     // the communicators still exist (unwinding an NCCL communicator would wait for them).
-    if (world->size() > 1) mpi.Abort(1);
+    if (world->size() > 1) {
+      rmoe::distributed::AbortDeviceCommunicators(std::string(summary.status().message()));
+      mpi.Abort(1);
+    }
     return 1;
   }
   if (world->rank() == 0) PrintSummary(*summary, world->size());

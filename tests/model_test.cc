@@ -98,17 +98,9 @@ TEST(FusedAttention, ACachedChunkUsesTheBottomRightMask) {
   EXPECT_TRUE(torch::allclose(chunk, whole, 1e-12, 1e-12));
 }
 
-// The fused element-wise nodes against their plain-operator forms: values and the
-// gradients of a random projection of the outputs, for every input.
-// The rotary embedding as it was written with plain operators: select the even and odd
-// channels, rotate, stack them back.
-torch::Tensor ReferenceRotary(const torch::Tensor& x, const torch::Tensor& cos,
-                              const torch::Tensor& sin) {
-  auto pairs = x.unflatten(-1, {x.size(-1) / 2, 2});
-  auto even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
-  auto c = cos.to(x.scalar_type()), s = sin.to(x.scalar_type());
-  return torch::stack({even * c - odd * s, even * s + odd * c}, -1).flatten(-2);
-}
+// The fused element-wise nodes against their plain-operator forms (what runs in their place
+// on devices other than the CPU): values and the gradients of a random projection of the
+// outputs, for every input.
 
 // Gradients of sum(outputs[i] * probes[i]) with respect to `inputs`.
 std::vector<torch::Tensor> ProbeGradients(const std::vector<torch::Tensor>& outputs,
@@ -129,7 +121,7 @@ TEST(FusedOps, RmsNormMatchesPlainOperatorsWithGradients) {
     auto w = (torch::rand({24}, dtype) + 0.5).requires_grad_();
     auto probe = torch::randn({5, 7, 24}, torch::kDouble);
     auto fused = FusedRmsNorm(x, w, 1e-5);
-    auto reference = RmsNormOps(x, w, 1e-5);
+    auto reference = RmsNormFromOperators(x, w, 1e-5);
     EXPECT_TRUE(torch::allclose(fused, reference, tol, tol)) << dtype;
     auto g_fused = ProbeGradients({fused}, {probe}, {x, w});
     auto g_reference = ProbeGradients({reference}, {probe}, {x, w});
@@ -149,9 +141,7 @@ TEST(FusedOps, SplitHeadsWithRotaryMatchesSelectRotateStack) {
     auto cos = angles.cos(), sin = angles.sin();
     auto qkv = torch::randn({batch, t, 3, heads, hd}).to(dtype).requires_grad_();
     auto [q, k, v] = SplitHeadsWithRotary(qkv, cos, sin);
-    auto permuted = qkv.permute({2, 0, 3, 1, 4});  // [3, B, H, T, hd]
-    auto q_ref = ReferenceRotary(permuted[0], cos, sin), k_ref = ReferenceRotary(permuted[1], cos, sin);
-    auto v_ref = permuted[2];
+    auto [q_ref, k_ref, v_ref] = SplitHeadsWithRotaryFromOperators(qkv, cos, sin);
     EXPECT_TRUE(q.is_contiguous() && k.is_contiguous() && v.is_contiguous());
     EXPECT_EQ(q.sizes(), torch::IntArrayRef({batch, heads, t, hd}));
     for (auto [a, b] : {std::pair{q, q_ref}, std::pair{k, k_ref}, std::pair{v, v_ref}}) {
@@ -167,20 +157,10 @@ TEST(FusedOps, SplitHeadsWithRotaryMatchesSelectRotateStack) {
     auto only_q = torch::autograd::grad({(SplitHeadsWithRotary(qkv, cos, sin)[0].to(torch::kDouble) *
                                           probes[0]).sum()},
                                         {qkv})[0];
-    auto q_ref_again = ReferenceRotary(qkv.permute({2, 0, 3, 1, 4})[0], cos, sin);
+    auto q_ref_again = SplitHeadsWithRotaryFromOperators(qkv, cos, sin)[0];
     auto only_q_ref =
         torch::autograd::grad({(q_ref_again.to(torch::kDouble) * probes[0]).sum()}, {qkv})[0];
     EXPECT_TRUE(torch::allclose(only_q.to(torch::kDouble), only_q_ref.to(torch::kDouble), tol, tol));
-    // The plain-operator form other devices run gives the same heads and gradients.
-    auto ops = SplitHeadsWithRotaryOps(qkv, cos, sin);
-    for (int i = 0; i < 3; ++i) {
-      EXPECT_TRUE(ops[i].is_contiguous());
-      EXPECT_TRUE(torch::allclose(ops[i].to(torch::kDouble), std::array{q, k, v}[i].to(torch::kDouble),
-                                  tol, tol)) << dtype << " part " << i;
-    }
-    auto g_ops = ProbeGradients({ops[0], ops[1], ops[2]}, probes, {qkv})[0];
-    EXPECT_TRUE(torch::allclose(g_ops.to(torch::kDouble), g_fused.to(torch::kDouble), tol, tol))
-        << dtype;
   }
 }
 
@@ -313,44 +293,117 @@ TEST(MixedPrecision, Bf16ProductsKeepFp32OutputsGradientsAndRouters) {
   EXPECT_TRUE(torch::equal(router->forward(x, guarded, nullptr), expected));
 }
 
-// The fused scan against the cell stepped one position at a time (plain autograd), GRU and
-// RNN, in fp64, from a given initial state: states and every gradient.
-TEST(RecurrentScan, MatchesTheCellSteppedThroughTheSequence) {
+// The host loop against the cell stepped one position at a time (ATen's GRU and RNN cells
+// under plain autograd), in fp64, from a given initial state: states and every gradient.
+TEST(RecurrentScan, HostLoopMatchesTheCellSteppedThroughTheSequence) {
   for (auto kind : {RouterSpec::GRU, RouterSpec::RNN}) {
     SCOPED_TRACE(RouterSpec::Cell_Name(kind));
-    torch::manual_seed(6);
+    const testing::ScanCase scan{kind, /*batch=*/3, /*steps=*/7, /*given_h0=*/true};
+    auto host_loop = testing::ScanWithGradients(scan, ScanImplementation::kHostLoop);
+
+    torch::manual_seed(11);  // the cell and inputs ScanWithGradients draws
     RecurrentCell cell(kind, 5, 4);
     cell->to(torch::kDouble);
-    const int64_t gates = kind == RouterSpec::GRU ? 3 : 1;
-    auto input = torch::randn({3, 7, gates * 4}, torch::kDouble).requires_grad_();
+    auto input = torch::randn({3, 7, 5}, torch::kDouble).requires_grad_();
     auto h0 = torch::randn({3, 4}, torch::kDouble).requires_grad_();
     auto probe = torch::randn({3, 7, 4}, torch::kDouble);
-    auto fused = cell->Scan(input, h0);
-    (fused * probe).sum().backward();
-    std::vector<torch::Tensor> fused_grads = {input.grad().clone(), h0.grad().clone()};
-    for (auto& p : cell->parameters()) {
-      fused_grads.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
-      p.mutable_grad() = torch::Tensor();
-    }
-    input.mutable_grad() = torch::Tensor();
-    h0.mutable_grad() = torch::Tensor();
-
     std::vector<torch::Tensor> steps;
     torch::Tensor h = h0;
     for (int64_t t = 0; t < 7; ++t) {
       h = cell->Step(input.select(1, t), h);
       steps.push_back(h);
     }
-    auto reference = torch::stack(steps, 1);
-    (reference * probe).sum().backward();
-    EXPECT_TRUE(torch::allclose(fused, reference, 1e-12, 1e-12));
-    std::vector<torch::Tensor> reference_grads = {input.grad(), h0.grad()};
-    for (auto& p : cell->parameters()) {
-      reference_grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+    auto states = torch::stack(steps, 1);
+    (states * probe).sum().backward();
+    testing::NamedTensors stepped = {
+        {"states", states}, {"grad input", input.grad()}, {"grad h0", h0.grad()}};
+    for (const auto& p : cell->named_parameters()) {
+      stepped.push_back({"grad " + p.key(), p.value().grad()});
     }
-    for (size_t i = 0; i < fused_grads.size(); ++i) {
-      EXPECT_TRUE(torch::allclose(fused_grads[i], reference_grads[i], 1e-10, 1e-12)) << "gradient " << i;
-    }
+    testing::ExpectAllClose(host_loop, stepped, 1e-12);
+  }
+}
+
+// ATen's multi-step RNN (the path for every device but the CPU), forced on the CPU, against
+// the host loop in fp64: states and the gradients of the input, h0 and every weight.
+class RecurrentScanImplementations : public ::testing::TestWithParam<testing::ScanCase> {};
+
+TEST_P(RecurrentScanImplementations, DeviceOpsMatchTheHostLoopInFp64) {
+  auto host_loop = testing::ScanWithGradients(GetParam(), ScanImplementation::kHostLoop);
+  auto device_ops = testing::ScanWithGradients(GetParam(), ScanImplementation::kDeviceOps);
+  testing::ExpectAllClose(device_ops, host_loop, 1e-10);
+  // On the CPU kAuto is the host loop.
+  auto automatic = testing::ScanWithGradients(GetParam(), ScanImplementation::kAuto);
+  testing::ExpectAllClose(automatic, host_loop, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllCases, RecurrentScanImplementations,
+                         ::testing::ValuesIn(testing::AllScanCases()),
+                         [](const auto& info) {
+                           const auto& c = info.param;
+                           return RouterSpec::Cell_Name(c.cell) + "_B" + std::to_string(c.batch) +
+                                  "_T" + std::to_string(c.steps) +
+                                  (c.given_h0 ? "_GivenH0" : "_ZeroH0");
+                         });
+
+TEST(RecurrentScan, AutoIsTheHostLoopOnTheCpuAndDeviceOpsElsewhere) {
+  EXPECT_EQ(ResolveScanImplementation(ScanImplementation::kAuto, torch::kCPU),
+            ScanImplementation::kHostLoop);
+  for (auto device : {torch::Device(torch::kCUDA, 0), torch::Device(torch::kMeta)}) {
+    EXPECT_EQ(ResolveScanImplementation(ScanImplementation::kAuto, device),
+              ScanImplementation::kDeviceOps);
+  }
+  for (auto forced : {ScanImplementation::kHostLoop, ScanImplementation::kDeviceOps}) {
+    EXPECT_EQ(ResolveScanImplementation(forced, torch::Device(torch::kCUDA, 0)), forced);
+  }
+}
+
+TEST(RecurrentScan, RefusesWhatItCannotRun) {
+  // The host loop reads memory on the host; meta tensors stand in for a GPU's here.
+  auto meta = [](std::vector<int64_t> shape) { return torch::empty(shape, torch::kMeta); };
+  const RecurrentCellWeights on_meta{meta({12, 5}), meta({12}), meta({12, 4}), meta({12})};
+  EXPECT_THROW(RecurrentScan(RouterSpec::GRU, meta({2, 3, 5}), meta({2, 4}), on_meta,
+                             ScanImplementation::kHostLoop),
+               c10::Error);
+  RecurrentCell cell(RouterSpec::GRU, 5, 4);
+  EXPECT_THROW(cell->Scan(torch::randn({2, 3, 6}), torch::Tensor()), c10::Error);  // width
+  EXPECT_THROW(cell->Scan(torch::randn({2, 3, 5}), torch::randn({2, 3})), c10::Error);  // h0
+  EXPECT_THROW(cell->Scan(torch::randn({2, 3, 5}, torch::kDouble), torch::Tensor()),
+               c10::Error);  // dtype
+}
+
+// The token-recurrent router gives the same logits and gradients with either scan, over two
+// calls that carry the state from the first to the second (a slice of its states).
+TEST(RecurrentScan, TheTokenRouterIsTheSameWithEitherImplementation) {
+  for (const auto& router : AllRouters()) {
+    if (router.kind != RouterSpec::RECURRENT || router.recurrence != RouterSpec::TOKEN) continue;
+    SCOPED_TRACE(router.name);
+    auto spec = TinyModel(router);
+    auto init = InitScales::FromSpec(spec);
+    torch::manual_seed(12);
+    auto x = torch::randn({2, 6, spec.d_model()}, torch::kDouble);
+    auto run = [&](ScanImplementation implementation) {
+      torch::manual_seed(13);
+      auto made = MakeRouter(spec, init, RecurrentCell(nullptr), implementation);
+      made->to(torch::kDouble);
+      auto input = x.clone().requires_grad_();
+      torch::Tensor state;
+      RouterCarry first_carry, second_carry;
+      auto first = made->forward(input.narrow(1, 0, 4), first_carry, &state);
+      auto second = made->forward(input.narrow(1, 4, 2), second_carry, &state);
+      auto logits = torch::cat({first, second}, 0);
+      (logits * torch::linspace(-1, 1, logits.numel(), torch::kDouble).view_as(logits))
+          .sum()
+          .backward();
+      testing::NamedTensors out = {{"logits", logits.detach()}, {"state", state.detach()},
+                                   {"grad x", input.grad()}};
+      for (const auto& p : made->named_parameters()) {
+        out.push_back({"grad " + p.key(), p.value().grad()});
+      }
+      return out;
+    };
+    testing::ExpectAllClose(run(ScanImplementation::kDeviceOps),
+                            run(ScanImplementation::kHostLoop), 1e-10);
   }
 }
 

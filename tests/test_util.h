@@ -1,14 +1,18 @@
-// Helpers shared by the torch tests: small specs and a finite-difference gradient check.
+// Helpers shared by the torch tests: small specs, a finite-difference gradient check and
+// a recurrent scan with its gradients, to compare implementations and devices.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include "proto/job.pb.h"
+#include "rmoe/model/router.h"
 
 namespace rmoe::testing {
 
@@ -85,6 +89,79 @@ inline void ExpectGradientsMatchFiniteDifferences(
       EXPECT_NEAR(analytic, numeric, tolerance * std::max(1.0, std::abs(numeric)))
           << "input " << i << " entry " << index;
     }
+  }
+}
+
+// What a recurrent scan produced, by name, on the CPU in fp64 whatever it ran on.
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+struct ScanCase {
+  RouterSpec::Cell cell;
+  int64_t batch, steps;
+  bool given_h0;  // false: the cell starts from its default, zeros
+};
+
+inline void PrintTo(const ScanCase& c, std::ostream* os) {
+  *os << RouterSpec::Cell_Name(c.cell) << " B=" << c.batch << " T=" << c.steps
+      << (c.given_h0 ? " with h0" : " from zeros");
+}
+
+// Every case the scan tests cover: both cells, a given and a default initial state, one
+// step and several, batch 1 and more.
+inline std::vector<ScanCase> AllScanCases() {
+  std::vector<ScanCase> cases;
+  for (auto cell : {RouterSpec::GRU, RouterSpec::RNN}) {
+    for (bool given_h0 : {true, false}) {
+      for (auto [batch, steps] : {std::pair<int64_t, int64_t>{3, 1}, {3, 9}, {1, 5}}) {
+        cases.push_back({cell, batch, steps, given_h0});
+      }
+    }
+  }
+  return cases;
+}
+
+// The states of a scan by a RecurrentCell with 5 inputs and 4 hidden units and the
+// gradients of sum(states * probe) with respect to the input, h0 (when given) and every
+// parameter, for `implementation` on `device` in `dtype`. The cell, the inputs and the
+// probe depend only on the case (drawn in fp64 on the CPU, then converted), so two calls
+// that differ in implementation, device or dtype compute the same function.
+inline NamedTensors ScanWithGradients(const ScanCase& c, ScanImplementation implementation,
+                                      torch::Device device = torch::kCPU,
+                                      torch::ScalarType dtype = torch::kDouble) {
+  constexpr int64_t kInputs = 5, kHidden = 4;
+  torch::manual_seed(11);
+  RecurrentCell cell(c.cell, kInputs, kHidden);
+  cell->to(torch::kDouble);
+  auto input = torch::randn({c.batch, c.steps, kInputs}, torch::kDouble);
+  auto h0 = torch::randn({c.batch, kHidden}, torch::kDouble);
+  auto probe = torch::randn({c.batch, c.steps, kHidden}, torch::kDouble);
+  cell->to(device, dtype);
+  input = input.to(device, dtype).requires_grad_();
+  h0 = h0.to(device, dtype).requires_grad_();
+  auto states = cell->Scan(input, c.given_h0 ? h0 : torch::Tensor(), implementation);
+  (states.to(torch::kCPU, torch::kDouble) * probe).sum().backward();
+  auto host = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kDouble); };
+  NamedTensors out = {{"states", host(states)}, {"grad input", host(input.grad())}};
+  if (c.given_h0) out.push_back({"grad h0", host(h0.grad())});
+  for (const auto& p : cell->named_parameters()) {
+    out.push_back({"grad " + p.key(), host(p.value().grad())});
+  }
+  return out;
+}
+
+// Each of `actual` equals its namesake in `expected` within `tolerance` of the larger of 1
+// and the expected values' largest magnitude.
+inline void ExpectAllClose(const NamedTensors& actual, const NamedTensors& expected,
+                           double tolerance) {
+  ASSERT_EQ(actual.size(), expected.size());
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const auto& [name, a] = actual[i];
+    const auto& b = expected[i].second;
+    ASSERT_EQ(name, expected[i].first);
+    ASSERT_TRUE(a.defined() && b.defined()) << name << " is missing";
+    ASSERT_EQ(a.sizes(), b.sizes()) << name;
+    const double scale = std::max(1.0, b.abs().max().item<double>());
+    EXPECT_LE((a - b).abs().max().item<double>(), tolerance * scale) << name;
   }
 }
 

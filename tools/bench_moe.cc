@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <map>
+#include <string>
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
@@ -72,6 +74,8 @@ Options:
   --d-model D        (default 512)   --hidden H      expert hidden (default 2048)
   --experts E        (default 8)     --top-k K       (default 2)
   --router-hidden R  recurrent state width (default 64)
+  --scan S           how the token routers scan: auto (the host loop on the CPU),
+                     host-loop or device-ops (ATen's multi-step RNN, forced here)
   --repeats R        timed repeats, median reported (default 5)
   --threads T        intra-op threads (default: every core of this process)
   --json PATH        also write the results as JSON
@@ -309,13 +313,22 @@ int RunMoe(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
 
 int RunRouter(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
   const Options o(args, {"--seq-lens", "--tokens", "--d-model", "--hidden", "--experts", "--top-k",
-                         "--router-hidden", "--repeats"});
+                         "--router-hidden", "--scan", "--repeats"});
   const auto seq_lens = o.IntList("--seq-lens", {256, 1024, 4096});
   const int64_t tokens = o.Int("--tokens", 4096), d = o.Int("--d-model", 512);
   const int64_t h = o.Int("--hidden", 2048), e = o.Int("--experts", 8), top_k = o.Int("--top-k", 2);
   const int64_t router_hidden = o.Int("--router-hidden", 64);
   const int repeats = static_cast<int>(o.Int("--repeats", 5));
   if (top_k > e) throw UsageError("--top-k exceeds --experts");
+  const std::string scan_name = o.String("--scan", "auto");
+  const std::map<std::string, ScanImplementation> scans = {
+      {"auto", ScanImplementation::kAuto},
+      {"host-loop", ScanImplementation::kHostLoop},
+      {"device-ops", ScanImplementation::kDeviceOps}};
+  if (!scans.count(scan_name)) {
+    throw UsageError("--scan " + scan_name + " is not one of auto, host-loop, device-ops");
+  }
+  const ScanImplementation scan = scans.at(scan_name);
   KeepFreedMemoryForReuse();  // as rmoe_train
   for (int64_t t : seq_lens) {
     if (tokens % t != 0) throw UsageError(absl::StrFormat("--tokens %d is not a multiple of seq len %d", tokens, t));
@@ -351,7 +364,7 @@ int RunRouter(const std::vector<std::string>& args, distributed::MpiRuntime& mpi
       spec.mutable_router()->set_hidden_dim(router_hidden);
       torch::manual_seed(9);
       RecurrentCell cell = MakeSharedRouterCell(spec);
-      MoELayer layer(spec, InitScales{0.02, 0.02}, cell);
+      MoELayer layer(spec, InitScales{0.02, 0.02}, cell, scan);
       Router& router = layer->router();
       auto x = torch::randn({tokens / seq, seq, d}).requires_grad_();
       auto grad_y = torch::randn({tokens / seq, seq, d});
@@ -392,13 +405,15 @@ int RunRouter(const std::vector<std::string>& args, distributed::MpiRuntime& mpi
   }
   if (is_main) {
     absl::PrintF("router: forward+backward, %d tokens per call (batch = tokens / seq len), d_model "
-                "%d, %d experts of hidden %d, top-%d, router state %d; medians of %d\n",
-                tokens, d, e, h, top_k, router_hidden, repeats);
+                "%d, %d experts of hidden %d, top-%d, router state %d, token scan %s; medians "
+                "of %d\n",
+                tokens, d, e, h, top_k, router_hidden, scan_name, repeats);
     table.Print();
     std::printf("\n");
   }
   JsonObject result;
   result.Add("tokens", tokens).Add("d_model", d).Add("router_hidden", router_hidden)
+      .Add("scan", scan_name)
       .AddRaw("router", JsonArray(rows));
   if (is_main) WriteJson(o.String("--json", ""), "router", context, result);
   return 0;

@@ -198,51 +198,71 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
-}  // namespace
+// The dtype the fused loops accumulate in: fp32 for bf16, the input's own otherwise.
+torch::ScalarType AccumulationType(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kBFloat16 ? torch::kFloat : x.scalar_type();
+}
 
-torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+void CheckRmsNormArguments(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "RMSNorm weight of shape ",
-              weight.sizes(), " for inputs of shape ", x.sizes());
-  if (!x.device().is_cpu()) return RmsNormOps(x, weight, eps);
-  return RmsNormFunction::apply(x, weight, eps);
+              weight.sizes(), " for inputs of shape ", x.sizes(), ": it must be [",
+              x.size(-1), "]");
 }
 
-torch::Tensor RmsNormOps(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  const auto accumulate = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  const auto wide = x.to(accumulate);
-  return (wide * torch::rsqrt(wide.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight.to(accumulate))
-      .to(x.scalar_type());
-}
-
-std::array<torch::Tensor, 3> SplitHeadsWithRotary(const torch::Tensor& qkv,
-                                                  const torch::Tensor& cos,
-                                                  const torch::Tensor& sin) {
+void CheckRotaryArguments(const torch::Tensor& qkv, const torch::Tensor& cos,
+                          const torch::Tensor& sin) {
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3 && qkv.size(4) % 2 == 0,
               "qkv must be [B, T, 3, H, even head_dim], got ", qkv.sizes());
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == qkv.size(1) && cos.size(1) == qkv.size(4) / 2 &&
                   sin.sizes() == cos.sizes(),
               "rotary tables must be [T, head_dim / 2] = [", qkv.size(1), ", ", qkv.size(4) / 2,
               "], got ", cos.sizes(), " and ", sin.sizes());
-  if (!qkv.device().is_cpu()) return SplitHeadsWithRotaryOps(qkv, cos, sin);
+}
+
+}  // namespace
+
+torch::Tensor FusedRmsNorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  CheckRmsNormArguments(x, weight);
+  if (!x.device().is_cpu()) return RmsNormFromOperators(x, weight, eps);
+  return RmsNormFunction::apply(x, weight, eps);
+}
+
+torch::Tensor RmsNormFromOperators(const torch::Tensor& x, const torch::Tensor& weight,
+                                   double eps) {
+  CheckRmsNormArguments(x, weight);
+  // As the fused loop: the weight in x's dtype, the arithmetic in the accumulation type.
+  const auto wide = x.to(AccumulationType(x));
+  auto y = wide * torch::rsqrt(wide.square().mean(-1, /*keepdim=*/true) + eps) *
+           weight.to(x.scalar_type()).to(wide.scalar_type());
+  return y.to(x.scalar_type());
+}
+
+std::array<torch::Tensor, 3> SplitHeadsWithRotary(const torch::Tensor& qkv,
+                                                  const torch::Tensor& cos,
+                                                  const torch::Tensor& sin) {
+  CheckRotaryArguments(qkv, cos, sin);
+  if (!qkv.device().is_cpu()) return SplitHeadsWithRotaryFromOperators(qkv, cos, sin);
   // The tables are fp32 values (a model moved to fp64 holds them widened, exactly).
   auto out = RotaryHeadsFunction::apply(qkv, cos.to(torch::kFloat).contiguous(),
                                         sin.to(torch::kFloat).contiguous());
   return {out[0], out[1], out[2]};
 }
 
-std::array<torch::Tensor, 3> SplitHeadsWithRotaryOps(const torch::Tensor& qkv,
-                                                     const torch::Tensor& cos,
-                                                     const torch::Tensor& sin) {
-  const auto accumulate = qkv.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  const auto c = cos.to(accumulate), s = sin.to(accumulate);
+std::array<torch::Tensor, 3> SplitHeadsWithRotaryFromOperators(const torch::Tensor& qkv,
+                                                               const torch::Tensor& cos,
+                                                               const torch::Tensor& sin) {
+  CheckRotaryArguments(qkv, cos, sin);
   const auto parts = qkv.permute({2, 0, 3, 1, 4});  // [3, B, H, T, hd]
+  // Pairs (x[2i], x[2i+1]) turned by the angle of their position and i, in the fused loop's
+  // precision; the tables are read as fp32 values, as there.
   auto rotate = [&](const torch::Tensor& x) {
-    auto pairs = x.to(accumulate).unflatten(-1, {x.size(-1) / 2, 2});
-    auto even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
-    return torch::stack({even * c - odd * s, even * s + odd * c}, -1)
-        .flatten(-2)
-        .to(x.scalar_type())
-        .contiguous();
+    const auto wide = x.to(AccumulationType(x));
+    const auto pairs = wide.unflatten(-1, {x.size(-1) / 2, 2});
+    const auto even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
+    const auto c = cos.to(torch::kFloat).to(wide.scalar_type());
+    const auto s = sin.to(torch::kFloat).to(wide.scalar_type());
+    auto turned = torch::stack({even * c - odd * s, even * s + odd * c}, -1).flatten(-2);
+    return turned.to(x.scalar_type()).contiguous();
   };
   return {rotate(parts[0]), rotate(parts[1]), parts[2].contiguous()};
 }

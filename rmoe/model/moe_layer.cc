@@ -33,9 +33,10 @@ torch::Tensor RouterZLoss(const torch::Tensor& logits) {
 }
 
 MoELayerImpl::MoELayerImpl(const ModelSpec& model, const InitScales& init,
-                           RecurrentCell shared_router_cell)
+                           RecurrentCell shared_router_cell, ScanImplementation token_scan)
     : spec_(model.moe()), dispatcher_(std::make_shared<LocalDispatcher>()) {
-  router_ = register_module("router", MakeRouter(model, init, std::move(shared_router_cell)));
+  router_ = register_module(
+      "router", MakeRouter(model, init, std::move(shared_router_cell), token_scan));
   experts_ = register_module(
       "experts", ExpertBank(spec_.num_experts(), model.d_model(), spec_.expert_hidden_dim(), init));
   if (spec_.shared_expert()) {

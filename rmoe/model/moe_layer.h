@@ -48,7 +48,9 @@ torch::Tensor RouterZLoss(const torch::Tensor& logits);
 
 class MoELayerImpl : public torch::nn::Module {
  public:
-  MoELayerImpl(const ModelSpec& model, const InitScales& init, RecurrentCell shared_router_cell);
+  // `token_scan`: how a token-recurrent router scans (MakeRouter).
+  MoELayerImpl(const ModelSpec& model, const InitScales& init, RecurrentCell shared_router_cell,
+               ScanImplementation token_scan = ScanImplementation::kAuto);
   MoEOutput forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor* token_state);
 
   // Expert parallelism swaps in a dispatcher that exchanges tokens across ranks.

@@ -1,6 +1,11 @@
 #include "rmoe/model/recurrent_scan.h"
 
 #include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <c10/util/Exception.h>
 
 namespace rmoe {
 namespace {
@@ -28,10 +33,6 @@ class ScanFunction : public torch::autograd::Function<ScanFunction> {
     const auto gi = input_gates.contiguous();
     const int64_t batch = gi.size(0), steps = gi.size(1), hidden = w_hh.size(1);
     const int64_t gates = gru ? 3 : 1;
-    TORCH_CHECK(gi.device().is_cpu(), "RecurrentScan runs on CPU tensors");
-    TORCH_CHECK(gi.size(2) == gates * hidden && w_hh.size(0) == gates * hidden,
-                "RecurrentScan: input gates of width ", gi.size(2), " and w_hh ", w_hh.sizes(),
-                " do not match ", gates, " gates of ", hidden);
     auto states = torch::empty({batch, steps, hidden}, gi.options());
     // What the backward needs per step: GRU r, z, n and the hidden part of n's gate.
     auto saved = torch::empty({batch, steps, gru ? 4 * hidden : 0}, gi.options());
@@ -131,12 +132,94 @@ class ScanFunction : public torch::autograd::Function<ScanFunction> {
   }
 };
 
+void CheckScanArguments(RouterSpec::Cell cell, const torch::Tensor& input,
+                        const torch::Tensor& h0, const RecurrentCellWeights& w) {
+  TORCH_CHECK(cell == RouterSpec::GRU || cell == RouterSpec::RNN,
+              "RecurrentScan: cell must be GRU or RNN, got ", RouterSpec::Cell_Name(cell));
+  const int64_t gates = cell == RouterSpec::GRU ? 3 : 1, hidden = w.w_hh.size(-1);
+  TORCH_CHECK(input.dim() == 3 && h0.dim() == 2 && h0.size(0) == input.size(0) &&
+                  h0.size(1) == hidden,
+              "RecurrentScan: input must be [B, T, I] and h0 [B, H = ", hidden, "], got ",
+              input.sizes(), " and ", h0.sizes());
+  TORCH_CHECK(w.w_ih.sizes() == torch::IntArrayRef({gates * hidden, input.size(2)}) &&
+                  w.w_hh.sizes() == torch::IntArrayRef({gates * hidden, hidden}) &&
+                  w.b_ih.sizes() == torch::IntArrayRef({gates * hidden}) &&
+                  w.b_hh.sizes() == w.b_ih.sizes(),
+              "RecurrentScan: a ", RouterSpec::Cell_Name(cell), " of ", gates, " gates of ", hidden,
+              " over inputs of width ", input.size(2), " needs w_ih [", gates * hidden, ", ",
+              input.size(2), "], w_hh [", gates * hidden, ", ", hidden, "] and biases [",
+              gates * hidden, "], got ", w.w_ih.sizes(), ", ", w.w_hh.sizes(), ", ",
+              w.b_ih.sizes(), " and ", w.b_hh.sizes());
+  for (const auto* t : {&h0, &w.w_ih, &w.b_ih, &w.w_hh, &w.b_hh}) {
+    TORCH_CHECK(t->device() == input.device() && t->scalar_type() == input.scalar_type(),
+                "RecurrentScan: every tensor must have the input's device and dtype (",
+                input.device(), ", ", input.scalar_type(), "), got one on ", t->device(), " in ",
+                t->scalar_type());
+  }
+}
+
+torch::Tensor HostLoopScan(RouterSpec::Cell cell, const torch::Tensor& input,
+                           const torch::Tensor& h0, const RecurrentCellWeights& w) {
+  TORCH_CHECK(input.device().is_cpu(),
+              "RecurrentScan: the host loop reads the tensors' memory on the host and needs CPU "
+              "tensors, got them on ", input.device(), "; use ScanImplementation::kDeviceOps "
+              "(or kAuto) there");
+  // Everything that does not depend on h is one product over all tokens up front.
+  auto input_gates = torch::nn::functional::linear(input, w.w_ih, w.b_ih);
+  return ScanFunction::apply(input_gates, h0, w.w_hh, w.b_hh, static_cast<int64_t>(cell));
+}
+
+// cuDNN takes an RNN's weights as views into one buffer of its own layout (what
+// nn.GRU's flatten_parameters arranges) and otherwise copies them into such a buffer on
+// every call, warning each time. For a router cell the copy is 3H(I + H) + 6H numbers,
+// nothing next to the scan itself, so the cell keeps plain parameters (one layout on every
+// device, in checkpoints too) and this warning alone is dropped while the scan runs.
+class DropWeightCompactionWarning : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& warning) override {
+    if (warning.msg().find("not part of single contiguous chunk") != std::string::npos) return;
+    next_->process(warning);
+  }
+
+ private:
+  c10::WarningHandler* next_ = c10::WarningUtils::get_warning_handler();
+};
+
+torch::Tensor DeviceOpsScan(RouterSpec::Cell cell, const torch::Tensor& input,
+                            const torch::Tensor& h0, const RecurrentCellWeights& w) {
+  const std::vector<torch::Tensor> params = {w.w_ih, w.w_hh, w.b_ih, w.b_hh};
+  // [layers, B, H]; cuDNN refuses a strided initial state, and a state carried from an
+  // earlier call is a slice of that call's states.
+  const auto hx = h0.contiguous().unsqueeze(0);
+  // cuDNN keeps what its backward needs only when told it will train.
+  const bool train = torch::GradMode::is_enabled();
+  DropWeightCompactionWarning drop_compaction_warning;
+  c10::WarningUtils::WarningHandlerGuard warnings(&drop_compaction_warning);
+  using MultiStepRnn = std::tuple<torch::Tensor, torch::Tensor> (*)(
+      const torch::Tensor&, const torch::Tensor&, torch::TensorList, bool, int64_t, double, bool,
+      bool, bool);
+  const auto run = cell == RouterSpec::GRU ? MultiStepRnn(&at::gru) : MultiStepRnn(&at::rnn_tanh);
+  return std::get<0>(run(input, hx, params, /*has_biases=*/true, /*num_layers=*/1,
+                         /*dropout=*/0.0, train, /*bidirectional=*/false,
+                         /*batch_first=*/true));
+}
+
 }  // namespace
 
-torch::Tensor RecurrentScan(RouterSpec::Cell cell, const torch::Tensor& input_gates,
-                            const torch::Tensor& h0, const torch::Tensor& w_hh,
-                            const torch::Tensor& b_hh) {
-  return ScanFunction::apply(input_gates, h0, w_hh, b_hh, static_cast<int64_t>(cell));
+ScanImplementation ResolveScanImplementation(ScanImplementation requested,
+                                             const torch::Device& device) {
+  if (requested != ScanImplementation::kAuto) return requested;
+  return device.is_cpu() ? ScanImplementation::kHostLoop : ScanImplementation::kDeviceOps;
+}
+
+torch::Tensor RecurrentScan(RouterSpec::Cell cell, const torch::Tensor& input,
+                            const torch::Tensor& h0, const RecurrentCellWeights& weights,
+                            ScanImplementation implementation) {
+  CheckScanArguments(cell, input, h0, weights);
+  if (ResolveScanImplementation(implementation, input.device()) == ScanImplementation::kHostLoop) {
+    return HostLoopScan(cell, input, h0, weights);
+  }
+  return DeviceOpsScan(cell, input, h0, weights);
 }
 
 }  // namespace rmoe

@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "rmoe/model/recurrent_scan.h"
 
 namespace rmoe {
 
@@ -42,31 +41,17 @@ RecurrentCellImpl::RecurrentCellImpl(RouterSpec::Cell cell, int64_t input_dim,
   b_hh_ = register_parameter("b_hh", uniform({gates}));
 }
 
-torch::Tensor RecurrentCellImpl::ProjectInput(const torch::Tensor& input) const {
-  return LinearNoBias(input, w_ih_) + b_ih_;
+torch::Tensor RecurrentCellImpl::Step(const torch::Tensor& input, const torch::Tensor& h) const {
+  auto state = h.defined() ? h : torch::zeros({input.size(0), hidden_dim_}, input.options());
+  // ATen's cells: one fused kernel for the gates on CUDA, plain operators on the CPU.
+  if (cell_ == RouterSpec::RNN) return at::rnn_tanh_cell(input, state, w_ih_, w_hh_, b_ih_, b_hh_);
+  return at::gru_cell(input, state, w_ih_, w_hh_, b_ih_, b_hh_);
 }
 
-torch::Tensor RecurrentCellImpl::Step(const torch::Tensor& input_gates,
-                                      const torch::Tensor& h) const {
-  auto state = h.defined() ? h
-                          : torch::zeros({input_gates.size(0), hidden_dim_}, input_gates.options());
-  auto hidden_gates = LinearNoBias(state, w_hh_) + b_hh_;
-  if (cell_ == RouterSpec::RNN) return torch::tanh(input_gates + hidden_gates);
-  // PyTorch's GRU gate order: reset, update, new.
-  auto gi = input_gates.chunk(3, -1);
-  auto gh = hidden_gates.chunk(3, -1);
-  auto reset = torch::sigmoid(gi[0] + gh[0]);
-  auto update = torch::sigmoid(gi[1] + gh[1]);
-  auto candidate = torch::tanh(gi[2] + reset * gh[2]);
-  return (1 - update) * candidate + update * state;
-}
-
-torch::Tensor RecurrentCellImpl::Scan(const torch::Tensor& input_gates,
-                                      const torch::Tensor& h0) const {
-  auto start = h0.defined()
-                   ? h0
-                   : torch::zeros({input_gates.size(0), hidden_dim_}, input_gates.options());
-  return RecurrentScan(cell_, input_gates, start, w_hh_, b_hh_);
+torch::Tensor RecurrentCellImpl::Scan(const torch::Tensor& input, const torch::Tensor& h0,
+                                      ScanImplementation implementation) const {
+  auto start = h0.defined() ? h0 : torch::zeros({input.size(0), hidden_dim_}, input.options());
+  return RecurrentScan(cell_, input, start, {w_ih_, b_ih_, w_hh_, b_hh_}, implementation);
 }
 
 namespace {
@@ -96,8 +81,7 @@ class LayerRecurrentRouter : public Router {
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor*) override {
     auto flat = x.reshape({-1, x.size(-1)}).to(FullPrecisionType(x.scalar_type()));
-    auto input_gates = cell_->ProjectInput(LinearNoBias(flat, proj_));
-    carry.layer_state = cell_->Step(input_gates, carry.layer_state);
+    carry.layer_state = cell_->Step(LinearNoBias(flat, proj_), carry.layer_state);
     return LinearNoBias(carry.layer_state, gate_);
   }
 
@@ -108,7 +92,7 @@ class LayerRecurrentRouter : public Router {
 
 class TokenRecurrentRouter : public Router {
  public:
-  explicit TokenRecurrentRouter(const ModelSpec& model) {
+  TokenRecurrentRouter(const ModelSpec& model, ScanImplementation scan) : scan_(scan) {
     const int64_t hidden = model.router().hidden_dim();
     proj_ = register_parameter("proj", RecurrentRouterWeight(model.router(), hidden, model.d_model()));
     cell_ = register_module("cell", RecurrentCell(model.router().cell(), hidden, hidden));
@@ -117,16 +101,15 @@ class TokenRecurrentRouter : public Router {
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor* token_state) override {
     const int64_t batch = x.size(0), steps = x.size(1);
-    auto input = x.to(FullPrecisionType(x.scalar_type()));
-    // Everything that does not depend on h is batched over all tokens up front.
-    auto input_gates = cell_->ProjectInput(LinearNoBias(input, proj_));  // [B, T, G*H]
-    auto states = cell_->Scan(input_gates, token_state ? *token_state : torch::Tensor());
+    auto input = LinearNoBias(x.to(FullPrecisionType(x.scalar_type())), proj_);  // [B, T, H]
+    auto states = cell_->Scan(input, token_state ? *token_state : torch::Tensor(), scan_);
     if (token_state) *token_state = states.select(1, steps - 1);
     auto all_states = states.reshape({batch * steps, -1});
     return LinearNoBias(all_states, gate_);
   }
 
  private:
+  ScanImplementation scan_;
   torch::Tensor proj_, gate_;
   RecurrentCell cell_{nullptr};
 };
@@ -142,7 +125,7 @@ RecurrentCell MakeSharedRouterCell(const ModelSpec& model) {
 }
 
 std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& init,
-                                   RecurrentCell shared_cell) {
+                                   RecurrentCell shared_cell, ScanImplementation token_scan) {
   if (model.router().kind() == RouterSpec::LINEAR) {
     return std::make_shared<LinearRouter>(model, init);
   }
@@ -150,7 +133,7 @@ std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& ini
     TORCH_CHECK(!shared_cell.is_empty(), "layer-recurrent router needs the model's shared cell");
     return std::make_shared<LayerRecurrentRouter>(model, std::move(shared_cell));
   }
-  return std::make_shared<TokenRecurrentRouter>(model);
+  return std::make_shared<TokenRecurrentRouter>(model, token_scan);
 }
 
 }  // namespace rmoe

@@ -17,6 +17,7 @@
 
 #include "proto/job.pb.h"
 #include "rmoe/model/layers.h"
+#include "rmoe/model/recurrent_scan.h"
 
 namespace rmoe {
 
@@ -27,18 +28,16 @@ struct RouterCarry {
   torch::Tensor layer_state;
 };
 
-// A GRU or Elman RNN cell, split so that the input half is one batched product over all
-// tokens and only the recurrent half runs inside a sequential scan.
+// A GRU or Elman RNN cell with PyTorch's parameters and gate order (w_ih, b_ih, w_hh, b_hh).
 class RecurrentCellImpl : public torch::nn::Module {
  public:
   RecurrentCellImpl(RouterSpec::Cell cell, int64_t input_dim, int64_t hidden_dim);
-  // [*, input_dim] -> [*, gates * hidden_dim]: W_ih r + b_ih.
-  torch::Tensor ProjectInput(const torch::Tensor& input) const;
-  // One step from projected input gates; `h` undefined means zeros.
-  torch::Tensor Step(const torch::Tensor& input_gates, const torch::Tensor& h) const;
-  // Every step of a sequence, input_gates [B, T, G*H] from h0 [B, H] (undefined = zeros):
-  // the states [B, T, H], as one autograd node (rmoe/model/recurrent_scan.h).
-  torch::Tensor Scan(const torch::Tensor& input_gates, const torch::Tensor& h0) const;
+  // One step: input [N, input_dim], h [N, hidden_dim] (undefined = zeros) -> [N, hidden_dim].
+  torch::Tensor Step(const torch::Tensor& input, const torch::Tensor& h) const;
+  // Every step of a sequence, input [B, T, input_dim] from h0 [B, H] (undefined = zeros):
+  // the states [B, T, H] (rmoe/model/recurrent_scan.h says how each implementation runs).
+  torch::Tensor Scan(const torch::Tensor& input, const torch::Tensor& h0,
+                     ScanImplementation implementation = ScanImplementation::kAuto) const;
   int64_t hidden_dim() const { return hidden_dim_; }
 
  private:
@@ -59,8 +58,10 @@ class Router : public torch::nn::Module {
 
 // Builds the router of one MoE layer. `shared_cell` is the layer-recurrent cell owned by
 // the model (registered there once, so its parameters are not duplicated per layer).
+// `token_scan` is how the token-recurrent router scans (ignored by other routers).
 std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& init,
-                                   RecurrentCell shared_cell);
+                                   RecurrentCell shared_cell,
+                                   ScanImplementation token_scan = ScanImplementation::kAuto);
 
 // The cell the model owns for layer recurrence, or an empty holder for other routers.
 RecurrentCell MakeSharedRouterCell(const ModelSpec& model);
