@@ -48,7 +48,7 @@ inline constexpr int kCheckpointFormatVersion = 1;
 // of `global_shape` (row_start = 0 and local = everything for a replicated tensor).
 struct ShardedTensor {
   std::string name;  // "model/<param>" or "optimizer/<param>/<state>"
-  torch::Tensor local;  // CPU, contiguous; LoadTensors fills it in place
+  torch::Tensor local;  // any device; LoadTensors fills it (through a host copy off the CPU)
   std::vector<int64_t> global_shape;
   int64_t row_start = 0;
   // This rank writes its rows. Across the world every row of every tensor must be written

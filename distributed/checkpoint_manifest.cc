@@ -119,9 +119,12 @@ absl::Status ValidateManifest(const CheckpointManifest& m, const std::string& pa
                                               " of ", RowsString(0, rows)));
     }
   }
-  if (m.world_size() > 0 && m.rng_states_size() != 0 && m.rng_states_size() != m.world_size()) {
-    return absl::DataLossError(absl::StrCat(path, ": ", m.rng_states_size(),
-                                            " generator states for world size ", m.world_size()));
+  for (const auto& [count, what] : {std::pair{m.rng_states_size(), "generator states"},
+                                    std::pair{m.device_rng_states_size(), "device generator states"}}) {
+    if (m.world_size() > 0 && count != 0 && count != m.world_size()) {
+      return absl::DataLossError(
+          absl::StrCat(path, ": ", count, " ", what, " for world size ", m.world_size()));
+    }
   }
   return absl::OkStatus();
 }
@@ -404,6 +407,7 @@ absl::Status MergeManifests(const std::vector<std::string>& partials, Checkpoint
       for (const auto& p : t.pieces()) it->second.pieces.emplace_back(p, r);
     }
     for (const auto& state : partial.rng_states()) out->add_rng_states(state);
+    for (const auto& state : partial.device_rng_states()) out->add_device_rng_states(state);
   }
   std::vector<std::string> problems;
   for (const auto& name : order) {

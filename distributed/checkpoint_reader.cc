@@ -211,15 +211,15 @@ absl::Status LoadTensors(const std::string& dir, const CheckpointManifest& manif
           ShapeString(r.shape()), ", expected ",
           dtype ? dtype : c10::toString(t.local.scalar_type()), " ", ShapeString(t.global_shape)));
     }
-    if (!t.local.device().is_cpu() || !t.local.is_contiguous()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor '", t.name, "': LoadTensors fills CPU contiguous tensors in place"));
-    }
     if (auto s = CheckLocal(t); !s.ok()) return s;
+    // A device tensor (or a strided view) is filled through a contiguous host copy.
+    const bool staged = !t.local.device().is_cpu() || !t.local.is_contiguous();
+    torch::Tensor host = staged ? torch::empty(t.local.sizes(), t.local.options().device(torch::kCPU))
+                                : t.local;
     const int64_t row_bytes = RowElements(r.shape()) * DtypeBytes(r.dtype());
     const int64_t begin = t.row_start;
     const int64_t end = begin + (r.shape_size() == 0 ? 1 : t.local.size(0));
-    char* base = static_cast<char*>(t.local.data_ptr());
+    char* base = static_cast<char*>(host.data_ptr());
     for (const auto& p : r.pieces()) {
       const int64_t lo = std::max(begin, p.row_start());
       const int64_t hi = std::min(end, p.row_start() + p.rows());
@@ -232,6 +232,7 @@ absl::Status LoadTensors(const std::string& dir, const CheckpointManifest& manif
         return s;
       }
     }
+    if (staged) t.local.copy_(host);
   }
   return absl::OkStatus();
 }

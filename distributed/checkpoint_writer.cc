@@ -112,16 +112,25 @@ absl::StatusOr<std::vector<std::string>> Agree(
 
 std::string ShardName(int rank) { return absl::StrFormat("shard_%05d.bin", rank); }
 
-std::string RngStateBytes() {
-  at::Generator gen = at::detail::getDefaultCPUGenerator();
+std::string GeneratorStateBytes(at::Generator generator) {
   torch::Tensor state;
   {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    state = gen.get_state();
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    state = generator.get_state();
   }
   state = state.contiguous();
   return std::string(reinterpret_cast<const char*>(state.data_ptr()),
                      static_cast<size_t>(state.nbytes()));
+}
+
+// The generator of the device the tensors live on; empty when they are on the CPU.
+std::string DeviceGeneratorStateBytes(const std::vector<ShardedTensor>& tensors) {
+  for (const auto& t : tensors) {
+    if (t.local.defined() && !t.local.device().is_cpu()) {
+      return GeneratorStateBytes(at::globalContext().defaultGenerator(t.local.device()));
+    }
+  }
+  return "";
 }
 
 // What this rank writes into its shard, taken on the calling thread: the tensors are
@@ -163,13 +172,16 @@ absl::Status PrepareShard(const std::string& dir, int rank,
     if (!t.write) continue;
     const int64_t rows = t.global_shape.empty() ? 1 : t.local.size(0);
     if (rows == 0) continue;
+    // Device tensors are staged on the host by this copy, which is already a snapshot.
     torch::Tensor data = t.local.detach().to(torch::kCPU);
     // A snapshot for a background write: the caller goes on changing its tensors.
-    data = copy ? data.clone(at::MemoryFormat::Contiguous) : data.contiguous();
+    const bool snapshot = copy && t.local.device().is_cpu();
+    data = snapshot ? data.clone(at::MemoryFormat::Contiguous) : data.contiguous();
     job->bytes += static_cast<int64_t>(data.nbytes());
     job->pieces.push_back({job->partial.tensors_size() - 1, std::move(data), t.row_start, rows});
   }
-  job->partial.add_rng_states(RngStateBytes());
+  job->partial.add_rng_states(GeneratorStateBytes(at::detail::getDefaultCPUGenerator()));
+  job->partial.add_device_rng_states(DeviceGeneratorStateBytes(tensors));
   return absl::OkStatus();
 }
 

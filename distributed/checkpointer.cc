@@ -13,6 +13,7 @@
 
 #include "distributed/expert_parallel.h"
 #include "rmoe/config/job_spec.h"
+#include "rmoe/train/device.h"
 #include "rmoe/train/trainer.h"
 #include "rmoe/util/ownership.h"
 
@@ -38,10 +39,9 @@ void ReportInterruptedSaves(const std::string& chosen_dir) {
   }
 }
 
-void RestoreCpuGenerator(const std::string& bytes) {
+void RestoreGenerator(at::Generator generator, const std::string& bytes) {
   auto state = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);
   std::memcpy(state.data_ptr(), bytes.data(), bytes.size());
-  auto generator = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(generator.mutex());
   generator.set_state(state);
 }
@@ -229,7 +229,15 @@ absl::StatusOr<TrainingProgress> ShardedCheckpointer::Load(
   }
   // Nothing in training draws random numbers today, but a rank's generator continues where
   // it stopped when it exists in the saved layout.
-  if (rank() < manifest->rng_states_size()) RestoreCpuGenerator(manifest->rng_states(rank()));
+  if (rank() < manifest->rng_states_size()) {
+    RestoreGenerator(at::detail::getDefaultCPUGenerator(), manifest->rng_states(rank()));
+  }
+  const torch::Device device = DeviceOf(model);
+  if (!device.is_cpu() && rank() < manifest->device_rng_states_size() &&
+      !manifest->device_rng_states(rank()).empty()) {
+    RestoreGenerator(at::globalContext().defaultGenerator(device),
+                     manifest->device_rng_states(rank()));
+  }
   // AdamW's bias correction counts the steps each parameter was updated: every step.
   for (auto& item : optimizer.state()) {
     static_cast<torch::optim::AdamWParamState&>(*item.second).step(manifest->step());

@@ -74,20 +74,24 @@ DispatchedTokens ExpertParallelDispatcher::Dispatch(const torch::Tensor& x,
   auto received = AllToAllWithGrad(*ep_group_, x.index_select(0, plan.token),
                                    handle.send_splits, handle.recv_splits);
 
-  // Arrivals are ordered (source rank, expert); the experts want (expert, source rank).
-  std::vector<int64_t> order;
-  order.reserve(Sum(handle.recv_splits));
-  std::vector<int64_t> block_start(recv_counts.size());
-  std::partial_sum(recv_counts.begin(), recv_counts.end() - 1, block_start.begin() + 1);
+  // Arrivals are ordered (source rank, expert); the experts want (expert, source rank): a
+  // stable sort of the rows by their block's (expert, source) key, computed where the rows
+  // are, so a GPU gets no per-token work from the host.
   out.tokens_per_expert.assign(local_experts, 0);
-  for (int64_t e = 0; e < local_experts; ++e) {
-    for (int s = 0; s < ranks; ++s) {
-      const int64_t block = s * local_experts + e;
-      for (int64_t i = 0; i < recv_counts[block]; ++i) order.push_back(block_start[block] + i);
-      out.tokens_per_expert[e] += recv_counts[block];
-    }
+  for (size_t block = 0; block < recv_counts.size(); ++block) {
+    out.tokens_per_expert[block % local_experts] += recv_counts[block];
   }
-  handle.by_expert = torch::tensor(order, torch::kLong).to(x.device());
+  const auto on_device = torch::TensorOptions(torch::kLong).device(x.device());
+  const int64_t blocks = static_cast<int64_t>(recv_counts.size());
+  const auto block_ids = torch::arange(blocks, on_device);
+  const auto block_key = block_ids.remainder(local_experts) * ranks + block_ids.div(
+      local_experts, /*rounding_mode=*/"floor");
+  const auto block_of_row = torch::repeat_interleave(
+      block_ids, torch::tensor(recv_counts, torch::kLong).to(x.device(), /*non_blocking=*/true),
+      /*dim=*/0, /*output_size=*/Sum(handle.recv_splits));
+  handle.by_expert =
+      std::get<1>(block_key.index_select(0, block_of_row)
+                            .sort(/*stable=*/std::optional<bool>(true), /*dim=*/0));
   out.rows = received.index_select(0, handle.by_expert);
   return out;
 }

@@ -8,13 +8,16 @@
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 #include <absl/strings/str_join.h>
+#include <ATen/DeviceAccelerator.h>
 #include <torch/torch.h>
 
 #include "distributed/parallel_runtime.h"
+#include "distributed/routing_communicator.h"
 #include "distributed/timed_communicator.h"
 #include "rmoe/config/job_spec.h"
 #include "rmoe/model/transformer.h"
 #include "rmoe/platform/host_report.h"
+#include "rmoe/train/device.h"
 #include "rmoe/train/trainer.h"
 #include "tools/bench_common.h"
 
@@ -45,6 +48,13 @@ without discounting the causal mask (the PaLM convention). GFLOP/s = FLOPs/token
 Mixed precision: --set runtime.precision=BF16 runs the products of attention, SwiGLU and
 the experts in bf16, as rmoe_train does (compare the tokens/s of both in one session).
 
+GPUs: --set runtime.device=cuda runs the steps on each rank's GPU, wired as rmoe_train
+(NCCL for tensors, MPI for host numbers). Each step ends with a device synchronisation so
+that its time is the GPU's; the ceiling is then the GPU's own product speed (8192^3 in the
+spec's precision, measured in the same run), the peak allocated device memory of the timed
+steps is reported, and --peak-tflops T adds the model FLOP utilisation against a datasheet
+peak (989 for an H100/H200's dense bf16).
+
 Options:
   --job PATH          the job spec (required); not checked against a dataset
   --set FIELD=VALUE   override a spec field (repeatable), as rmoe_train
@@ -59,10 +69,39 @@ Options:
   --threads T         intra-op threads per rank (default: runtime.num_threads, or the
                       cores divided among the ranks of this node, as rmoe_train)
   --json PATH         also write the results as JSON
+  --peak-tflops T     the device's datasheet peak, for the utilisation column (default: none)
 )";
 
+namespace {
+
+// The product speed of `device` in `dtype` at n^3, the best of repeated products within
+// about `budget_seconds` (each timed to its completion on the device).
+double ProbeDeviceMatmulGflops(torch::Device device, torch::ScalarType dtype, int64_t n,
+                               double budget_seconds) {
+  torch::NoGradGuard no_grad;
+  const auto options = torch::TensorOptions(dtype).device(device);
+  auto a = torch::randn({n, n}, options), b = torch::randn({n, n}, options);
+  auto c = torch::empty({n, n}, options);
+  torch::mm_out(c, a, b);
+  at::accelerator::synchronizeDevice(device.index());
+  double best = 1e30, spent = 0;
+  for (int i = 0; i < 3 || (spent < budget_seconds && i < 200); ++i) {
+    const auto start = Clock::now();
+    torch::mm_out(c, a, b);
+    at::accelerator::synchronizeDevice(device.index());
+    const double seconds = SecondsSince(start);
+    best = std::min(best, seconds);
+    spent += seconds;
+  }
+  return 2.0 * n * n * n / best / 1e9;
+}
+
+}  // namespace
+
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
-  const Options o(args, {"--job", "--set", "--steps", "--warmup", "--profile", "--profile-top"}, {"--set"});
+  const Options o(args, {"--job", "--set", "--steps", "--warmup", "--profile", "--profile-top",
+                         "--peak-tflops"},
+                  {"--set"});
   if (!o.Has("--job")) throw UsageError("--job SPEC.pbtxt is required (see --help)");
   const int steps = static_cast<int>(o.Int("--steps", 10));
   const int warmup = static_cast<int>(o.Int("--warmup", 2, 0));
@@ -74,9 +113,14 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   if (spec.model().vocab_size() <= 0) spec.mutable_model()->set_vocab_size(2048);
 
   auto& world = mpi.World();
+  auto resolved = ResolveDevice(spec.runtime().device(), mpi.LocalRank());
+  if (!resolved.ok()) throw std::runtime_error(std::string(resolved.status().message()));
+  const torch::Device device = *resolved;
+  auto communicator = distributed::MakeTrainingCommunicator(
+      mpi, device, spec.runtime().collective_timeout_seconds());
+  if (!communicator.ok()) throw std::runtime_error(std::string(communicator.status().message()));
   // As rmoe_train: every collective goes through the timer.
-  auto timer = std::make_shared<distributed::TimedCommunicator>(
-      std::shared_ptr<distributed::Communicator>(&world, [](distributed::Communicator*) {}));
+  auto timer = std::make_shared<distributed::TimedCommunicator>(*std::move(communicator));
   auto groups = distributed::ProcessGroups::Create(timer, spec.parallel().expert_parallel_size(),
                                                    spec.model().moe().num_experts());
   if (!groups.ok()) throw UsageError(std::string(groups.status().message()));
@@ -90,16 +134,22 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   // products approach, measured before and after the steps (same threads; the better of the
   // two, since a shared machine's speed drifts) so that "% of ceiling" is a ratio within one
   // run.
-  double ceiling_gflops = ProbeMatmulGflops(torch::kFloat, 512, 0.3);
+  const auto ceiling_dtype = device.is_cpu() ? torch::kFloat : MatmulDtype(spec).value_or(torch::kFloat);
+  auto probe_ceiling = [&] {
+    return device.is_cpu() ? ProbeMatmulGflops(torch::kFloat, 512, 0.3)
+                           : ProbeDeviceMatmulGflops(device, ceiling_dtype, 8192, 0.5);
+  };
+  double ceiling_gflops = probe_ceiling();
   const bool is_main = world.rank() == 0;
 
   torch::manual_seed(spec.seed());  // every rank builds the same model
   const LowPrecisionMatmulGuard precision(MatmulDtype(spec));  // runtime.precision
-  if (spec.runtime().keep_freed_memory()) KeepFreedMemoryForReuse();  // as rmoe_train
+  if (spec.runtime().keep_freed_memory() && device.is_cpu()) KeepFreedMemoryForReuse();
   Transformer model(spec.model());
   model->train();
   const ParameterCounts counts = model->CountParameters();
   runtime.ShardExperts(model);
+  model->to(device);
   auto optimizer = MakeOptimizer(spec, model);
 
   const auto& m = spec.model();
@@ -129,10 +179,13 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   const bool profile = o.Has("--profile");
   for (int step = 0; step < warmup + steps; ++step) {
     if (profile && step == warmup) StartOpProfile();
+    if (!device.is_cpu() && step == warmup) at::accelerator::resetPeakStats(device.index());
     std::vector<torch::Tensor> windows;
     for (int micro = 0; micro < accum; ++micro) {
-      windows.push_back(torch::randint(0, m.vocab_size(), {batch, seq_len + 1}, torch::kLong));
+      windows.push_back(
+          torch::randint(0, m.vocab_size(), {batch, seq_len + 1}, torch::kLong).to(device));
     }
+    if (!device.is_cpu()) at::accelerator::synchronizeDevice(device.index());
     runtime.TakeCommunicationSeconds();
     const auto start = Clock::now();
     optimizer->zero_grad();
@@ -145,6 +198,8 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
     runtime.SynchronizeGradients(model);
     runtime.ClipGradients(model, spec.optimizer().grad_clip());
     optimizer->step();
+    // The step's time is the device's, not the time to queue it.
+    if (!device.is_cpu()) at::accelerator::synchronizeDevice(device.index());
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     const double comm = runtime.TakeCommunicationSeconds();
     if (step >= warmup) {
@@ -155,7 +210,12 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
 
   std::vector<OpTime> ops;
   if (profile) ops = StopOpProfile(is_main ? o.String("--profile", "") : "");
-  ceiling_gflops = std::max(ceiling_gflops, ProbeMatmulGflops(torch::kFloat, 512, 0.3));
+  ceiling_gflops = std::max(ceiling_gflops, probe_ceiling());
+  const double peak_device_bytes =
+      device.is_cpu() ? 0
+                      : static_cast<double>(
+                            at::accelerator::getDeviceStats(device.index()).allocated_bytes[0].peak);
+  const double peak_tflops = o.Double("--peak-tflops", 0);
 
   const double my_step = Mean(step_seconds), my_comm = Mean(comm_seconds);
   const auto sums = SumOverRanks(world, {my_step, my_comm});
@@ -182,9 +242,21 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
                 static_cast<long long>(matmul_params), m.num_layers(), m.d_model(),
                 static_cast<long long>(seq_len), Human(flops_per_token).c_str());
     table.Print();
-    std::printf("ceiling: fp32 512^3 products at %.1f GFLOP/s on %d thread%s of rank 0, the better "
-                "of a probe before and one after the steps\n\n",
-                ceiling_gflops, context.threads, context.threads == 1 ? "" : "s");
+    if (device.is_cpu()) {
+      std::printf("ceiling: fp32 512^3 products at %.1f GFLOP/s on %d thread%s of rank 0, the "
+                  "better of a probe before and one after the steps\n",
+                  ceiling_gflops, context.threads, context.threads == 1 ? "" : "s");
+    } else {
+      std::printf("ceiling: %s 8192^3 products on %s at %.1f TFLOP/s, the better of a probe "
+                  "before and one after the steps | peak device memory %.2f GiB\n",
+                  c10::toString(ceiling_dtype), device.str().c_str(), ceiling_gflops / 1e3,
+                  peak_device_bytes / (1 << 30));
+    }
+    if (peak_tflops > 0) {
+      std::printf("model FLOP utilisation: %.1f%% of the %.0f TFLOP/s datasheet peak per rank\n",
+                  100 * gflops / ranks / (peak_tflops * 1e3), peak_tflops);
+    }
+    std::printf("\n");
     if (profile) PrintOpProfile(ops, steps, step_s, static_cast<int>(o.Int("--profile-top", 30)));
   }
   JsonObject result;
@@ -213,6 +285,10 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
       .Add("gflops_per_s", gflops)
       .Add("gflops_per_s_per_rank", gflops / ranks)
       .Add("ceiling_gflops_per_s", ceiling_gflops)
+      .Add("device", device.str())
+      .Add("peak_device_memory_bytes", peak_device_bytes)
+      .Add("peak_tflops", peak_tflops)
+      .Add("model_flop_utilisation", peak_tflops > 0 ? gflops / ranks / (peak_tflops * 1e3) : 0.0)
       .Add("rank0_step_seconds", step_seconds)
       .Add("rank0_comm_seconds", comm_seconds);
   if (is_main) WriteJson(o.String("--json", ""), "step", context, result);
