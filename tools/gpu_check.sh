@@ -18,8 +18,8 @@
 # (OpenMPI, protobuf, Abseil, GoogleTest from the bundle's Debian packages, relocated) ->
 # binaries -> the CUDA unit tests -> the NCCL communicator tests on 1 rank and on 2 ranks of
 # one GPU (a distinct NCCL_HOSTID per rank) -> 50 training steps on CUDA and on the CPU,
-# whose losses must agree within 1e-3 relative (fp32) -> the same on 2 ranks with expert
-# parallelism over NCCL -> rmoe_bench step on configs/rmoe_seed.pbtxt in bf16: tokens/s,
+# whose losses must agree within 1e-3 relative (fp32), and resumed from the step-25
+# checkpoint -> the same on 2 ranks with expert parallelism over NCCL -> rmoe_bench step on configs/rmoe_seed.pbtxt in bf16: tokens/s,
 # peak memory, model FLOP utilisation against the datasheet peak and the measured products.
 set -uo pipefail
 set -a  # every variable set here is exported, for the steps' functions (export -f below)
@@ -142,13 +142,16 @@ export LD_LIBRARY_PATH=${TORCH_LIB:+$TORCH_LIB:}${NVIDIA_LIBS:+$NVIDIA_LIBS:}${L
 
 # --- binaries ---------------------------------------------------------------------------
 build_here() {
-  local nccl_root
+  local nccl_root nvcc mpicxx protoc
   nccl_root=$("$PYTHON" -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2> /dev/null)
-  local r=$WORK/root/usr
+  nvcc=$(command -v nvcc || ls "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" /usr/local/cuda/bin/nvcc 2> /dev/null | head -1)
+  mpicxx=$(command -v mpicxx.openmpi || command -v mpicxx)
+  protoc=$(command -v protoc)
+  echo "nvcc ${nvcc:-not found}; mpicxx ${mpicxx:-not found}; protoc ${protoc:-not found}; NCCL ${nccl_root:-not found}"
   cmake -S "$ROOT" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$r" -DNCCL_ROOT="$nccl_root" -DRMOE_WITH_NCCL=ON \
-    -DMPI_CXX_COMPILER="$(command -v mpicxx.openmpi || command -v mpicxx)" \
-    -DProtobuf_PROTOC_EXECUTABLE="$(command -v protoc)" -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" &&
+    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$WORK/root/usr" -DRMOE_WITH_NCCL=ON \
+    ${nccl_root:+-DNCCL_ROOT="$nccl_root"} ${nvcc:+-DCMAKE_CUDA_COMPILER="$nvcc"} \
+    ${mpicxx:+-DMPI_CXX_COMPILER="$mpicxx"} ${protoc:+-DProtobuf_PROTOC_EXECUTABLE="$protoc"} &&
   ninja -C "$WORK/build" -k 0 rmoe_train rmoe_bench rmoe_prepare_data rmoe_model_tests rmoe_nccl_tests
 }
 case "$MODE" in
@@ -203,15 +206,25 @@ if [ -n "$REFERENCE" ] && [ -d "$REFERENCE/data/byte" ]; then
 else
   step prepare_data 120 prepare
 fi
-train() {  # train NAME DEVICE RANKS [--set ...]
+train() {  # train NAME DEVICE RANKS [--set ... | --resume DIR]: a fresh run unless --resume
   local name=$1 device=$2 ranks=$3; shift 3
-  local launch=()
+  local launch=() fresh=(--overwrite)
   [ "$ranks" -gt 1 ] && launch=(env NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 "$MPIRUN" -np "$ranks"
                                 sh -c 'NCCL_HOSTID=rmoe-rank-$OMPI_COMM_WORLD_RANK exec "$0" "$@"')
-  "${launch[@]}" "$BIN/rmoe_train" --job configs/tiny_test.pbtxt --overwrite \
+  case " $* " in *" --resume "*) fresh=() ;; esac
+  "${launch[@]}" "$BIN/rmoe_train" --job configs/tiny_test.pbtxt "${fresh[@]}" \
     --set data.dataset_dir="$DATA/byte" --set output_dir="$WORK/$name" \
     --set schedule.steps=50 --set logging.interval=1 --set schedule.eval_interval=25 \
     --set checkpoint.interval=0 --set runtime.device="$device" --set runtime.num_threads="$THREADS" "$@"
+}
+# resume RUN DEVICE RANKS [--set ...]: a copy of RUN continued from its step-25 checkpoint,
+# which must reach the same losses (the checkpoint staged through host copies both ways).
+resume() {
+  local run=$1 device=$2 ranks=$3; shift 3
+  rm -rf "$WORK/${run}_resumed" && cp -r "$WORK/$run" "$WORK/${run}_resumed" &&
+  rm -rf "$WORK/${run}_resumed/checkpoints/step_00000050" &&
+  train "${run}_resumed" "$device" "$ranks" --set checkpoint.interval=25 "$@" \
+    --resume "$WORK/${run}_resumed/checkpoints/step_00000025"
 }
 compare() {  # compare REFERENCE RUN: train losses equal within 1e-3 relative
   "$PYTHON" - "$WORK/$1/metrics.jsonl" "$WORK/$2/metrics.jsonl" <<'EOF'
@@ -236,12 +249,19 @@ reference() {
   fi
 }
 reference ref_cpu cpu 1
-step train_device 300 train run_device "$DEVICE" 1
+step train_device 300 train run_device "$DEVICE" 1 --set checkpoint.interval=25
 step losses_match 30 compare ref_cpu run_device && sed -n 1p "$OUT/losses_match.log" | sed 's/^/    /' >> "$SUMMARY"
+step resume_device 300 resume run_device "$DEVICE" 1 &&
+  step resumed_losses_match 30 compare run_device run_device_resumed &&
+  sed -n 1p "$OUT/resumed_losses_match.log" | sed 's/^/    /' >> "$SUMMARY"
 # Two ranks read twice the samples: their reference is the same layout over MPI on the CPU.
 reference ref_cpu_ep2 cpu 2 --set parallel.expert_parallel_size=2
-step train_device_ep2 300 train run_device_ep2 "$DEVICE" 2 --set parallel.expert_parallel_size=2
+step train_device_ep2 300 train run_device_ep2 "$DEVICE" 2 --set parallel.expert_parallel_size=2 \
+  --set checkpoint.interval=25
 step losses_match_ep2 30 compare ref_cpu_ep2 run_device_ep2 && sed -n 1p "$OUT/losses_match_ep2.log" | sed 's/^/    /' >> "$SUMMARY"
+step resume_device_ep2 300 resume run_device_ep2 "$DEVICE" 2 --set parallel.expert_parallel_size=2 &&
+  step resumed_losses_match_ep2 30 compare run_device_ep2 run_device_ep2_resumed &&
+  sed -n 1p "$OUT/resumed_losses_match_ep2.log" | sed 's/^/    /' >> "$SUMMARY"
 
 # --- speed: the seed model in bf16 ------------------------------------------------------
 if [ "$MODE" = cpu ]; then

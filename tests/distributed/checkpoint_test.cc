@@ -334,6 +334,9 @@ TEST_F(CheckpointTest, RoundTripOfEveryDtype) {
   const std::string& mine = manifest->rng_states(rank());
   ASSERT_EQ(static_cast<int64_t>(mine.size()), rng.numel());
   EXPECT_EQ(std::memcmp(mine.data(), rng.data_ptr(), mine.size()), 0);
+  // A device generator's state per rank too: none for tensors on the CPU.
+  ASSERT_EQ(manifest->device_rng_states_size(), size());
+  EXPECT_TRUE(manifest->device_rng_states(rank()).empty());
 
   auto slots = MixedSlots();
   ASSERT_TRUE(LoadTensors(*dir, *manifest, slots).ok());

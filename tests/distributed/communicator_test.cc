@@ -15,9 +15,12 @@
 #include "distributed/mpi_communicator.h"
 #include "distributed/routing_communicator.h"
 #include "distributed/stall_report.h"
+#include "tests/distributed/collective_checks.h"
 
 namespace rmoe::distributed {
 namespace {
+
+using namespace collective_checks;  // NOLINT(build/namespaces): shared by both suites
 
 MpiCommunicator& World() { return MpiRuntime::Get().World(); }
 
@@ -33,59 +36,6 @@ class LimitGuard {
   MpiCommunicator& comm_;
   int64_t old_;
 };
-
-int64_t Value(int64_t src, int64_t dst, int64_t row, int64_t col) {
-  return src * 1000 + dst * 100 + row * 7 + col;
-}
-
-// Rows rank `src` sends to rank `dst`: uneven, and zero for dst = src + 1 (mod size).
-int64_t Rows(int src, int dst, int size) { return dst == (src + 1) % size ? 0 : src + dst + 1; }
-
-// `rows` rows of Value(src, dst, row, col) with trailing shape `trailing`, as `dtype` (int64
-// values cast: both sides cast the same way, so comparisons are exact for any dtype).
-torch::Tensor Block(int src, int dst, int64_t rows, const std::vector<int64_t>& trailing,
-                    torch::ScalarType dtype) {
-  const int64_t cols = std::accumulate(trailing.begin(), trailing.end(), int64_t{1},
-                                       std::multiplies<int64_t>());
-  torch::Tensor t = torch::empty({rows, cols}, torch::kLong);
-  auto a = t.accessor<int64_t, 2>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) a[r][c] = Value(src, dst, r, c);
-  }
-  std::vector<int64_t> shape{rows};
-  shape.insert(shape.end(), trailing.begin(), trailing.end());
-  if (dtype == torch::kBool) t = t.remainder(3) == 0;
-  return t.reshape(shape).to(dtype);
-}
-
-// The uneven exchange on `comm`, checked exactly.
-void CheckUnevenAllToAll(Communicator& comm, const std::vector<int64_t>& trailing,
-                         torch::ScalarType dtype, bool non_contiguous = false) {
-  const int rank = comm.rank(), size = comm.size();
-  std::vector<torch::Tensor> parts, expected_parts;
-  std::vector<int64_t> send_splits, expected_recv;
-  for (int d = 0; d < size; ++d) {
-    send_splits.push_back(Rows(rank, d, size));
-    parts.push_back(Block(rank, d, send_splits.back(), trailing, dtype));
-    expected_recv.push_back(Rows(d, rank, size));
-    expected_parts.push_back(Block(d, rank, expected_recv.back(), trailing, dtype));
-  }
-  torch::Tensor send = torch::cat(parts);
-  if (non_contiguous) {
-    // Same values, transposed storage.
-    send = send.transpose(0, send.dim() - 1).contiguous().transpose(0, send.dim() - 1);
-    if (send.size(0) > 1) {
-      ASSERT_FALSE(send.is_contiguous());
-    }
-  }
-  const std::vector<int64_t> recv_splits = comm.AllToAllCounts(send_splits);
-  const torch::Tensor received = comm.AllToAll(send, send_splits, recv_splits);
-  EXPECT_EQ(recv_splits, expected_recv);
-  const torch::Tensor expected = torch::cat(expected_parts);
-  EXPECT_EQ(received.sizes(), expected.sizes());
-  EXPECT_EQ(received.scalar_type(), dtype);
-  EXPECT_TRUE(torch::equal(received, expected)) << "rank " << rank << " dtype " << dtype;
-}
 
 const std::vector<torch::ScalarType> kAllDtypes = {torch::kFloat, torch::kDouble, torch::kBFloat16,
                                                    torch::kHalf,  torch::kInt32,  torch::kInt64,
@@ -246,45 +196,17 @@ TEST(AllToAllTest, DisagreeingDtypesThrowOnEveryRank) {
 }
 
 TEST(AllToAllCountsTest, BlocksOfSeveralNumbers) {
-  const int rank = World().rank(), size = World().size();
-  for (int k : {1, 3}) {
-    std::vector<int64_t> counts;
-    for (int d = 0; d < size; ++d) {
-      for (int i = 0; i < k; ++i) counts.push_back(Value(rank, d, i, 0) + (int64_t{1} << 40));
-    }
-    const std::vector<int64_t> received = World().AllToAllCounts(counts);
-    std::vector<int64_t> expected;
-    for (int s = 0; s < size; ++s) {
-      for (int i = 0; i < k; ++i) expected.push_back(Value(s, rank, i, 0) + (int64_t{1} << 40));
-    }
-    EXPECT_EQ(received, expected) << "k = " << k;
-  }
+  for (int k : {1, 3}) CheckAllToAllCounts(World(), k);
   if (World().size() > 1) {
     EXPECT_THROW(World().AllToAllCounts(std::vector<int64_t>(World().size() + 1, 0)), c10::Error);
   }
 }
 
-// Rank r holds GatherRows(r) rows (rank 1 none).
-int64_t GatherRows(int r) { return r == 1 ? 0 : r + 2; }
-
-void CheckUnevenAllGather(Communicator& comm, torch::ScalarType dtype, bool non_contiguous) {
-  const int rank = comm.rank(), size = comm.size();
-  const std::vector<int64_t> trailing{2, 3};
-  torch::Tensor mine = Block(rank, 0, GatherRows(rank), trailing, dtype);
-  if (non_contiguous) mine = mine.transpose(1, 2).contiguous().transpose(1, 2);
-  const torch::Tensor gathered = comm.AllGather(mine);
-  std::vector<torch::Tensor> parts;
-  for (int r = 0; r < size; ++r) parts.push_back(Block(r, 0, GatherRows(r), trailing, dtype));
-  const torch::Tensor expected = torch::cat(parts);
-  EXPECT_EQ(gathered.sizes(), expected.sizes());
-  EXPECT_TRUE(torch::equal(gathered, expected)) << "rank " << rank << " dtype " << dtype;
-}
-
 TEST(AllGatherTest, DifferentRowCounts) {
   for (torch::ScalarType dtype : {torch::kFloat, torch::kInt64, torch::kBFloat16, torch::kBool}) {
     SCOPED_TRACE(c10::toString(dtype));
-    CheckUnevenAllGather(World(), dtype, false);
-    CheckUnevenAllGather(World(), dtype, true);
+    CheckAllGather(World(), dtype, GatherRows, false);
+    CheckAllGather(World(), dtype, GatherRows, true);
   }
   // Nobody has rows.
   torch::Tensor none = World().AllGather(torch::empty({0, 4}));
@@ -299,7 +221,7 @@ TEST(AllGatherTest, ChunkedFallbackAtEveryLimit) {
     SCOPED_TRACE("limit " + std::to_string(limit));
     LimitGuard guard(World(), limit);
     const int64_t before = World().chunked_operations();
-    CheckUnevenAllGather(World(), torch::kFloat, limit == 5);
+    CheckAllGather(World(), torch::kFloat, GatherRows, limit == 5);
     EXPECT_EQ(World().chunked_operations() - before, total > limit ? 1 : 0);
   }
 }
@@ -315,11 +237,6 @@ TEST(AllGatherTest, DisagreeingShapesThrowOnEveryRank) {
     EXPECT_NE(std::string(e.what_without_backtrace()).find("AllGather: the tensors disagree"),
               std::string::npos) << e.what_without_backtrace();
   }
-}
-
-// Rank r holds (r + 1) * (1 + i) at index i: the sum is size(size+1)/2 * (1 + i).
-torch::Tensor RankValues(int rank, int64_t n, torch::ScalarType dtype) {
-  return (torch::arange(n, torch::kLong) + 1).mul_(rank + 1).to(dtype);
 }
 
 TEST(AllReduceTest, SumAndAverage) {
@@ -452,7 +369,7 @@ TEST(SplitTest, EvenAndOddRanks) {
   torch::Tensor gathered = group->AllGather(torch::full({1}, static_cast<int64_t>(rank), torch::kLong));
   EXPECT_TRUE(torch::equal(gathered, torch::tensor(std::vector<int64_t>(members.begin(), members.end()))));
   CheckUnevenAllToAll(*group, {3}, torch::kFloat);
-  CheckUnevenAllGather(*group, torch::kInt64, false);
+  CheckAllGather(*group, torch::kInt64, GatherRows);
   torch::Tensor b = torch::full({2}, static_cast<int64_t>(rank), torch::kLong);
   group->Broadcast(b, group->size() - 1);
   EXPECT_TRUE(torch::equal(b, torch::full({2}, static_cast<int64_t>(members.back()), torch::kLong)));

@@ -26,9 +26,12 @@
 #include "distributed/mpi_communicator.h"
 #include "distributed/nccl_communicator.h"
 #include "distributed/nccl_supervision.h"
+#include "tests/distributed/collective_checks.h"
 
 namespace rmoe::distributed {
 namespace {
+
+using namespace collective_checks;  // NOLINT(build/namespaces): shared by both suites
 
 // The world's NcclCommunicator, created on first use (collectively: every rank runs the same
 // tests in the same order) and destroyed after the last test, while MPI and CUDA still work.
@@ -58,68 +61,6 @@ class CudaNccl : public ::testing::Test {
   NcclCommunicator& World() { return NcclWorld::Get(); }
   torch::Device device() { return torch::Device(torch::kCUDA, World().device()); }
 };
-
-int64_t Value(int64_t src, int64_t dst, int64_t row, int64_t col) {
-  return src * 1000 + dst * 100 + row * 7 + col;
-}
-
-// Rows rank `src` sends to rank `dst`: uneven, and zero for dst = src + 1 (mod size).
-int64_t Rows(int src, int dst, int size) { return dst == (src + 1) % size ? 0 : src + dst + 1; }
-
-// `rows` rows of Value(src, dst, row, col) with trailing shape `trailing`, on the CPU.
-torch::Tensor Block(int src, int dst, int64_t rows, const std::vector<int64_t>& trailing,
-                    torch::ScalarType dtype) {
-  const int64_t cols = std::accumulate(trailing.begin(), trailing.end(), int64_t{1},
-                                       std::multiplies<int64_t>());
-  torch::Tensor t = torch::empty({rows, cols}, torch::kLong);
-  auto a = t.accessor<int64_t, 2>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) a[r][c] = Value(src, dst, r, c);
-  }
-  std::vector<int64_t> shape{rows};
-  shape.insert(shape.end(), trailing.begin(), trailing.end());
-  if (dtype == torch::kBool) t = t.remainder(3) == 0;
-  return t.reshape(shape).to(dtype);
-}
-
-void CheckUnevenAllToAll(Communicator& comm, torch::Device device,
-                         const std::vector<int64_t>& trailing, torch::ScalarType dtype) {
-  const int rank = comm.rank(), size = comm.size();
-  std::vector<torch::Tensor> parts, expected_parts;
-  std::vector<int64_t> send_splits, expected_recv;
-  for (int d = 0; d < size; ++d) {
-    send_splits.push_back(Rows(rank, d, size));
-    parts.push_back(Block(rank, d, send_splits.back(), trailing, dtype));
-    expected_recv.push_back(Rows(d, rank, size));
-    expected_parts.push_back(Block(d, rank, expected_recv.back(), trailing, dtype));
-  }
-  const torch::Tensor send = torch::cat(parts).to(device);
-  const std::vector<int64_t> recv_splits = comm.AllToAllCounts(send_splits);
-  const torch::Tensor received = comm.AllToAll(send, send_splits, recv_splits).cpu();
-  EXPECT_EQ(recv_splits, expected_recv);
-  const torch::Tensor expected = torch::cat(expected_parts);
-  EXPECT_EQ(received.sizes(), expected.sizes());
-  EXPECT_TRUE(torch::equal(received, expected)) << "rank " << rank << " dtype " << dtype;
-}
-
-// Rank r holds GatherRows(r) rows (rank 1 none).
-int64_t GatherRows(int r) { return r == 1 ? 0 : r + 2; }
-
-void CheckAllGather(Communicator& comm, torch::Device device, torch::ScalarType dtype, bool even) {
-  const int rank = comm.rank(), size = comm.size();
-  auto rows = [&](int r) { return even ? int64_t{3} : GatherRows(r); };
-  const torch::Tensor gathered = comm.AllGather(Block(rank, 0, rows(rank), {2, 3}, dtype).to(device)).cpu();
-  std::vector<torch::Tensor> parts;
-  for (int r = 0; r < size; ++r) parts.push_back(Block(r, 0, rows(r), {2, 3}, dtype));
-  const torch::Tensor expected = torch::cat(parts);
-  EXPECT_EQ(gathered.sizes(), expected.sizes());
-  EXPECT_TRUE(torch::equal(gathered, expected)) << "rank " << rank << " dtype " << dtype;
-}
-
-// Rank r holds (r + 1) * (1 + i) at index i: the sum is size(size+1)/2 * (1 + i).
-torch::Tensor RankValues(int rank, int64_t n, torch::ScalarType dtype) {
-  return (torch::arange(n, torch::kLong) + 1).mul_(rank + 1).to(dtype);
-}
 
 TEST_F(CudaNccl, VersionsAreCompatibleAndReported) {
   EXPECT_EQ(NcclVersionProblem(NcclCommunicator::CompiledNcclVersion(),
@@ -179,10 +120,10 @@ TEST_F(CudaNccl, UnevenAllToAllEveryDtype) {
   for (torch::ScalarType dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kHalf,
                                   torch::kInt32, torch::kInt64, torch::kUInt8, torch::kBool}) {
     SCOPED_TRACE(c10::toString(dtype));
-    CheckUnevenAllToAll(World(), device(), {3}, dtype);
+    CheckUnevenAllToAll(World(), {3}, dtype, false, device());
   }
-  CheckUnevenAllToAll(World(), device(), {}, torch::kInt64);
-  CheckUnevenAllToAll(World(), device(), {2, 5}, torch::kFloat);
+  CheckUnevenAllToAll(World(), {}, torch::kInt64, false, device());
+  CheckUnevenAllToAll(World(), {2, 5}, torch::kFloat, false, device());
 }
 
 TEST_F(CudaNccl, AllToAllWithNothingToSend) {
@@ -194,26 +135,15 @@ TEST_F(CudaNccl, AllToAllWithNothingToSend) {
 }
 
 TEST_F(CudaNccl, AllToAllCountsInBlocksOfSeveralNumbers) {
-  const int rank = World().rank(), size = World().size();
-  for (int k : {1, 3}) {
-    std::vector<int64_t> counts;
-    for (int d = 0; d < size; ++d) {
-      for (int i = 0; i < k; ++i) counts.push_back(Value(rank, d, i, 0) + (int64_t{1} << 40));
-    }
-    const std::vector<int64_t> received = World().AllToAllCounts(counts);
-    std::vector<int64_t> expected;
-    for (int s = 0; s < size; ++s) {
-      for (int i = 0; i < k; ++i) expected.push_back(Value(s, rank, i, 0) + (int64_t{1} << 40));
-    }
-    EXPECT_EQ(received, expected) << "k = " << k;
-  }
+  for (int k : {1, 3}) CheckAllToAllCounts(World(), k);
 }
 
 TEST_F(CudaNccl, AllGatherEvenAndUneven) {
   for (torch::ScalarType dtype : {torch::kFloat, torch::kInt64, torch::kBFloat16, torch::kBool}) {
     SCOPED_TRACE(c10::toString(dtype));
-    CheckAllGather(World(), device(), dtype, /*even=*/true);  // one ncclAllGather
-    CheckAllGather(World(), device(), dtype, /*even=*/false);  // grouped send/recv
+    const auto three_rows = [](int) { return int64_t{3}; };
+    CheckAllGather(World(), dtype, three_rows, false, device());  // one ncclAllGather
+    CheckAllGather(World(), dtype, GatherRows, false, device());  // grouped send/recv
   }
   torch::Tensor none = World().AllGather(torch::empty({0, 4}, device()));
   EXPECT_EQ(none.sizes(), (std::vector<int64_t>{0, 4}));
@@ -262,13 +192,13 @@ TEST_F(CudaNccl, SplitIntoGroupsThatShareTheStream) {
   const torch::Tensor gathered =
       group->AllGather(torch::full({1}, static_cast<int64_t>(rank), torch::kLong).to(device())).cpu();
   EXPECT_TRUE(torch::equal(gathered, torch::tensor(members)));
-  CheckUnevenAllToAll(*group, device(), {3}, torch::kFloat);
+  CheckUnevenAllToAll(*group, {3}, torch::kFloat, false, device());
   group->Barrier();
   // A split of a split, and a rank that joins no group.
   std::unique_ptr<Communicator> single = group->Split(group->rank(), 0);
   ASSERT_NE(single, nullptr);
   EXPECT_EQ(single->size(), 1);
-  CheckUnevenAllToAll(*single, device(), {2}, torch::kInt32);
+  CheckUnevenAllToAll(*single, {2}, torch::kInt32, false, device());
   std::unique_ptr<Communicator> without_0 = World().Split(rank == 0 ? -1 : 7, rank);
   EXPECT_EQ(without_0 == nullptr, rank == 0);
   if (without_0) EXPECT_EQ(without_0->size(), size - 1);
@@ -300,7 +230,7 @@ TEST_F(CudaNccl, ArgumentErrorsThrowAndLeaveTheCommunicatorUsable) {
                  c10::Error);
   }
   EXPECT_FALSE(World().aborted());
-  CheckUnevenAllToAll(World(), device(), {3}, torch::kFloat);
+  CheckUnevenAllToAll(World(), {3}, torch::kFloat, false, device());
 }
 
 // An operation queued behind minutes of compute is not late: the watchdog counts from when it
