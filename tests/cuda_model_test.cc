@@ -1,7 +1,8 @@
 // The model on a CUDA device against the same model on the CPU: the token-recurrent
 // router's scan (ATen's multi-step RNN, cuDNN's kernel) against the CPU's host loop in fp64
 // and fp32, and a tiny Transformer's forward, backward and cached decoding with every
-// router. Every test here skips, saying so, where no CUDA device is available.
+// router, and the host waits of an MoE layer. Every test here skips, saying so, where no
+// CUDA device is available.
 #include <string>
 #include <vector>
 
@@ -10,6 +11,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#if __has_include(<c10/cuda/CUDAFunctions.h>)
+#include <c10/cuda/CUDAFunctions.h>
+#define RMOE_TEST_HAS_C10_CUDA 1
+#endif
+
+#include "rmoe/model/moe_layer.h"
 #include "rmoe/model/recurrent_scan.h"
 #include "rmoe/model/transformer.h"
 #include "tests/test_util.h"
@@ -133,6 +140,63 @@ TEST_F(CudaTransformer, ForwardBackwardAndDecodingMatchTheCpuWithEveryRouter) {
     ExpectAllClose(ForwardBackwardAndDecode(router, torch::kCUDA),
                    ForwardBackwardAndDecode(router, torch::kCPU), 1e-9);
   }
+}
+
+#if RMOE_TEST_HAS_C10_CUDA
+// Counts, in its scope, the calls that make the host wait for the GPU, through PyTorch's
+// sync debug mode (which warns at each); other warnings are kept.
+class HostWaitCounter : public c10::WarningHandler {
+ public:
+  HostWaitCounter() : previous_(c10::cuda::warning_state().get_sync_debug_mode()) {
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_WARN);
+  }
+  ~HostWaitCounter() override { c10::cuda::warning_state().set_sync_debug_mode(previous_); }
+  void process(const c10::Warning& warning) override {
+    if (warning.msg().find("synchronizing") != std::string::npos) {
+      ++waits;
+    } else {
+      others.push_back(warning.msg());
+    }
+  }
+  int waits = 0;
+  std::vector<std::string> others;
+
+ private:
+  c10::cuda::SyncDebugMode previous_;
+};
+#endif
+
+using CudaMoELayer = CudaTest;
+
+// An MoE layer's forward and backward wait for the GPU once: to read how many assignments
+// each expert keeps, which sizes the grouped expert products. With every router, with and
+// without a capacity limit.
+TEST_F(CudaMoELayer, WaitsForTheDeviceOncePerForwardAndBackward) {
+#if RMOE_TEST_HAS_C10_CUDA
+  for (const auto& router : AllRouters()) {
+    for (double capacity_factor : {0.0, 1.0}) {
+      SCOPED_TRACE(router.name + ", capacity factor " + std::to_string(capacity_factor));
+      torch::manual_seed(23);
+      auto spec = TinyModel(router);
+      spec.mutable_moe()->set_capacity_factor(static_cast<float>(capacity_factor));
+      MoELayer layer(spec, InitScales::FromSpec(spec), MakeSharedRouterCell(spec));
+      layer->to(torch::kCUDA);
+      auto x = torch::randn({2, 12, spec.d_model()}, torch::kCUDA).requires_grad_();
+      HostWaitCounter counter;
+      {
+        c10::WarningUtils::WarningHandlerGuard guard(&counter);
+        RouterCarry carry;
+        auto out = layer->forward(x, carry, nullptr);
+        (out.y.square().mean() + out.load_balance + out.z_loss).backward();
+      }
+      torch::cuda::synchronize();
+      EXPECT_EQ(counter.waits, 1);
+      EXPECT_TRUE(counter.others.empty()) << counter.others.front();
+    }
+  }
+#else
+  GTEST_SKIP() << "this LibTorch has no c10/cuda headers";
+#endif
 }
 
 }  // namespace

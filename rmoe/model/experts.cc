@@ -141,22 +141,31 @@ DispatchPlan PlanDispatch(const RoutingDecision& decision, int64_t num_experts,
   auto token = torch::arange(num_tokens, expert.options()).repeat({top_k});
 
   DispatchPlan plan;
-  plan.routed_per_expert = torch::bincount(expert, {}, num_experts);
+  // Counted with index_add_: bincount reads the largest index back to the host first.
+  plan.routed_per_expert = torch::zeros({num_experts}, expert.options())
+                               .index_add_(0, expert, torch::ones_like(expert));
   auto order = std::get<1>(torch::sort(expert, /*stable=*/std::optional<bool>(true), /*dim=*/0));
-  auto sorted_expert = expert.index_select(0, order);
+  // The plan's one read from the device (on a GPU, the layer's one wait for it): how many
+  // assignments each expert keeps, which sizes its grouped product.
+  const auto kept = capacity > 0 ? plan.routed_per_expert.clamp_max(capacity)
+                                 : plan.routed_per_expert;
+  const auto kept_on_host = kept.to(torch::kCPU);
+  plan.tokens_per_expert.assign(kept_on_host.data_ptr<int64_t>(),
+                                kept_on_host.data_ptr<int64_t>() + num_experts);
   if (capacity > 0) {
     // Rank of each assignment within its expert = position - start of its expert's group.
+    auto sorted_expert = expert.index_select(0, order);
     auto group_start = torch::cumsum(plan.routed_per_expert, 0) - plan.routed_per_expert;
     auto rank_in_expert =
         torch::arange(sorted_expert.size(0), expert.options()) - group_start.index_select(0, sorted_expert);
-    auto keep = rank_in_expert < capacity;
-    order = order.masked_select(keep);
-    sorted_expert = sorted_expert.masked_select(keep);
+    // How many are kept is known on the host, so selecting them waits for nothing.
+    int64_t total_kept = 0;
+    for (int64_t count : plan.tokens_per_expert) total_kept += count;
+    auto kept_positions = at::nonzero_static(rank_in_expert < capacity, total_kept).squeeze(1);
+    order = order.index_select(0, kept_positions);
   }
   plan.token = token.index_select(0, order);
   plan.weight = weight.index_select(0, order);
-  auto kept = torch::bincount(sorted_expert, {}, num_experts).to(torch::kCPU);
-  plan.tokens_per_expert.assign(kept.data_ptr<int64_t>(), kept.data_ptr<int64_t>() + num_experts);
   plan.dropped = num_tokens * top_k - plan.token.size(0);
   return plan;
 }
