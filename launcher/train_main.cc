@@ -70,7 +70,8 @@ The dataset (data.dataset_dir) must exist: run rmoe_prepare_data --job SPEC firs
 Metrics go to <output_dir>/metrics.jsonl: first a "host" record (CPU, BLAS library and
 kernels, threads, torch, measured fp32/bf16 product speed; also printed as the log's
 "host:" lines, with warnings such as bf16 being slower than fp32 on this CPU), then one
-record per logging step.
+record per logging step. The same scalars go to TensorBoard event files in output_dir
+(tensorboard --logdir <output_dir>; logging.tensorboard=false turns them off).
 BLAS kernels: with an OpenBLAS-based LibTorch and OPENBLAS_CORETYPE unset, rmoe_train
 picks OpenBLAS's core from the CPU's features and restarts itself with it; every start
 checks fp32 products numerically and stops if they are wrong. OPENBLAS_CORETYPE set by

@@ -16,6 +16,8 @@
 #include "rmoe/data/dataset.h"
 #include "rmoe/train/model_io.h"
 #include "rmoe/train/progress.h"
+#include "rmoe/train/tensorboard.h"
+#include "rmoe/util/crc32c.h"
 #include "rmoe/train/trainer.h"
 #include "tests/test_util.h"
 
@@ -626,6 +628,25 @@ TEST_F(RealText, AResumedRunContinuesFromTheRestoredStep) {
       << done.status();
 }
 
+// TFRecord framing as TensorBoard reads it: little-endian length, its masked CRC-32C, the
+// data, the data's masked CRC-32C (mask: rotate right 15, add 0xa282ead8).
+TEST(TensorBoard, RecordsAreFramedWithMaskedChecksums) {
+  const std::string data = "an event";
+  const std::string record = TfRecord(data);
+  ASSERT_EQ(record.size(), 8 + 4 + data.size() + 4);
+  auto u32 = [&](size_t at) {
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(record[at + i]);
+    return v;
+  };
+  EXPECT_EQ(record.substr(0, 8), std::string("\x08\0\0\0\0\0\0\0", 8));
+  auto masked = [](uint32_t crc) { return ((crc >> 15) | (crc << 17)) + 0xa282ead8u; };
+  EXPECT_EQ(u32(8), masked(Crc32c(record.substr(0, 8))));
+  EXPECT_EQ(record.substr(12, data.size()), data);
+  EXPECT_EQ(u32(12 + data.size()), masked(Crc32c(data)));
+  EXPECT_EQ(MaskedCrc32c(data), masked(Crc32c(data)));
+}
+
 // A fresh run where an earlier run left its results stops and lists them; --overwrite
 // replaces them (and asks the checkpointer to remove the earlier checkpoints); a resumed
 // run continues them.
@@ -636,6 +657,8 @@ TEST_F(RealText, AFreshRunDoesNotOverwriteAnEarlierOneUnlessTold) {
   ASSERT_TRUE(Train(spec, options).ok());
   const fs::path out = *dir_ / "twice";
   const auto first_metrics = fs::file_size(out / "metrics.jsonl");
+  const std::vector<std::string> first_events = FindTensorBoardFiles(out.string());
+  ASSERT_EQ(first_events.size(), 1u);
   RecordingCheckpointer checkpointer;
   checkpointer.earlier = {(out / "checkpoints" / "step_00000003").string()};
   auto refused = Train(spec, options, nullptr, &checkpointer);
@@ -644,6 +667,7 @@ TEST_F(RealText, AFreshRunDoesNotOverwriteAnEarlierOneUnlessTold) {
   EXPECT_NE(message.find("holds an earlier run"), std::string::npos) << message;
   EXPECT_NE(message.find((out / "model").string()), std::string::npos) << message;
   EXPECT_NE(message.find("step_00000003"), std::string::npos) << message;
+  EXPECT_NE(message.find(first_events[0]), std::string::npos) << message;
   EXPECT_NE(message.find("--resume"), std::string::npos) << message;
   EXPECT_NE(message.find("--overwrite"), std::string::npos) << message;
   EXPECT_EQ(fs::file_size(out / "metrics.jsonl"), first_metrics);
@@ -653,6 +677,9 @@ TEST_F(RealText, AFreshRunDoesNotOverwriteAnEarlierOneUnlessTold) {
   ASSERT_TRUE(Train(spec, options, nullptr, &checkpointer).ok());
   EXPECT_EQ(checkpointer.removals, 1);
   EXPECT_EQ(RecordsOfType(out / "metrics.jsonl", "host").size(), 1u) << "metrics start afresh";
+  const std::vector<std::string> events = FindTensorBoardFiles(out.string());
+  ASSERT_EQ(events.size(), 1u) << "the earlier run's TensorBoard events are replaced";
+  EXPECT_NE(events[0], first_events[0]);
   EXPECT_TRUE(fs::exists(out / "model" / "checksums"));
 }
 

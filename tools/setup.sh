@@ -77,7 +77,7 @@ install_torch_venv() {
     python3 -m venv "$VENV" || die "python3 -m venv $VENV failed (on Debian: apt install python3-venv)"
   fi
   if "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch') != '$TORCH_VERSION')" 2>/dev/null \
-     && "$python" -c "import numpy, safetensors" 2>/dev/null; then
+     && "$python" -c "import numpy, safetensors, tensorboard" 2>/dev/null; then
     return
   fi
   log "installing PyTorch $TORCH_VERSION and the pinned Python tools into $VENV"
@@ -114,7 +114,7 @@ torch_cmake_prefix=$(sed -n 2p <<<"$torch_info")
 
 # --- Build -------------------------------------------------------------------------------
 cmake_args=(-S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release
-            "-DCMAKE_PREFIX_PATH=$torch_cmake_prefix")
+            "-DCMAKE_PREFIX_PATH=$torch_cmake_prefix" "-DRMOE_PYTHON=$(realpath -s "$(command -v "$TORCH_PYTHON")")")
 # A CUDA PyTorch with the CUDA toolkit present: the NCCL communicator must build and link;
 # a missing piece is an error rather than a silently CPU-only build.
 if "$TORCH_PYTHON" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null \

@@ -62,25 +62,41 @@ torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor
   return FusedCrossEntropy(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}));
 }
 
-std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model) {
-  std::string json = "[";
+std::vector<MoELayerRecord> MoELayerRecords(const ModelOutput& output, const ModelSpec& model) {
+  std::vector<MoELayerRecord> records;
   size_t moe_index = 0;
   for (int layer = 0; layer < model.num_layers(); ++layer) {
     if (!IsMoELayer(model, layer)) continue;
     const auto& moe = output.moe[moe_index++];
     auto routed = moe.routed_per_expert.to(torch::kCPU);
-    const std::vector<int64_t> per_expert(routed.data_ptr<int64_t>(),
-                                          routed.data_ptr<int64_t>() + routed.numel());
+    MoELayerRecord r;
+    r.layer = layer;
+    r.tokens_per_expert.assign(routed.data_ptr<int64_t>(),
+                               routed.data_ptr<int64_t>() + routed.numel());
+    r.load_cv = CoefficientOfVariation(
+        std::vector<double>(r.tokens_per_expert.begin(), r.tokens_per_expert.end()));
+    r.dropped = moe.dropped;
+    r.assignments = moe.assignments;
+    r.router_entropy = moe.router_entropy.item<double>();
+    r.load_balance_loss = moe.load_balance.item<double>();
+    r.z_loss = moe.z_loss.item<double>();
+    records.push_back(std::move(r));
+  }
+  return records;
+}
+
+std::string MoEMetricsJson(const std::vector<MoELayerRecord>& layers) {
+  std::string json = "[";
+  for (const auto& r : layers) {
     JsonObject record;
-    record.Add("layer", static_cast<int64_t>(layer))
-        .Add("tokens_per_expert", per_expert)
-        .Add("load_cv",
-             CoefficientOfVariation(std::vector<double>(per_expert.begin(), per_expert.end())))
-        .Add("dropped", moe.dropped)
-        .Add("assignments", moe.assignments)
-        .Add("router_entropy", moe.router_entropy.item<double>())
-        .Add("load_balance_loss", moe.load_balance.item<double>())
-        .Add("z_loss", moe.z_loss.item<double>());
+    record.Add("layer", static_cast<int64_t>(r.layer))
+        .Add("tokens_per_expert", r.tokens_per_expert)
+        .Add("load_cv", r.load_cv)
+        .Add("dropped", r.dropped)
+        .Add("assignments", r.assignments)
+        .Add("router_entropy", r.router_entropy)
+        .Add("load_balance_loss", r.load_balance_loss)
+        .Add("z_loss", r.z_loss);
     if (json.size() > 1) json += ",";
     json += record.str();
   }
@@ -242,6 +258,8 @@ absl::Status Trainer::ClaimOutputDir() {
   std::vector<std::string> earlier;
   if (has_model) earlier.push_back(model_dir);
   if (fs::file_size(MetricsPath(), ec) > 0 && !ec) earlier.push_back(MetricsPath());
+  const std::vector<std::string> events = FindTensorBoardFiles(output_dir);
+  earlier.insert(earlier.end(), events.begin(), events.end());
   if (checkpointer_ != nullptr) {
     for (const auto& path : checkpointer_->FindEarlierRun(spec_)) earlier.push_back(path);
   }
@@ -256,6 +274,9 @@ absl::Status Trainer::ClaimOutputDir() {
     if (auto status = checkpointer_->RemoveEarlierRun(spec_); !status.ok()) return status;
   }
   if (auto status = RemoveOwnedDirectory(model_dir, kModelKind); !status.ok()) return status;
+  for (const auto& path : events) {
+    if (!fs::remove(path, ec) && ec) return ErrnoStatus(ec.value(), "cannot remove", path);
+  }
   std::fprintf(stderr, "rmoe: --overwrite: replacing the earlier run in %s (%s)\n",
                output_dir.c_str(), absl::StrJoin(earlier, ", ").c_str());
   return absl::OkStatus();
@@ -276,6 +297,12 @@ absl::Status Trainer::OpenMetrics() {
   if (!writer.ok()) return writer.status();
   metrics_.emplace(*std::move(writer));
   metrics_->Write(host_->Json());
+  if (spec_.logging().tensorboard()) {
+    auto events = TensorBoardWriter::Open(spec_.output_dir(),
+                                          options_.resume.empty() ? -1 : position_.step);
+    if (!events.ok()) return events.status();
+    tensorboard_.emplace(*std::move(events));
+  }
   return absl::OkStatus();
 }
 
@@ -440,6 +467,19 @@ void Trainer::LogTrainRecord(int done, const StepResult& result) {
   const LoggingWindow window = std::exchange(window_since_log_, {});
   tokens_per_second_ = window.TokensPerSecond();
   if (!metrics_) return;
+  const std::vector<MoELayerRecord> moe = MoELayerRecords(result.output, spec_.model());
+  if (tensorboard_) {
+    std::vector<std::pair<std::string, double>> scalars = {
+        {"train/loss", result.loss},           {"train/router_loss", result.router_loss},
+        {"train/lr", result.lr},               {"train/grad_norm", result.grad_norm},
+        {"train/tokens_per_s", tokens_per_second_}};
+    for (const auto& layer : moe) {
+      const std::string prefix = absl::StrCat("moe/layer_", layer.layer, "/");
+      scalars.push_back({prefix + "load_cv", layer.load_cv});
+      scalars.push_back({prefix + "router_entropy", layer.router_entropy});
+    }
+    tensorboard_->WriteScalars(done, scalars);
+  }
   metrics_->Write(JsonObject()
                       .Add("type", std::string("train"))
                       .Add("step", static_cast<int64_t>(done))
@@ -460,7 +500,7 @@ void Trainer::LogTrainRecord(int done, const StepResult& result) {
                       .Add("dispatch_s", window.PerStep(window.dispatch_seconds))
                       .Add("tokens", static_cast<int64_t>(done) * tokens_per_step_)
                       .Add("elapsed_s", train_seconds_)
-                      .AddRaw("moe", MoEMetricsJson(result.output, spec_.model())));
+                      .AddRaw("moe", MoEMetricsJson(moe)));
 }
 
 void Trainer::MaybeEvaluate(int done) {
@@ -479,6 +519,16 @@ void Trainer::MaybeEvaluate(int done) {
                         .Add("val_loss", last_val_)
                         .Add("val_ppl", std::exp(last_val_))
                         .AddRaw("routing", routing.ToJson()));
+  }
+  if (tensorboard_) {
+    std::vector<std::pair<std::string, double>> scalars = {{"val/loss", last_val_},
+                                                           {"val/ppl", std::exp(last_val_)}};
+    for (const auto& layer : routing.Layers()) {
+      const std::string prefix = absl::StrCat("val_moe/layer_", layer.layer, "/");
+      scalars.push_back({prefix + "load_cv", layer.load_cv});
+      scalars.push_back({prefix + "entropy", layer.entropy});
+    }
+    tensorboard_->WriteScalars(done, scalars);
   }
   if (progress_) {
     progress_->Print(absl::StrFormat("step %d: val loss %.4f (ppl %.2f)", done, last_val_,

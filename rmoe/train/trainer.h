@@ -29,6 +29,7 @@
 #include "rmoe/train/optimizer.h"
 #include "rmoe/train/parallel.h"
 #include "rmoe/train/progress.h"
+#include "rmoe/train/tensorboard.h"
 
 namespace rmoe {
 
@@ -120,8 +121,17 @@ double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_
                 int seq_len, int batches, ParallelRuntime& runtime,
                 RoutingStatistics* routing = nullptr);
 
+// One MoE layer in a train record (the step's last micro-batch).
+struct MoELayerRecord {
+  int layer = 0;  // the model layer index
+  std::vector<int64_t> tokens_per_expert;
+  double load_cv = 0;  // std/mean of tokens_per_expert
+  int64_t dropped = 0, assignments = 0;
+  double router_entropy = 0, load_balance_loss = 0, z_loss = 0;
+};
+std::vector<MoELayerRecord> MoELayerRecords(const ModelOutput& output, const ModelSpec& model);
 // The per-MoE-layer part of a train record: tokens per expert, load, drops, entropy, losses.
-std::string MoEMetricsJson(const ModelOutput& output, const ModelSpec& model);
+std::string MoEMetricsJson(const std::vector<MoELayerRecord>& layers);
 
 class Trainer {
  public:
@@ -194,6 +204,7 @@ class Trainer {
 
   std::optional<HostReport> host_;          // the main rank's
   std::optional<MetricsWriter> metrics_;    // the main rank's
+  std::optional<TensorBoardWriter> tensorboard_;  // the main rank's, with logging.tensorboard
   std::optional<ProgressBar> progress_;     // the main rank's, unless quiet
   bool interactive_ = false;                // stderr is a terminal
 
