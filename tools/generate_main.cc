@@ -1,7 +1,6 @@
 // rmoe_generate: samples text from a model saved by rmoe_train, or from a checkpoint.
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <limits>
 #include <optional>
 #include <string>
@@ -11,7 +10,7 @@
 #include <absl/strings/str_cat.h>
 #include <torch/torch.h>
 
-#include "distributed/checkpoint.h"
+#include "distributed/inference_model.h"
 #include "rmoe/data/dataset.h"
 #include "rmoe/data/subprocess_tokenizer.h"
 #include "rmoe/model/generation.h"
@@ -19,7 +18,6 @@
 #include "rmoe/util/cli.h"
 
 namespace {
-namespace fs = std::filesystem;
 
 constexpr char kUsage[] = R"(Usage: rmoe_generate --model PATH [--prompt TEXT] [options]
 
@@ -42,65 +40,6 @@ weights of a checkpoint, using the KV cache (and the token-recurrent router's ca
 int Fail(const std::string& message) {
   std::fprintf(stderr, "rmoe_generate: %s\n", message.c_str());
   return 1;
-}
-
-// The model of a checkpoint: built from the job spec in its manifest (model.vocab_size is
-// resolved there), every "model/..." tensor read in full (checksums verified), and the
-// tokenizer's metadata from the copies in the step directory, or else from the job's
-// data.dataset_dir. Not collective: no MPI.
-absl::StatusOr<rmoe::LoadedModel> LoadCheckpointModel(const std::string& path,
-                                                      std::string* tokenizer_dir) {
-  auto dir = rmoe::distributed::ResolveCheckpoint(path);
-  if (!dir.ok()) {
-    if (!absl::IsNotFound(dir.status())) return dir.status();
-    return absl::NotFoundError(absl::StrCat(path, " is neither a saved model directory (job.pbtxt, "
-                                            "model.pt) nor a checkpoint: ", dir.status().message()));
-  }
-  auto manifest = rmoe::distributed::ReadManifest(*dir);
-  if (!manifest.ok()) return manifest.status();
-  rmoe::LoadedModel loaded;
-  loaded.spec = manifest->job();
-  if (loaded.spec.model().vocab_size() <= 0) {
-    return absl::DataLossError(absl::StrCat("the job spec in ", *dir,
-                                            "/manifest.pb has no resolved model.vocab_size"));
-  }
-  loaded.model = rmoe::Transformer(loaded.spec.model());
-  loaded.model->eval();
-  std::vector<rmoe::distributed::ShardedTensor> tensors;
-  for (auto& item : loaded.model->named_parameters()) {
-    rmoe::distributed::ShardedTensor t;
-    t.name = "model/" + item.key();
-    t.local = item.value().detach();
-    t.global_shape = item.value().sizes().vec();
-    tensors.push_back(std::move(t));
-  }
-  {
-    torch::NoGradGuard no_grad;
-    if (auto status = rmoe::distributed::LoadTensors(*dir, *manifest, tensors); !status.ok())
-      return status;
-  }
-  // Checkpoints hold copies of the dataset's meta.pbtxt (and tokenizer.model for BPE);
-  // older ones do not: then the dataset the job was trained on.
-  *tokenizer_dir = fs::exists(fs::path(*dir) / "meta.pbtxt") ? *dir : loaded.spec.data().dataset_dir();
-  auto meta = rmoe::ReadDatasetMeta(*tokenizer_dir);
-  if (!meta.ok()) {
-    return absl::Status(meta.status().code(),
-                        absl::StrCat(meta.status().message(), " (the checkpoint ", *dir,
-                                     " has no copy of the dataset's meta.pbtxt, so the tokenizer "
-                                     "is looked for in its job's data.dataset_dir)"));
-  }
-  loaded.dataset_meta = *std::move(meta);
-  std::fprintf(stderr, "rmoe_generate: the weights of checkpoint %s (step %lld)\n", dir->c_str(),
-               static_cast<long long>(manifest->step()));
-  return loaded;
-}
-
-// A saved model directory has job.pbtxt; anything else that is a directory is taken for a
-// checkpoint (a missing path gets LoadModel's message).
-bool IsCheckpointPath(const std::string& path) {
-  std::error_code ec;
-  return fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "job.pbtxt", ec) &&
-         !fs::exists(fs::path(path) / "model.pt", ec);
 }
 
 struct Options {
@@ -159,12 +98,15 @@ int Run(int argc, char** argv) {
   const std::string& prompt = o.prompt;
   if (o.threads > 0) torch::set_num_threads(o.threads);
 
-  std::string tokenizer_dir = model_dir;
-  absl::StatusOr<rmoe::LoadedModel> loaded =
-      IsCheckpointPath(model_dir) ? LoadCheckpointModel(model_dir, &tokenizer_dir)
-                                  : rmoe::LoadModel(model_dir);
-  if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
-  auto tokenizer = rmoe::OpenTokenizer(loaded->dataset_meta, tokenizer_dir);
+  auto inference = rmoe::distributed::LoadModelForInference(model_dir);
+  if (!inference.ok()) return Fail(std::string(inference.status().message()));
+  if (inference->checkpoint_step >= 0) {
+    std::fprintf(stderr, "rmoe_generate: the weights of checkpoint %s (step %lld)\n",
+                 inference->checkpoint_dir.c_str(),
+                 static_cast<long long>(inference->checkpoint_step));
+  }
+  rmoe::LoadedModel* loaded = &inference->loaded;
+  auto tokenizer = rmoe::OpenTokenizer(loaded->dataset_meta, inference->tokenizer_dir);
   if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().message()));
 
   std::vector<int64_t> prompt_ids;

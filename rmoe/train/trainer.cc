@@ -103,6 +103,10 @@ std::string MoEMetricsJson(const std::vector<MoELayerRecord>& layers) {
   return json + "]";
 }
 
+int EvalBatches(int eval_batches, int micro_batch_size, const EvalSampler& sampler) {
+  return std::max(1, std::min(eval_batches, sampler.num_windows() / micro_batch_size));
+}
+
 double Evaluate(Transformer& model, const EvalSampler& sampler, int micro_batch_size,
                 int seq_len, int batches, ParallelRuntime& runtime, RoutingStatistics* routing) {
   torch::NoGradGuard no_grad;
@@ -204,10 +208,7 @@ absl::Status Trainer::OpenData() {
   auto eval_sampler = EvalSampler::Create(dataset_->val(), schedule.seq_len());
   if (!eval_sampler.ok()) return eval_sampler.status();
   eval_sampler_.emplace(*std::move(eval_sampler));
-  // Each validation window counts once, even when the split is smaller than
-  // eval_batches * micro_batch_size windows.
-  eval_batches_ = std::max(1, std::min(schedule.eval_batches(),
-                                       eval_sampler_->num_windows() / schedule.micro_batch_size()));
+  eval_batches_ = EvalBatches(schedule.eval_batches(), schedule.micro_batch_size(), *eval_sampler_);
   windows_.emplace(schedule.micro_batch_size(), schedule.seq_len(), device_);
   const int64_t world = runtime_.world_size();
   samples_per_step_ =

@@ -114,6 +114,10 @@ std::string CheckpointRoot(const JobSpec& spec);
 // and evaluation compute it.
 torch::Tensor LanguageModelLoss(const torch::Tensor& logits, const torch::Tensor& targets);
 
+// The evaluation's batches: schedule.eval_batches, fewer when the split holds fewer
+// windows, so that each window counts once.
+int EvalBatches(int eval_batches, int micro_batch_size, const EvalSampler& sampler);
+
 // Mean next-token cross-entropy over `batches` micro-batches of the validation split, the
 // batches spread over the ranks of `runtime`. `routing`, when given, accumulates the
 // routing of every batch, summed over all ranks.
