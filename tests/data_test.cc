@@ -17,6 +17,7 @@
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_join.h>
+#include <absl/strings/str_replace.h>
 #include <absl/strings/str_split.h>
 #include <gtest/gtest.h>
 #include "rmoe/data/byte_tokenizer.h"
@@ -219,6 +220,43 @@ TEST_F(BpeTest, ErrorsNameTheProblem) {
       SubprocessTokenizer::Open(model_, RMOE_TOOLS_DIR);
   ASSERT_TRUE(tokenizer.ok());
   EXPECT_FALSE((*tokenizer)->Decode(std::vector<int32_t>{kVocab}).ok());
+}
+
+// Pieces that decode as SentencePiece's do: "\xe2\x96\x81" (the space marker) becomes a
+// space, except at the start of the ids.
+class PieceTokenizer : public Tokenizer {
+ public:
+  explicit PieceTokenizer(std::vector<std::string> pieces) : pieces_(std::move(pieces)) {}
+  absl::StatusOr<std::vector<int32_t>> Encode(absl::string_view) const override {
+    return absl::UnimplementedError("decoding only");
+  }
+  absl::StatusOr<std::string> Decode(absl::Span<const int32_t> ids) const override {
+    std::string text;
+    for (int32_t id : ids) text += pieces_.at(id);
+    text = absl::StrReplaceAll(text, {{"\xe2\x96\x81", " "}});
+    if (!text.empty() && text[0] == ' ') text.erase(0, 1);
+    return text;
+  }
+  int vocab_size() const override { return static_cast<int>(pieces_.size()); }
+  int document_separator() const override { return 0; }
+
+ private:
+  std::vector<std::string> pieces_;
+};
+
+// A continuation reads as it does after its context: the space its first piece starts with
+// is kept, a piece that continues a word is not separated from it.
+TEST(DecodeContinuation, KeepsTheSpaceBeforeTheFirstPiece) {
+  const PieceTokenizer bpe({"", "\xe2\x96\x81The", "\xe2\x96\x81Union", "\xe2\x96\x81of", "s"});
+  const std::vector<int32_t> context = {1, 2};  // "The Union"
+  EXPECT_EQ(*bpe.Decode(std::vector<int32_t>{3}), "of");  // decoded alone, the space is lost
+  EXPECT_EQ(*DecodeContinuation(bpe, context, std::vector<int32_t>{3, 3}), " of of");
+  EXPECT_EQ(*DecodeContinuation(bpe, context, std::vector<int32_t>{4}), "s");
+  EXPECT_EQ(*DecodeContinuation(bpe, {}, std::vector<int32_t>{3}), "of");
+  EXPECT_EQ(*DecodeContinuation(bpe, context, {}), "");
+  const ByteTokenizer bytes;
+  EXPECT_EQ(*DecodeContinuation(bytes, std::vector<int32_t>{'H', 'i'}, std::vector<int32_t>{' ', '!'}),
+            " !");
 }
 
 TEST(OpenTokenizer, ChecksTheTokenizerAgainstTheMetadata) {

@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include <absl/strings/match.h>
 #include <absl/strings/str_cat.h>
 #include <torch/torch.h>
 
@@ -119,25 +118,13 @@ int Run(int argc, char** argv) {
   }
   auto generated = rmoe::Generate(loaded->model, prompt_ids, o.sampling);
   if (!generated.ok()) return Fail(std::string(generated.status().message()));
-  // The continuation is decoded together with the prompt: decoded alone, a SentencePiece
-  // tokenizer drops the space that its first piece begins with ("Union" + "of the").
-  std::vector<int32_t> prompt_only(prompt_ids.begin(), prompt_ids.end());
-  std::vector<int32_t> all_ids = prompt_only;
-  all_ids.insert(all_ids.end(), generated->begin(), generated->end());
-  auto full_text = (*tokenizer)->Decode(all_ids);
-  if (!full_text.ok()) return Fail(std::string(full_text.status().message()));
-  auto prompt_text = (*tokenizer)->Decode(prompt_only);
-  if (!prompt_text.ok()) return Fail(std::string(prompt_text.status().message()));
-  if (!prompt.empty() && absl::StartsWith(*full_text, *prompt_text)) {
-    // The prompt as the user wrote it (decoding may normalise it), then what follows it.
-    std::printf("%s%s\n", prompt.c_str(), full_text->substr(prompt_text->size()).c_str());
-  } else if (!prompt.empty()) {
-    std::printf("%s\n", full_text->c_str());
-  } else {
-    auto text = (*tokenizer)->Decode(std::vector<int32_t>(generated->begin(), generated->end()));
-    if (!text.ok()) return Fail(std::string(text.status().message()));
-    std::printf("%s\n", text->c_str());
-  }
+  // Without a prompt the separator that starts the document is no text of the user's.
+  std::vector<int32_t> context;
+  if (!prompt.empty()) context.assign(prompt_ids.begin(), prompt_ids.end());
+  auto continuation = rmoe::DecodeContinuation(
+      **tokenizer, context, std::vector<int32_t>(generated->begin(), generated->end()));
+  if (!continuation.ok()) return Fail(std::string(continuation.status().message()));
+  std::printf("%s%s\n", prompt.c_str(), continuation->c_str());
   return 0;
 }
 

@@ -55,4 +55,13 @@ class Tokenizer {
   virtual int document_separator() const = 0;
 };
 
+// The text `continuation` adds after `context` (the ids that precede it), as it reads in
+// the decoded whole. Decoding the continuation alone would drop the space marker of its
+// first BPE piece ("Union" + "of the"), so it is decoded with its context and the context's
+// own text is cut off. Where the context's text is not a prefix of the whole, the
+// continuation is decoded alone.
+absl::StatusOr<std::string> DecodeContinuation(const Tokenizer& tokenizer,
+                                               absl::Span<const int32_t> context,
+                                               absl::Span<const int32_t> continuation);
+
 }  // namespace rmoe
