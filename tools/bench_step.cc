@@ -72,32 +72,6 @@ Options:
   --peak-tflops T     the device's datasheet peak, for the utilisation column (default: none)
 )";
 
-namespace {
-
-// The product speed of `device` in `dtype` at n^3, the best of repeated products within
-// about `budget_seconds` (each timed to its completion on the device).
-double ProbeDeviceMatmulGflops(torch::Device device, torch::ScalarType dtype, int64_t n,
-                               double budget_seconds) {
-  torch::NoGradGuard no_grad;
-  const auto options = torch::TensorOptions(dtype).device(device);
-  auto a = torch::randn({n, n}, options), b = torch::randn({n, n}, options);
-  auto c = torch::empty({n, n}, options);
-  torch::mm_out(c, a, b);
-  at::accelerator::synchronizeDevice(device.index());
-  double best = 1e30, spent = 0;
-  for (int i = 0; i < 3 || (spent < budget_seconds && i < 200); ++i) {
-    const auto start = Clock::now();
-    torch::mm_out(c, a, b);
-    at::accelerator::synchronizeDevice(device.index());
-    const double seconds = SecondsSince(start);
-    best = std::min(best, seconds);
-    spent += seconds;
-  }
-  return 2.0 * n * n * n / best / 1e9;
-}
-
-}  // namespace
-
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
   const Options o(args, {"--job", "--set", "--steps", "--warmup", "--profile", "--profile-top",
                          "--peak-tflops"},
@@ -137,7 +111,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   const auto ceiling_dtype = device.is_cpu() ? torch::kFloat : MatmulDtype(spec).value_or(torch::kFloat);
   auto probe_ceiling = [&] {
     return device.is_cpu() ? ProbeMatmulGflops(torch::kFloat, 512, 0.3)
-                           : ProbeDeviceMatmulGflops(device, ceiling_dtype, 8192, 0.5);
+                           : ProbeMatmulGflops(ceiling_dtype, 8192, 0.5, device);
   };
   double ceiling_gflops = probe_ceiling();
   const bool is_main = world.rank() == 0;

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 
+#include <ATen/DeviceAccelerator.h>
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 #include <torch/version.h>
@@ -169,18 +170,26 @@ absl::Status VerifyBlasOrFallBack(char** argv) {
           : "use another LibTorch build (tools/setup.sh installs PyTorch's wheel)"));
 }
 
-double ProbeMatmulGflops(torch::ScalarType dtype, int64_t n, double budget_seconds) {
+double ProbeMatmulGflops(torch::ScalarType dtype, int64_t n, double budget_seconds,
+                         torch::Device device) {
   torch::NoGradGuard no_grad;
   // Its own generator: the global one seeds the model, identically on every rank.
   auto generator = at::make_generator<at::CPUGeneratorImpl>(/*seed=*/n);
-  auto a = torch::randn({n, n}, generator).to(dtype), b = torch::randn({n, n}, generator).to(dtype);
+  auto a = torch::randn({n, n}, generator).to(device, dtype);
+  auto b = torch::randn({n, n}, generator).to(device, dtype);
   auto c = torch::empty({n, n}, a.options());
+  // A product on an accelerator is only queued by mm_out: wait for it.
+  auto finish = [&] {
+    if (!device.is_cpu()) at::accelerator::synchronizeDevice(device.index());
+  };
   using Clock = std::chrono::steady_clock;
   torch::mm_out(c, a, b);  // first-touch and kernel selection
+  finish();
   double best = 1e30, spent = 0;
   for (int i = 0; i < 2 || spent < budget_seconds; ++i) {
     const auto start = Clock::now();
     torch::mm_out(c, a, b);
+    finish();
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     best = std::min(best, seconds);
     spent += seconds;

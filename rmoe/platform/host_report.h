@@ -46,10 +46,12 @@ absl::Status VerifyBlasOrFallBack(char** argv);
 // of a b: the self-check's measure of a product `c` that the BLAS computed.
 double ProductError(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c);
 
-// fp32 (or bf16) GFLOP/s of an n x n x n product on the current torch threads: the best of
-// as many products as fit in `budget_seconds` (at least two). Leaves torch's global random
-// generator untouched.
-double ProbeMatmulGflops(torch::ScalarType dtype, int64_t n, double budget_seconds);
+// fp32 (or bf16) GFLOP/s of an n x n x n product on `device` (on the CPU, with the current
+// torch threads): the best of as many products as fit in `budget_seconds` (at least two),
+// each timed to its completion on the device. Leaves torch's global random generators
+// untouched.
+double ProbeMatmulGflops(torch::ScalarType dtype, int64_t n, double budget_seconds,
+                         torch::Device device = torch::kCPU);
 
 struct HostReport {
   CpuFeatures cpu;
