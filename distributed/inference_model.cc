@@ -8,6 +8,7 @@
 
 #include "distributed/checkpoint.h"
 #include "rmoe/data/dataset.h"
+#include "rmoe/train/model_export.h"
 
 namespace rmoe::distributed {
 
@@ -15,12 +16,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A saved model directory has job.pbtxt; anything else that is a directory is taken for a
-// checkpoint (a missing path gets LoadModel's message).
+// A saved model directory has job.pbtxt, an export config.json and model.safetensors;
+// anything else that is a directory is taken for a checkpoint (a missing path gets
+// LoadModel's message).
 bool IsCheckpointPath(const std::string& path) {
   std::error_code ec;
   return fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "job.pbtxt", ec) &&
-         !fs::exists(fs::path(path) / "model.pt", ec);
+         !fs::exists(fs::path(path) / "model.pt", ec) && !IsExportDirectory(path);
 }
 
 absl::StatusOr<InferenceModel> LoadCheckpointModel(const std::string& path) {
@@ -74,7 +76,7 @@ absl::StatusOr<InferenceModel> LoadCheckpointModel(const std::string& path) {
 
 absl::StatusOr<InferenceModel> LoadModelForInference(const std::string& path) {
   if (IsCheckpointPath(path)) return LoadCheckpointModel(path);
-  auto loaded = LoadModel(path);
+  auto loaded = IsExportDirectory(path) ? LoadExportedModel(path) : LoadModel(path);
   if (!loaded.ok()) return loaded.status();
   InferenceModel result;
   result.loaded = *std::move(loaded);

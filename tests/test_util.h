@@ -2,7 +2,10 @@
 // a recurrent scan with its gradients, to compare implementations and devices.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <utility>
@@ -15,6 +18,15 @@
 #include "rmoe/model/router.h"
 
 namespace rmoe::testing {
+
+// A fresh, empty directory for one test, named after it and this process.
+inline std::filesystem::path TempDir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() /
+             ("rmoe_train_test_" + name + "_" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
 
 struct RouterCase {
   std::string name;

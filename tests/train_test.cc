@@ -26,12 +26,7 @@ namespace rmoe {
 namespace {
 namespace fs = std::filesystem;
 
-fs::path TempDir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("rmoe_train_test_" + name + "_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using testing::TempDir;
 
 TEST(LearningRate, WarmsUpLinearlyThenDecaysByCosineToTheFloor) {
   JobSpec spec;

@@ -1,6 +1,6 @@
-// rmoe_ckpt: looks into, checks and exports sharded checkpoints (distributed/checkpoint.h).
-// No MPI: it reads the files of any layout from one process.
-#include <google/protobuf/util/json_util.h>
+// rmoe_ckpt: looks into and checks sharded checkpoints (distributed/checkpoint.h), and
+// exports them or saved models (rmoe/train/model_export.h). No MPI: it reads the files of
+// any layout from one process.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -13,11 +13,11 @@
 #include <vector>
 
 #include "distributed/checkpoint.h"
-#include "rmoe/config/job_spec.h"
+#include "distributed/inference_model.h"
 #include "rmoe/config/resources.h"
+#include "rmoe/train/model_export.h"
 #include "rmoe/util/cli.h"
 #include "rmoe/util/files.h"
-#include "rmoe/util/json.h"
 
 namespace {
 
@@ -42,11 +42,14 @@ Commands:
       Reads every piece of every tensor and checks its CRC-32C, and the manifest's framing.
       Exit status 0 when everything matches, 1 otherwise (the message names the shard file
       and the tensor).
-  export PATH --out FILE.safetensors [--config FILE.json]
-      Gathers every model tensor ("model/<name>") from all shards into one safetensors
-      file, named <name> (without "model/"); optimizer state is left out. Checksums are
-      verified on the way. --config also writes the job spec as JSON (every default
-      explicit).
+  export PATH --out DIR [--dtype float32|bfloat16|float16]
+      Writes the model as a folder any PyTorch code can load: model.safetensors (every
+      parameter by name, float32 unless --dtype), config.json (every architectural fact,
+      explicit), rmoe_tokenizer.json (+ tokenizer.model for BPE) and README.md; see
+      docs/export.md. PATH may also be a saved model (<output_dir>/model). The model's
+      tensors are gathered from all shards (checksums verified); optimizer state is left
+      out. DIR is replaced only if an earlier export wrote it. python/rmoe_torch loads the
+      folder; rmoe_eval and rmoe_generate read it back.
 
 Exit status: 0 success, 1 failure (bad or missing checkpoint, I/O error), 2 usage error.
   --help       this text
@@ -62,33 +65,6 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-
-struct Dtype {
-  const char* name;  // as the manifest writes it
-  torch::ScalarType type;
-  const char* safetensors;  // nullptr: no safetensors equivalent
-};
-constexpr Dtype kDtypes[] = {
-    {"float32", torch::kFloat, "F32"},
-    {"float64", torch::kDouble, "F64"},
-    {"float16", torch::kHalf, "F16"},
-    {"bfloat16", torch::kBFloat16, "BF16"},
-    {"int64", torch::kLong, "I64"},
-    {"int32", torch::kInt, "I32"},
-    {"int16", torch::kShort, "I16"},
-    {"int8", torch::kChar, "I8"},
-    {"uint8", torch::kByte, "U8"},
-    {"bool", torch::kBool, "BOOL"},
-    {"complex64", torch::kComplexFloat, nullptr},
-    {"complex128", torch::kComplexDouble, nullptr},
-};
-
-const Dtype* FindDtype(const std::string& name) {
-  for (const auto& d : kDtypes) {
-    if (name == d.name) return &d;
-  }
-  return nullptr;
-}
 
 int64_t TensorBytes(const TensorRecord& t) {
   int64_t bytes = 0;
@@ -245,118 +221,31 @@ int Verify(const std::string& path) {
   return 0;
 }
 
-// A model tensor of the checkpoint as safetensors lays it out.
-struct ExportItem {
-  const TensorRecord* record;
-  const Dtype* dtype;
-  std::string name;
-  int64_t bytes;
-  uint64_t begin = 0;
-};
-
-// The safetensors JSON header for `items` (setting each one's offset), padded to 8 bytes;
-// `end` receives the end of the data.
-std::string SafetensorsHeader(const CheckpointManifest& m, std::vector<ExportItem>& items,
-                              uint64_t* end) {
-  uint64_t at = 0;
-  std::string header =
-      "{\"__metadata__\":{\"format\":\"pt\",\"step\":" +
-      rmoe::JsonString(std::to_string(m.step())) +
-      ",\"consumed_samples\":" + rmoe::JsonString(std::to_string(m.consumed_samples())) +
-      ",\"job\":" + rmoe::JsonString(m.job().name()) + "}";
-  for (auto& item : items) {
-    item.begin = at;
-    at += static_cast<uint64_t>(item.bytes);
-    std::string shape;
-    for (int i = 0; i < item.record->shape_size(); ++i)
-      shape += (i ? "," : "") + std::to_string(item.record->shape(i));
-    header += "," + rmoe::JsonString(item.name) + ":{\"dtype\":\"" + item.dtype->safetensors +
-              "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(item.begin) + "," +
-              std::to_string(at) + "]}";
+int Export(const std::string& path, const std::string& out, const std::string& dtype_name) {
+  static const std::map<std::string, torch::ScalarType> kDtypes = {
+      {"float32", torch::kFloat}, {"bfloat16", torch::kBFloat16}, {"float16", torch::kHalf}};
+  const auto dtype = kDtypes.find(dtype_name);
+  if (dtype == kDtypes.end()) {
+    return Usage("--dtype " + dtype_name + " is not float32, bfloat16 or float16");
   }
-  header += "}";
-  header.append((8 - header.size() % 8) % 8, ' ');
-  *end = at;
-  return header;
-}
-
-// The checkpoint's job spec as JSON (protobuf's field names), for tools outside RMoE.
-int WriteJobSpecJson(const CheckpointManifest& m, const std::string& config) {
-  auto spec = rmoe::ParseJobSpec(rmoe::JobSpecToText(m.job()), "the checkpoint's job spec");
-  if (!spec.ok()) return Fail(std::string(spec.status().message()));
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.preserve_proto_field_names = true;
-  std::string json;
-  const auto status = google::protobuf::util::MessageToJsonString(*spec, &json, options);
-  if (!status.ok()) return Fail("cannot convert the job spec to JSON: " + status.ToString());
-  if (auto s = rmoe::WriteFileAtomically(config, json); !s.ok()) {
-    return Fail(std::string(s.message()));
+  if (out.size() >= 12 && out.compare(out.size() - 12, 12, ".safetensors") == 0) {
+    return Usage("--out names the folder to write (model.safetensors, config.json, the "
+                 "tokenizer, README.md), not a file: e.g. --out " +
+                 out.substr(0, out.size() - 12));
   }
-  std::printf("job spec written to %s\n", config.c_str());
+  auto inference = rmoe::distributed::LoadModelForInference(path);
+  if (!inference.ok()) return Fail(std::string(inference.status().message()));
+  rmoe::ExportSource source;
+  source.path = inference->checkpoint_dir.empty() ? path : inference->checkpoint_dir;
+  source.step = inference->checkpoint_step;
+  const absl::Status status = rmoe::ExportModel(inference->loaded, inference->tokenizer_dir,
+                                                source, dtype->second, out);
+  if (!status.ok()) return Fail(std::string(status.message()));
+  const auto counts = inference->loaded.model->CountParameters();
+  std::printf("exported %s%s (%lld parameters, %s) to %s\n", source.path.c_str(),
+              source.step >= 0 ? (", step " + std::to_string(source.step)).c_str() : "",
+              static_cast<long long>(counts.total), dtype_name.c_str(), out.c_str());
   return 0;
-}
-
-int Export(const std::string& path, const std::string& out, const std::string& config) {
-  for (const std::string& file : {out, config}) {
-    std::error_code ec;
-    if (!file.empty() && std::filesystem::is_directory(file, ec)) {
-      return Fail(file + " is a directory: give the name of the file to write, e.g. " + file +
-                  "/model.safetensors");
-    }
-  }
-  Loaded c;
-  if (!Load(path, &c)) return 1;
-  const CheckpointManifest& m = c.manifest;
-
-  std::vector<ExportItem> items;
-  for (const auto& t : m.tensors()) {
-    if (!StartsWith(t.name(), "model/")) continue;
-    const Dtype* d = FindDtype(t.dtype());
-    if (d == nullptr || d->safetensors == nullptr) {
-      return Fail("tensor '" + t.name() + "' has dtype " + t.dtype() +
-                  ", which safetensors cannot hold");
-    }
-    const std::string name = t.name().substr(6);
-    if (name.empty() || name == "__metadata__")
-      return Fail("tensor '" + t.name() + "' has no usable name");
-    int64_t elements = 1;
-    for (int64_t dim : t.shape()) elements *= dim;
-    items.push_back({&t, d, name, elements * static_cast<int64_t>(c10::elementSize(d->type))});
-  }
-  if (items.empty()) return Fail(c.dir + " holds no model tensors (\"model/...\")");
-  // Largest elements first, so every tensor starts at a multiple of its element size (the
-  // header is padded to 8 bytes), as the reference writer does for zero-copy readers.
-  std::stable_sort(items.begin(), items.end(), [](const ExportItem& a, const ExportItem& b) {
-    return c10::elementSize(a.dtype->type) > c10::elementSize(b.dtype->type);
-  });
-  uint64_t at = 0;
-  const std::string header = SafetensorsHeader(m, items, &at);
-
-  auto file = rmoe::AtomicFileWriter::Open(out);
-  if (!file.ok()) return Fail(std::string(file.status().message()));
-  std::string size_bytes(8, '\0');
-  for (int i = 0; i < 8; ++i) size_bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
-  if (auto s = file->Append(size_bytes); !s.ok()) return Fail(std::string(s.message()));
-  if (auto s = file->Append(header); !s.ok()) return Fail(std::string(s.message()));
-  for (const auto& item : items) {
-    rmoe::distributed::ShardedTensor t;
-    t.name = item.record->name();
-    t.global_shape.assign(item.record->shape().begin(), item.record->shape().end());
-    t.local = torch::empty(t.global_shape, torch::TensorOptions().dtype(item.dtype->type));
-    std::vector<rmoe::distributed::ShardedTensor> one = {t};
-    const absl::Status status = rmoe::distributed::LoadTensors(c.dir, m, one);
-    if (!status.ok()) return Fail(std::string(status.message()));
-    const absl::string_view bytes(static_cast<const char*>(one[0].local.data_ptr()),
-                                  static_cast<size_t>(item.bytes));
-    if (auto s = file->Append(bytes); !s.ok()) return Fail(std::string(s.message()));
-  }
-  if (auto s = file->Commit(); !s.ok()) return Fail(std::string(s.message()));
-  std::printf("exported %zu model tensors (%s) of %s, step %lld, to %s\n", items.size(),
-              rmoe::FormatBytes(static_cast<int64_t>(at)).c_str(), c.dir.c_str(),
-              static_cast<long long>(m.step()), out.c_str());
-
-  return config.empty() ? 0 : WriteJobSpecJson(m, config);
 }
 
 }  // namespace
@@ -374,7 +263,7 @@ int main(int argc, char** argv) {
   rmoe::cli::Parser parser("for " + command);
   parser.Positionals(1);
   if (command == "inspect") parser.Switch("--tensors");
-  if (command == "export") parser.Value("--out", "a file name").Value("--config", "a file name");
+  if (command == "export") parser.Value("--out", "a folder").Value("--dtype", "a dtype name");
   const auto flags = parser.Parse(std::vector<std::string>(args.begin() + 1, args.end()));
   if (!flags.ok()) return Usage(std::string(flags.status().message()));
   if (flags->positional().empty()) return Usage(command + " needs a checkpoint PATH");
@@ -382,8 +271,9 @@ int main(int argc, char** argv) {
   try {
     if (command == "inspect") return Inspect(path, flags->Has("--tensors"));
     if (command == "verify") return Verify(path);
-    if (!flags->Has("--out")) return Usage("export needs --out FILE.safetensors");
-    return Export(path, flags->Get("--out"), flags->Get("--config"));
+    if (!flags->Has("--out")) return Usage("export needs --out DIR");
+    return Export(path, flags->Get("--out"),
+                  flags->Has("--dtype") ? flags->Get("--dtype") : std::string("float32"));
   } catch (const std::exception& e) {
     return Fail(e.what());
   }

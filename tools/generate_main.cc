@@ -1,4 +1,4 @@
-// rmoe_generate: samples text from a model saved by rmoe_train, or from a checkpoint.
+// rmoe_generate: samples text from a model saved by rmoe_train, a checkpoint or an export.
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -15,17 +15,20 @@
 #include "rmoe/model/generation.h"
 #include "rmoe/train/model_io.h"
 #include "rmoe/util/cli.h"
+#include "rmoe/util/files.h"
+#include "rmoe/util/json.h"
 
 namespace {
 
 constexpr char kUsage[] = R"(Usage: rmoe_generate --model PATH [--prompt TEXT] [options]
 
-Continues a prompt with a model that rmoe_train saved (<output_dir>/model), or with the
-weights of a checkpoint, using the KV cache (and the token-recurrent router's cached state).
+Continues a prompt with a model that rmoe_train saved (<output_dir>/model), the weights
+of a checkpoint, or an export (rmoe_ckpt export), using the KV cache (and the
+token-recurrent router's cached state).
 
-  --model PATH           the saved model directory, or a checkpoint: a step directory
-                         (step_<N>) or a checkpoint root (its latest), whatever layout
-                         saved it (required)
+  --model PATH           the saved model directory, a checkpoint (a step directory
+                         step_<N>, or a checkpoint root: its latest), whatever layout
+                         saved it, or an export folder (required)
   --prompt TEXT          text to continue (default: start a new document)
   --max-new-tokens N     tokens to generate (default 200; stops at model.max_seq_len)
   --temperature T        softmax temperature; 0 = greedy (default 0.8)
@@ -33,6 +36,8 @@ weights of a checkpoint, using the KV cache (and the token-recurrent router's ca
   --top-p P              nucleus sampling: the smallest set with probability >= P (default 0.95)
   --seed S               the same seed gives the same text (default 0)
   --threads N            intra-op threads (default: all cores)
+  --json PATH            also write {"prompt_ids", "generated_ids", "continuation"} as JSON
+                         (the ids the model saw and produced, for comparing implementations)
   --help                 this text
 )";
 
@@ -44,6 +49,7 @@ int Fail(const std::string& message) {
 struct Options {
   std::string model_dir;  // a model directory or a checkpoint
   std::string prompt;
+  std::string json;
   rmoe::SamplingOptions sampling;
   int threads = 0;
 };
@@ -51,7 +57,7 @@ struct Options {
 // The options, or a usage error. --help prints the usage here and yields no options.
 absl::StatusOr<std::optional<Options>> ParseOptions(int argc, char** argv) {
   rmoe::cli::Parser parser;
-  parser.Value("--model", "a path").Value("--prompt", "a text");
+  parser.Value("--model", "a path").Value("--prompt", "a text").Value("--json", "a path");
   for (const char* flag : {"--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                            "--threads"}) {
     parser.Value(flag, "a number");
@@ -66,6 +72,7 @@ absl::StatusOr<std::optional<Options>> ParseOptions(int argc, char** argv) {
   Options o;
   o.model_dir = args->Get("--model");
   o.prompt = args->Get("--prompt");
+  o.json = args->Get("--json");
   auto max_new = args->Int("--max-new-tokens", o.sampling.max_new_tokens, 0, kMaxInt);
   auto temperature = args->Number("--temperature", 0.8, {0});
   auto top_k = args->Int("--top-k", o.sampling.top_k, 0, kMaxInt);
@@ -125,6 +132,16 @@ int Run(int argc, char** argv) {
       **tokenizer, context, std::vector<int32_t>(generated->begin(), generated->end()));
   if (!continuation.ok()) return Fail(std::string(continuation.status().message()));
   std::printf("%s%s\n", prompt.c_str(), continuation->c_str());
+  if (!o.json.empty()) {
+    const std::string json = rmoe::JsonObject()
+                                 .Add("prompt_ids", prompt_ids)
+                                 .Add("generated_ids", *generated)
+                                 .Add("continuation", *continuation)
+                                 .str();
+    if (auto s = rmoe::WriteFileAtomically(o.json, json + "\n"); !s.ok()) {
+      return Fail(std::string(s.message()));
+    }
+  }
   return 0;
 }
 

@@ -172,21 +172,9 @@ uint64_t DocumentHash(const std::string& text) {
 
 absl::Status ReadDocuments(Corpus* corpus) {
   for (const std::string& path : corpus->files) {
-    absl::StatusOr<std::string> read = ReadFile(path, "raw text");
-    if (!read.ok()) return read.status();
-    const std::string& text = *read;
-    corpus->source_bytes += static_cast<int64_t>(text.size());
-    int line_number = 0;
-    for (absl::string_view line : absl::StrSplit(text, '\n')) {
-      ++line_number;
-      absl::ConsumeSuffix(&line, "\r");
-      if (absl::StripAsciiWhitespace(line).empty()) continue;
-      // The subprocess tokenizer frames texts with NUL bytes; text files never contain one.
-      if (line.find('\0') != absl::string_view::npos) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            path, ":", line_number, ": contains a NUL byte; raw_text must be text files"));
-      }
-      corpus->documents.emplace_back(line);
+    if (auto status = ReadTextDocuments(path, &corpus->documents, &corpus->source_bytes);
+        !status.ok()) {
+      return status;
     }
   }
   if (corpus->documents.size() < 2) {

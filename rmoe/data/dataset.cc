@@ -12,6 +12,9 @@
 
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_join.h>
+#include <absl/strings/str_split.h>
+#include <absl/strings/strip.h>
+#include <absl/strings/ascii.h>
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 #include "rmoe/util/files.h"
@@ -232,6 +235,25 @@ absl::StatusOr<Dataset> Dataset::Open(const std::string& dataset_dir) {
     *split.file = *std::move(file);
   }
   return dataset;
+}
+
+absl::Status ReadTextDocuments(const std::string& path, std::vector<std::string>* documents,
+                               int64_t* bytes) {
+  absl::StatusOr<std::string> read = ReadFile(path, "raw text");
+  if (!read.ok()) return read.status();
+  *bytes += static_cast<int64_t>(read->size());
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(*read, '\n')) {
+    ++line_number;
+    absl::ConsumeSuffix(&line, "\r");
+    if (absl::StripAsciiWhitespace(line).empty()) continue;
+    if (line.find('\0') != absl::string_view::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ":", line_number, ": contains a NUL byte; raw text must be text files"));
+    }
+    documents->emplace_back(line);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace rmoe

@@ -73,6 +73,13 @@ class TokenFile {
 absl::Status WriteTokenFile(const std::string& path, absl::Span<const int32_t> tokens,
                             int bytes_per_token);
 
+// Appends the documents of the raw text file `path` to `documents`: every non-blank line, a
+// trailing '\r' dropped. Adds the file's size to `*bytes`. A line with a NUL byte is an
+// error naming the file and line (text files have none, and the subprocess tokenizer frames
+// texts with it).
+absl::Status ReadTextDocuments(const std::string& path, std::vector<std::string>* documents,
+                               int64_t* bytes);
+
 // Parses <dataset_dir>/meta.pbtxt and checks it is self-consistent and of a format_version
 // this build knows (it does not open the token files).
 absl::StatusOr<DatasetMeta> ReadDatasetMeta(const std::string& dataset_dir);

@@ -15,6 +15,51 @@ std::string JsonNumber(double value) {
   return std::isfinite(value) ? absl::StrFormat("%.17g", value) : "null";
 }
 
+std::string IndentJson(absl::string_view compact) {
+  std::string out;
+  int depth = 0, array_depth = 0;
+  bool in_string = false, escaped = false;
+  auto new_line = [&] { out += "\n" + std::string(2 * depth, ' '); };
+  for (char c : compact) {
+    if (in_string) {
+      out += c;
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') in_string = true;
+    if (array_depth > 0) {
+      if (c == '[') ++array_depth;
+      if (c == ']') --array_depth;
+      out += c == ',' ? ", " : std::string(1, c);
+      continue;
+    }
+    if (c == '{') {
+      out += c;
+      ++depth;
+      new_line();
+    } else if (c == '}') {
+      --depth;
+      new_line();
+      out += c;
+    } else if (c == ',') {
+      out += c;
+      new_line();
+    } else if (c == ':') {
+      out += ": ";
+    } else {
+      if (c == '[') array_depth = 1;
+      out += c;
+    }
+  }
+  return out;
+}
+
 std::string JsonString(absl::string_view value) {
   std::string out = "\"";
   for (char c : value) {

@@ -40,6 +40,10 @@ class JsonObject {
 // "[{...},{...}]".
 std::string JsonArray(const std::vector<JsonObject>& items);
 
+// Compact JSON text laid out for people: one object member per line, indented by two
+// spaces per level; arrays stay on one line. Strings and numbers are kept as written.
+std::string IndentJson(absl::string_view compact);
+
 // A parsed JSON value.
 struct JsonValue {
   enum Type { kNull, kBool, kNumber, kString, kArray, kObject } type = kNull;

@@ -5,7 +5,8 @@
 //
 // Kinds in use: "output" (a run's output_dir), "checkpoints" (a checkpoint root, whose run
 // id is the run's identity across resumes), "checkpoint" (one step directory, marked with
-// its root's run id), "model" (a saved model), "dataset" (a prepared dataset).
+// its root's run id), "model" (a saved model), "dataset" (a prepared dataset), "export" (a
+// model exported for other tools, rmoe/train/model_export.h).
 #pragma once
 
 #include <optional>
@@ -24,6 +25,7 @@ inline constexpr char kCheckpointRootKind[] = "checkpoints";
 inline constexpr char kCheckpointKind[] = "checkpoint";
 inline constexpr char kModelKind[] = "model";
 inline constexpr char kDatasetKind[] = "dataset";
+inline constexpr char kExportKind[] = "export";
 
 struct OwnerMark {
   std::string kind;

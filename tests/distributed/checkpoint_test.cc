@@ -5,8 +5,6 @@
 #include "distributed/checkpoint.h"
 
 #include <fcntl.h>
-#include <google/protobuf/struct.pb.h>
-#include <google/protobuf/util/json_util.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -1132,9 +1130,6 @@ std::vector<ShardedTensor> ToolTensors(int rank, int size) {
   };
 }
 
-const std::map<std::string, std::string> kSafetensorsDtypes = {
-    {"float32", "F32"}, {"float64", "F64"}, {"bfloat16", "BF16"}, {"int64", "I64"}};
-
 TEST_F(CheckpointTest, ToolInspectVerifyExport) {
   CheckpointState state = State(17, "tool-job");
   state.expert_parallel_size = size();
@@ -1176,78 +1171,13 @@ TEST_F(CheckpointTest, ToolInspectVerifyExport) {
       EXPECT_NE(bad.output.find("model/layers.0.moe.experts.w2"), std::string::npos) << bad.output;
       EXPECT_NE(bad.output.find("FAILED"), std::string::npos) << bad.output;
 
-      // Export, then read the file back as any safetensors reader would.
-      const std::string out = fs::path(root_).parent_path().string() + "/model.safetensors";
-      const std::string config = fs::path(root_).parent_path().string() + "/config.json";
-      ToolRun exported = RunTool("export " + root_ + " --out " + out + " --config " + config);
-      ASSERT_EQ(exported.status, 0) << exported.output;
-      const std::string file = ReadFile(out);
-      ASSERT_GE(file.size(), 8u);
-      uint64_t header_size = 0;
-      for (int i = 0; i < 8; ++i)
-        header_size |= static_cast<uint64_t>(static_cast<unsigned char>(file[i])) << (8 * i);
-      ASSERT_LE(8 + header_size, file.size());
-      EXPECT_EQ(header_size % 8, 0u);
-      const std::string header = file.substr(8, header_size);
-      EXPECT_EQ(header.front(), '{');
-      google::protobuf::Struct json;
-      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(header, &json).ok()) << header;
-      const auto& fields = json.fields();
-      ASSERT_TRUE(fields.count("__metadata__"));
-      EXPECT_EQ(fields.at("__metadata__").struct_value().fields().at("format").string_value(),
-                "pt");
-      EXPECT_EQ(fields.at("__metadata__").struct_value().fields().at("step").string_value(), "17");
-      const size_t data_start = 8 + header_size;
-      const uint64_t data_size = file.size() - data_start;
-      std::vector<std::pair<uint64_t, uint64_t>> spans;
-      int exported_tensors = 0;
-      for (const auto& t : manifest->tensors()) {
-        const bool is_model = t.name().rfind("model/", 0) == 0;
-        const std::string name = is_model ? t.name().substr(6) : t.name();
-        if (!is_model) {
-          EXPECT_EQ(fields.count(name), 0u) << name;
-          continue;
-        }
-        ++exported_tensors;
-        ASSERT_TRUE(fields.count(name)) << name << "\n" << header;
-        const auto& entry = fields.at(name).struct_value().fields();
-        EXPECT_EQ(entry.at("dtype").string_value(), kSafetensorsDtypes.at(t.dtype())) << name;
-        std::vector<int64_t> shape;
-        for (const auto& v : entry.at("shape").list_value().values())
-          shape.push_back(static_cast<int64_t>(v.number_value()));
-        EXPECT_EQ(shape, std::vector<int64_t>(t.shape().begin(), t.shape().end())) << name;
-        const auto& offsets = entry.at("data_offsets").list_value().values();
-        ASSERT_EQ(offsets.size(), 2);
-        const auto begin = static_cast<uint64_t>(offsets[0].number_value());
-        const auto end = static_cast<uint64_t>(offsets[1].number_value());
-        spans.emplace_back(begin, end);
-        ASSERT_LE(end, data_size) << name;
-        static const std::map<std::string, torch::ScalarType> types = {
-            {"float32", torch::kFloat},
-            {"float64", torch::kDouble},
-            {"bfloat16", torch::kBFloat16},
-            {"int64", torch::kLong}};
-        const torch::Tensor want = Pattern(t.name(), shape, types.at(t.dtype())).contiguous();
-        ASSERT_EQ(static_cast<int64_t>(end - begin), want.nbytes()) << name;
-        EXPECT_EQ(std::memcmp(file.data() + data_start + begin, want.data_ptr(), want.nbytes()), 0)
-            << name;
-      }
-      EXPECT_EQ(exported_tensors, 7);
-      EXPECT_EQ(fields.size(), 8u);  // + __metadata__
-      std::sort(spans.begin(), spans.end());
-      uint64_t at = 0;
-      for (auto [b, e] : spans) {
-        EXPECT_EQ(b, at) << "the tensors' data must be contiguous";
-        at = e;
-      }
-      EXPECT_EQ(at, data_size) << "the tensors' data must cover the data section";
-
-      google::protobuf::Struct config_json;
-      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(ReadFile(config), &config_json).ok());
-      EXPECT_EQ(config_json.fields().at("name").string_value(), "tool-job");
-      EXPECT_EQ(
-          config_json.fields().at("model").struct_value().fields().at("d_model").number_value(),
-          64);
+      // These tensors are no model that the job spec describes: the export names why and
+      // writes nothing (exports of real models: tests/export_test.cc, export.* in CTest).
+      const std::string out = fs::path(root_).parent_path().string() + "/export";
+      ToolRun exported = RunTool("export " + root_ + " --out " + out);
+      EXPECT_EQ(exported.status, 1) << exported.output;
+      EXPECT_NE(exported.output.find("vocab_size"), std::string::npos) << exported.output;
+      EXPECT_FALSE(fs::exists(out));
 
       // Usage and path errors.
       ToolRun no_out = RunTool("export " + root_);
