@@ -311,6 +311,30 @@ TEST(JsonTest, ReadsEscapesAndLenientNumbers) {
   EXPECT_TRUE(v.Get("a")->array[2].boolean);
 }
 
+TEST(JsonTest, IndentKeepsValuesAndArraysAsWritten) {
+  const std::string compact =
+      R"({"a":1e-05,"b":{"c":[1,2,{"d":3}],"s":"x,{y}:\"z\""},"e":true})";
+  EXPECT_EQ(IndentJson(compact),
+            "{\n  \"a\": 1e-05,\n  \"b\": {\n    \"c\": [1, 2, {\"d\":3}],\n"
+            "    \"s\": \"x,{y}:\\\"z\\\"\"\n  },\n  \"e\": true\n}");
+  JsonValue parsed;
+  ASSERT_TRUE(ParseJson(IndentJson(compact), &parsed));
+  EXPECT_EQ(parsed.Get("b")->Get("s")->string, "x,{y}:\"z\"");
+}
+
+// JSON text is UTF-8: characters pass through, a lone byte of a multi-byte character (a
+// byte-level token's text) becomes U+FFFD instead of making the whole file unreadable.
+TEST(JsonTest, StringsAreAlwaysValidUtf8) {
+  EXPECT_EQ(JsonString("caf\xc3\xa9 \xe2\x82\xac"), "\"caf\xc3\xa9 \xe2\x82\xac\"");
+  EXPECT_EQ(JsonString("a\xc3"), "\"a\\ufffd\"");
+  EXPECT_EQ(JsonString("\xa9" "b"), "\"\\ufffdb\"");
+  EXPECT_EQ(JsonString("\xed\xa0\x80"), "\"\\ufffd\\ufffd\\ufffd\"");  // a surrogate
+  EXPECT_EQ(JsonString("\xc0\xaf"), "\"\\ufffd\\ufffd\"");              // overlong '/'
+  JsonValue parsed;
+  ASSERT_TRUE(ParseJson(JsonString("x\xffy"), &parsed));
+  EXPECT_EQ(parsed.string, "x\xef\xbf\xbdy");
+}
+
 TEST(JsonTest, RejectsMalformedText) {
   JsonValue v;
   for (const char* bad : {"", "{", "{\"a\":1,}", "[1 2]", "{\"a\" 1}", "\"open", "1 2", "tru",

@@ -60,15 +60,45 @@ std::string IndentJson(absl::string_view compact) {
   return out;
 }
 
+namespace {
+
+// The length of the valid UTF-8 sequence at the start of `text`, or 0 when it is not one
+// (a stray continuation byte, a truncated or overlong sequence, a surrogate, > U+10FFFF).
+size_t Utf8SequenceLength(absl::string_view text) {
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char lead = byte(0);
+  size_t length = lead < 0x80 ? 1 : lead >= 0xC2 && lead <= 0xDF ? 2 : lead >= 0xE0 && lead <= 0xEF ? 3
+                                   : lead >= 0xF0 && lead <= 0xF4 ? 4 : 0;
+  if (length == 0 || length > text.size()) return 0;
+  for (size_t i = 1; i < length; ++i) {
+    if ((byte(i) & 0xC0) != 0x80) return 0;
+  }
+  if (length == 3 && ((lead == 0xE0 && byte(1) < 0xA0) || (lead == 0xED && byte(1) >= 0xA0))) return 0;
+  if (length == 4 && ((lead == 0xF0 && byte(1) < 0x90) || (lead == 0xF4 && byte(1) >= 0x90))) return 0;
+  return length;
+}
+
+}  // namespace
+
 std::string JsonString(absl::string_view value) {
   std::string out = "\"";
-  for (char c : value) {
+  for (size_t i = 0; i < value.size();) {
+    const char c = value[i];
+    const size_t length = Utf8SequenceLength(value.substr(i));
+    if (length == 0) {
+      // JSON text is UTF-8: a byte that is no part of a character (one byte of a multi-byte
+      // character, as a byte-level token is) becomes U+FFFD, as a lenient decoder shows it.
+      out += "\\ufffd";
+      ++i;
+      continue;
+    }
     if (c == '"' || c == '\\') out += '\\';
     if (static_cast<unsigned char>(c) < 0x20) {
       out += absl::StrFormat("\\u%04x", c);
-      continue;
+    } else {
+      out.append(value.data() + i, length);
     }
-    out += c;
+    i += length;
   }
   return out + "\"";
 }
