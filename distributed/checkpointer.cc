@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <set>
 #include <utility>
 
 #include <absl/strings/str_cat.h>
@@ -73,6 +74,14 @@ std::vector<ShardedTensor> ShardedCheckpointer::StateTensors(Transformer& model,
   const int64_t local_experts = num_experts / groups_.expert_parallel->size();
   const int64_t first_expert = groups_.expert_parallel->rank() * local_experts;
 
+  // The parameters this rank's optimizer updates: all of them, or with a sharded optimizer
+  // state its share, whose moments this rank alone holds and so writes.
+  std::set<void*> optimized;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) optimized.insert(p.unsafeGetTensorImpl());
+  }
+  const bool sharded_optimizer = optimized.size() < model->parameters().size();
+
   std::vector<ShardedTensor> tensors;
   int index = 0;
   for (auto& item : model->named_parameters()) {
@@ -92,8 +101,12 @@ std::vector<ShardedTensor> ShardedCheckpointer::StateTensors(Transformer& model,
     }
     ++index;
 
-    auto& states = optimizer.state();
     void* const key = param.unsafeGetTensorImpl();
+    if (!optimized.count(key)) {
+      tensors.push_back(std::move(model_tensor));
+      continue;
+    }
+    auto& states = optimizer.state();
     if (create_optimizer_state && !states.count(key)) {
       auto state = std::make_unique<torch::optim::AdamWParamState>();
       state->exp_avg(torch::zeros_like(param, torch::MemoryFormat::Preserve));
@@ -109,6 +122,7 @@ std::vector<ShardedTensor> ShardedCheckpointer::StateTensors(Transformer& model,
       ShardedTensor state_tensor = model_tensor;
       state_tensor.name = "optimizer/" + item.key() + "/" + name;
       state_tensor.local = moment;
+      if (sharded_optimizer) state_tensor.write = true;
       tensors.push_back(std::move(state_tensor));
     }
     tensors.push_back(std::move(model_tensor));

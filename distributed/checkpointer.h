@@ -41,8 +41,10 @@ class ShardedCheckpointer : public Checkpointer {
 
  private:
   // The model's parameters and AdamW moments as this rank holds them, each named and placed
-  // in its global tensor, every row marked for exactly one writer in the world. Creates
-  // empty moments first when `create_optimizer_state` (before a load).
+  // in its global tensor, every row marked for exactly one writer in the world. Moments only
+  // of the parameters the optimizer updates (with a sharded optimizer state, this rank's
+  // share, which only it writes). Creates empty moments first when `create_optimizer_state`
+  // (before a load).
   std::vector<ShardedTensor> StateTensors(Transformer& model, torch::optim::Optimizer& optimizer,
                                           bool create_optimizer_state);
   // Commits the save in flight (waiting for this rank's writer) and reports it.

@@ -1,5 +1,6 @@
 #include "distributed/parallel_runtime.h"
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
@@ -56,6 +57,51 @@ void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& ten
   }
 }
 
+void BroadcastBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, int root,
+                       size_t bucket_bytes) {
+  size_t begin = 0;
+  while (begin < tensors.size()) {
+    size_t end = begin, bytes = 0;
+    while (end < tensors.size() && tensors[end].scalar_type() == tensors[begin].scalar_type() &&
+           (end == begin || bytes + tensors[end].nbytes() <= bucket_bytes)) {
+      bytes += tensors[end].nbytes();
+      ++end;
+    }
+    int64_t elements = 0;
+    for (size_t i = begin; i < end; ++i) elements += tensors[i].numel();
+    torch::Tensor flat;
+    if (comm.rank() == root) {
+      std::vector<torch::Tensor> parts;
+      for (size_t i = begin; i < end; ++i) parts.push_back(tensors[i].detach().reshape({-1}));
+      flat = torch::cat(parts);
+    } else {
+      flat = torch::empty({elements}, tensors[begin].options().requires_grad(false));
+    }
+    comm.Broadcast(flat, root);
+    if (comm.rank() != root) {
+      torch::NoGradGuard no_grad;
+      int64_t offset = 0;
+      for (size_t i = begin; i < end; ++i) {
+        const int64_t n = tensors[i].numel();
+        tensors[i].view({-1}).copy_(flat.narrow(0, offset, n));
+        offset += n;
+      }
+    }
+    begin = end;
+  }
+}
+
+std::vector<int> BalancedOwners(const std::vector<torch::Tensor>& params, int group_size) {
+  std::vector<int64_t> held(group_size, 0);
+  std::vector<int> owners;
+  for (const auto& p : params) {
+    const int owner = static_cast<int>(std::min_element(held.begin(), held.end()) - held.begin());
+    held[owner] += p.numel();
+    owners.push_back(owner);
+  }
+  return owners;
+}
+
 DistributedRuntime::DistributedRuntime(ProcessGroups groups, int local_rank, int local_size,
                                        std::shared_ptr<TimedCommunicator> timer,
                                        size_t bucket_bytes)
@@ -70,6 +116,48 @@ void DistributedRuntime::ShardExperts(Transformer& model) {
     distributed::ShardExperts(model, groups_.expert_parallel);
   }
   parameters_ = PartitionParameters(model);
+}
+
+std::vector<torch::Tensor> DistributedRuntime::OptimizerParameters(Transformer& model, bool shard) {
+  replicated_owner_.clear();
+  expert_owner_.clear();
+  if (!shard) return model->parameters();
+  replicated_owner_ = BalancedOwners(parameters_.replicated, world_size());
+  expert_owner_ = BalancedOwners(parameters_.experts, groups_.expert_replicas->size());
+  // In the model's order, as an unsharded optimizer holds them.
+  std::vector<torch::Tensor> mine;
+  for (const auto& p : model->parameters()) {
+    for (size_t i = 0; i < parameters_.replicated.size(); ++i) {
+      if (parameters_.replicated[i].is_same(p) && replicated_owner_[i] == rank()) mine.push_back(p);
+    }
+    for (size_t i = 0; i < parameters_.experts.size(); ++i) {
+      if (parameters_.experts[i].is_same(p) && expert_owner_[i] == groups_.expert_replicas->rank()) {
+        mine.push_back(p);
+      }
+    }
+  }
+  return mine;
+}
+
+void DistributedRuntime::ShareUpdatedParameters(Transformer& model) {
+  if (replicated_owner_.empty() && expert_owner_.empty()) return;
+  auto owned_by = [](const std::vector<torch::Tensor>& params, const std::vector<int>& owners,
+                     int root) {
+    std::vector<torch::Tensor> out;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (owners[i] == root) out.push_back(params[i]);
+    }
+    return out;
+  };
+  for (int root = 0; root < world_size(); ++root) {
+    auto params = owned_by(parameters_.replicated, replicated_owner_, root);
+    if (!params.empty()) BroadcastBucketed(*groups_.world, params, root, bucket_bytes_);
+  }
+  Communicator& replicas = *groups_.expert_replicas;
+  for (int root = 0; root < replicas.size(); ++root) {
+    auto params = owned_by(parameters_.experts, expert_owner_, root);
+    if (!params.empty()) BroadcastBucketed(replicas, params, root, bucket_bytes_);
+  }
 }
 
 void DistributedRuntime::SynchronizeGradients(Transformer& model) {

@@ -37,6 +37,14 @@ struct ProcessGroups {
 // each (tensors of one dtype per bucket) instead of one call per tensor.
 void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, ReduceOp op,
                        size_t bucket_bytes);
+// Broadcasts `tensors` in place from `root`, bucketed the same way.
+void BroadcastBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, int root,
+                       size_t bucket_bytes);
+
+// Which rank of a group of `group_size` keeps the optimizer state of each of `params`: each
+// in turn to the rank holding the fewest bytes so far (the lowest on a tie), so the shares
+// differ by at most one parameter. Every rank computes the same answer.
+std::vector<int> BalancedOwners(const std::vector<torch::Tensor>& params, int group_size);
 
 class DistributedRuntime : public ParallelRuntime {
  public:
@@ -54,6 +62,10 @@ class DistributedRuntime : public ParallelRuntime {
 
   void ShardExperts(Transformer& model) override;
   void GatherExperts(Transformer& model) override;
+  // With `shard`: replicated parameters are shared out over the world, each expert slice
+  // over the ranks that hold a replica of it (BalancedOwners).
+  std::vector<torch::Tensor> OptimizerParameters(Transformer& model, bool shard) override;
+  void ShareUpdatedParameters(Transformer& model) override;
   void SynchronizeGradients(Transformer& model) override;
   torch::Tensor ClipGradients(Transformer& model, double max_norm) override;
   double Average(double value) override;
@@ -68,6 +80,9 @@ class DistributedRuntime : public ParallelRuntime {
   std::shared_ptr<TimedCommunicator> timer_;
   size_t bucket_bytes_;
   ParameterPartition parameters_;
+  // Owner of each of parameters_.replicated (a world rank) and parameters_.experts (an
+  // expert_replicas rank); empty unless the optimizer state is sharded.
+  std::vector<int> replicated_owner_, expert_owner_;
 };
 
 }  // namespace rmoe::distributed

@@ -67,7 +67,7 @@ TEST(Gradients, ZeroGradLeavesThemUndefinedAndTheRuntimeFillsZeros) {
   spec.mutable_optimizer()->set_lr(0.1);
   spec.mutable_optimizer()->set_weight_decay(0.5);
   Transformer model(spec.model());
-  auto optimizer = MakeOptimizer(spec, model);
+  auto optimizer = MakeOptimizer(spec, model->parameters());
   auto tokens = torch::randint(spec.model().vocab_size(), {2, 8}, torch::kLong);
   model->forward(tokens).logits.sum().backward();
   for (const auto& p : model->named_parameters()) {

@@ -121,10 +121,12 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   if (spec.runtime().keep_freed_memory() && device.is_cpu()) KeepFreedMemoryForReuse();
   Transformer model(spec.model());
   model->train();
+  model->set_recompute(spec.runtime().recompute());
   const ParameterCounts counts = model->CountParameters();
   runtime.ShardExperts(model);
   model->to(device);
-  auto optimizer = MakeOptimizer(spec, model);
+  auto optimizer = MakeOptimizer(
+      spec, runtime.OptimizerParameters(model, spec.parallel().shard_optimizer_state()));
 
   const auto& m = spec.model();
   const int64_t batch = spec.schedule().micro_batch_size(), seq_len = spec.schedule().seq_len();
@@ -162,7 +164,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
     if (!device.is_cpu()) at::accelerator::synchronizeDevice(device.index());
     runtime.TakeCommunicationSeconds();
     const auto start = Clock::now();
-    optimizer->zero_grad();
+    model->zero_grad(/*set_to_none=*/true);  // every gradient, as rmoe_train
     for (const auto& window : windows) {
       auto inputs = window.narrow(1, 0, seq_len), targets = window.narrow(1, 1, seq_len);
       auto output = model->forward(inputs);
@@ -172,6 +174,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
     runtime.SynchronizeGradients(model);
     runtime.ClipGradients(model, spec.optimizer().grad_clip());
     optimizer->step();
+    runtime.ShareUpdatedParameters(model);
     // The step's time is the device's, not the time to queue it.
     if (!device.is_cpu()) at::accelerator::synchronizeDevice(device.index());
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();

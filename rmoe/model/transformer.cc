@@ -1,7 +1,10 @@
 #include "rmoe/model/transformer.h"
 
 #include <algorithm>
+#include <optional>
 #include <string>
+
+#include "rmoe/model/recompute.h"
 
 namespace rmoe {
 
@@ -12,6 +15,8 @@ BlockImpl::BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe
   ffn_norm_ = register_module("ffn_norm", RMSNorm(model.d_model(), model.norm_eps()));
   if (is_moe) {
     moe_ = register_module("moe", MoELayer(model, init, std::move(shared_router_cell)));
+    carries_router_state_ = model.router().kind() == RouterSpec::RECURRENT &&
+                            model.router().recurrence() == RouterSpec::LAYER;
   } else {
     const int64_t hidden = model.dense_hidden_dim() > 0 ? model.dense_hidden_dim()
                                                         : model.moe().expert_hidden_dim();
@@ -22,13 +27,79 @@ BlockImpl::BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, RouterCarry& carry, KVCache* kv_cache,
                                  torch::Tensor* router_token_state,
                                  std::vector<MoEOutput>* moe_outputs) {
-  auto h = x + attn_(attn_norm_(x), kv_cache);
+  const bool recompute = recompute_ != RuntimeSpec::NONE && is_training() && kv_cache == nullptr &&
+                         at::GradMode::is_enabled();
+  if (!recompute) return ForwardPieces(x, carry, kv_cache, router_token_state, moe_outputs);
+  if (recompute_ == RuntimeSpec::FULL) {
+    return Recomputed(
+        [this](const torch::Tensor& in, RouterCarry& c, std::vector<MoEOutput>* outs) {
+          return ForwardPieces(in, c, nullptr, nullptr, outs);
+        },
+        x, carry, moe_outputs);
+  }
+  auto h = x + attn_(attn_norm_(x), nullptr);
+  if (!is_moe()) return FeedForward(h, carry, nullptr, moe_outputs);
+  return Recomputed(
+      [this](const torch::Tensor& in, RouterCarry& c, std::vector<MoEOutput>* outs) {
+        return FeedForward(in, c, nullptr, outs);
+      },
+      h, carry, moe_outputs);
+}
+
+torch::Tensor BlockImpl::ForwardPieces(const torch::Tensor& x, RouterCarry& carry,
+                                       KVCache* kv_cache, torch::Tensor* router_token_state,
+                                       std::vector<MoEOutput>* moe_outputs) {
+  return FeedForward(x + attn_(attn_norm_(x), kv_cache), carry, router_token_state, moe_outputs);
+}
+
+torch::Tensor BlockImpl::FeedForward(const torch::Tensor& h, RouterCarry& carry,
+                                     torch::Tensor* router_token_state,
+                                     std::vector<MoEOutput>* moe_outputs) {
   auto normed = ffn_norm_(h);
   if (moe_.is_empty()) return h + ffn_(normed);
   auto moe_out = moe_(normed, carry, router_token_state);
-  h = h + moe_out.y;
+  auto out = h + moe_out.y;
   moe_outputs->push_back(std::move(moe_out));
-  return h;
+  return out;
+}
+
+torch::Tensor BlockImpl::Recomputed(const Piece& piece, const torch::Tensor& x, RouterCarry& carry,
+                                    std::vector<MoEOutput>* moe_outputs) {
+  // The statistics (routing, timings) of the first run; the recomputation's are dropped.
+  struct FirstRun {
+    bool done = false;
+    std::optional<MoEOutput> moe;
+  };
+  auto first = std::make_shared<FirstRun>();
+  const bool carries = carries_router_state_;
+  RecomputedFunction fn = [piece, carries, first](const std::vector<torch::Tensor>& in) {
+    RouterCarry c;
+    if (carries) c.layer_state = in[1];
+    std::vector<MoEOutput> outs;
+    std::vector<torch::Tensor> result = {piece(in[0], c, &outs)};
+    if (carries) result.push_back(c.layer_state);
+    if (!outs.empty()) {
+      result.push_back(outs.front().load_balance);
+      result.push_back(outs.front().z_loss);
+      if (!first->done) first->moe = std::move(outs.front());
+    }
+    first->done = true;
+    return result;
+  };
+  std::vector<torch::Tensor> inputs = {x};
+  if (carries) inputs.push_back(carry.layer_state);
+  auto outputs = RunWithRecomputation(fn, inputs);
+  size_t next = 1;
+  if (carries) carry.layer_state = outputs[next++];
+  if (first->moe) {
+    MoEOutput stats = *std::move(first->moe);
+    first->moe.reset();
+    stats.y = torch::Tensor();  // inside the block's output; the first run's has no gradient
+    stats.load_balance = outputs[next++];
+    stats.z_loss = outputs[next++];
+    moe_outputs->push_back(std::move(stats));
+  }
+  return outputs[0];
 }
 
 TransformerImpl::TransformerImpl(const ModelSpec& model) : spec_(model) {
@@ -55,6 +126,10 @@ TransformerImpl::TransformerImpl(const ModelSpec& model) : spec_(model) {
     torch::NoGradGuard no_grad;
     lm_head_->weight.normal_(0.0, init.std);
   }
+}
+
+void TransformerImpl::set_recompute(RuntimeSpec::Recompute mode) {
+  for (auto& block : blocks_) block->set_recompute(mode);
 }
 
 DecodeCache TransformerImpl::NewCache() const {

@@ -4,6 +4,7 @@
 // pass it through unchanged.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -41,8 +42,27 @@ class BlockImpl : public torch::nn::Module {
                         std::vector<MoEOutput>* moe_outputs);
   bool is_moe() const { return !moe_.is_empty(); }
   MoELayer& moe() { return moe_; }
+  void set_recompute(RuntimeSpec::Recompute mode) { recompute_ = mode; }
 
  private:
+  // The block without recomputation.
+  torch::Tensor ForwardPieces(const torch::Tensor& x, RouterCarry& carry, KVCache* kv_cache,
+                              torch::Tensor* router_token_state,
+                              std::vector<MoEOutput>* moe_outputs);
+  // x + FFN-or-MoE(RMSNorm(x)).
+  torch::Tensor FeedForward(const torch::Tensor& x, RouterCarry& carry,
+                            torch::Tensor* router_token_state, std::vector<MoEOutput>* moe_outputs);
+  using Piece = std::function<torch::Tensor(const torch::Tensor&, RouterCarry&,
+                                            std::vector<MoEOutput>*)>;
+  // `piece` run under RunWithRecomputation: its input, the router state it receives (layer
+  // recurrence) and its outputs (the new residual stream, the router state it passes on,
+  // the MoE losses) cross the recomputation boundary; the MoE statistics come from the
+  // first run.
+  torch::Tensor Recomputed(const Piece& piece, const torch::Tensor& x, RouterCarry& carry,
+                           std::vector<MoEOutput>* moe_outputs);
+
+  RuntimeSpec::Recompute recompute_ = RuntimeSpec::NONE;
+  bool carries_router_state_ = false;  // an MoE block whose router is layer-recurrent
   RMSNorm attn_norm_{nullptr}, ffn_norm_{nullptr};
   CausalSelfAttention attn_{nullptr};
   SwiGLU ffn_{nullptr};
@@ -64,6 +84,9 @@ class TransformerImpl : public torch::nn::Module {
   ModelOutput forward(const torch::Tensor& tokens, DecodeCache* cache = nullptr);
 
   DecodeCache NewCache() const;
+  // runtime.recompute for every block: applies while training with gradients, never with
+  // a decode cache.
+  void set_recompute(RuntimeSpec::Recompute mode);
   ParameterCounts CountParameters() const;
   // Matrix-product FLOPs of one training token (forward + backward) at `seq_len`:
   //   6 N + 12 num_layers d_model seq_len

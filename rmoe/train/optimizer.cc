@@ -47,9 +47,10 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   return loss;
 }
 
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model) {
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec,
+                                                   const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  for (const auto& p : params) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   const auto& opt = spec.optimizer();
   auto options = [&](double weight_decay) {
     return std::make_unique<torch::optim::AdamWOptions>(

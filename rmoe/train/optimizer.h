@@ -21,9 +21,11 @@ class FusedAdamW : public torch::optim::AdamW {
   torch::Tensor step(LossClosure closure = nullptr) override;
 };
 
-// AdamW as the spec says, with decoupled weight decay on matrices only (decaying norms'
+// AdamW as the spec says over `params` (the model's, or this rank's share of them with a
+// sharded optimizer state), with decoupled weight decay on matrices only (decaying norms'
 // gains toward zero hurts).
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model);
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec,
+                                                   const std::vector<torch::Tensor>& params);
 
 // The learning rate at optimizer step `step` (0-based): linear warm-up to lr over
 // warmup_steps, then cosine decay to min_lr_ratio * lr at the last step.

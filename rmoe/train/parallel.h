@@ -44,6 +44,15 @@ class ParallelRuntime {
   // The inverse of ShardExperts: every rank holds every expert again, as a saved model
   // needs (every rank must call it).
   virtual void GatherExperts(Transformer& model) {}
+  // The parameters whose optimizer state this rank keeps and which its optimizer updates:
+  // all of them, or with `shard` (parallel.shard_optimizer_state) this rank's share, every
+  // parameter being some rank's. Call after ShardExperts, once.
+  virtual std::vector<torch::Tensor> OptimizerParameters(Transformer& model, bool shard) {
+    return model->parameters();
+  }
+  // After the optimizer step: every rank gets the parameters other ranks updated (with a
+  // sharded optimizer state; nothing to do otherwise).
+  virtual void ShareUpdatedParameters(Transformer& model) {}
   // Called after the backward passes of a step, before clipping. Every parameter has a
   // gradient afterwards (FillMissingGradients).
   virtual void SynchronizeGradients(Transformer& model);

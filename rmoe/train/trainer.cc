@@ -314,11 +314,13 @@ absl::Status Trainer::BuildModel() {
   // Built on the CPU, where the same seed gives every rank the same weights, then moved.
   model_ = Transformer(spec_.model());
   model_->train();
+  model_->set_recompute(spec_.runtime().recompute());
   summary_.parameters = model_->CountParameters();
   flops_per_token_ = model_->TrainingFlopsPerToken(spec_.schedule().seq_len());
   runtime_.ShardExperts(model_);
   model_->to(device_);
-  optimizer_ = MakeOptimizer(spec_, model_);
+  optimizer_ = MakeOptimizer(
+      spec_, runtime_.OptimizerParameters(model_, spec_.parallel().shard_optimizer_state()));
   if (!options_.resume.empty()) {
     auto restored = checkpointer_->Load(options_.resume, spec_, model_, *optimizer_);
     if (!restored.ok()) return restored.status();
@@ -409,7 +411,9 @@ absl::StatusOr<StepResult> Trainer::Step(int step) {
   StepResult result;
   result.lr = LearningRate(spec_, step);
   SetLearningRate(*optimizer_, result.lr);
-  optimizer_->zero_grad(/*set_to_none=*/true);
+  // The model's, not the optimizer's: with a sharded optimizer state it holds only this
+  // rank's share, and the other gradients would accumulate across steps.
+  model_->zero_grad(/*set_to_none=*/true);
   const auto on_device = torch::TensorOptions(torch::kDouble).device(device_);
   result.device_loss = torch::zeros({}, on_device);
   result.device_router_loss = torch::zeros({}, on_device);
@@ -436,6 +440,7 @@ absl::StatusOr<StepResult> Trainer::Step(int step) {
   runtime_.SynchronizeGradients(model_);
   result.device_grad_norm = runtime_.ClipGradients(model_, spec_.optimizer().grad_clip());
   optimizer_->step();
+  runtime_.ShareUpdatedParameters(model_);
   result.seconds = SecondsSince(step_start);
   train_seconds_ += result.seconds;
   return result;

@@ -1,6 +1,7 @@
 // Checkpoint and resume through the real trainer, under mpirun with 4 ranks: a resume on the
 // same layout continues bit for bit; a resume on another layout (EP 4 -> EP 2 -> EP 1, data
 // parallelism changing with it) continues the loss curve; model changes are refused.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include "distributed/checkpoint.h"
 #include "distributed/checkpointer.h"
 #include "distributed/parallel_runtime.h"
 #include "rmoe/config/job_spec.h"
@@ -299,6 +301,103 @@ TEST(Resume, OnFewerRanksAndSmallerExpertGroupsContinuesTheCurve) {
   }
   std::printf("[resharding] largest relative loss difference vs the uninterrupted run: %.3g\n",
               worst);
+}
+
+TEST(ShardedOptimizerState, OwnersBalanceTheBytes) {
+  std::vector<torch::Tensor> params = {torch::zeros({100}), torch::zeros({10}), torch::zeros({60}),
+                                       torch::zeros({50}), torch::zeros({5})};
+  // 100 -> 0; 10 -> 1; 60 -> 1 (10 < 100); 50 -> 1 (70 < 100); 5 -> 0 (100 < 120).
+  EXPECT_EQ(BalancedOwners(params, 2), (std::vector<int>{0, 1, 1, 1, 0}));
+  EXPECT_EQ(BalancedOwners(params, 1), (std::vector<int>{0, 0, 0, 0, 0}));
+  EXPECT_EQ(BalancedOwners(params, 8), (std::vector<int>{0, 1, 2, 3, 4}));
+}
+
+// ZeRO-1 changes where the AdamW moments live, not the arithmetic: the same losses bit for
+// bit. Its checkpoints hold every moment once and resume without it (and the other way
+// round) on another layout, continuing the curve.
+TEST(ShardedOptimizerState, TrainsTheSameAndResumesOnAnyLayout) {
+  auto world = rmoe::testing::MpiWorld();
+  if (world->size() < 4) GTEST_SKIP() << "needs 4 ranks";
+  const std::string dir = SharedTempDir(*world, "zero1");
+  const std::vector<std::string> common = {"model.moe.aux_loss_coef=0", "model.moe.z_loss_coef=0",
+                                           "optimizer.lr=0.005", "schedule.steps=18"};
+  auto with = [&](std::vector<std::string> more) {
+    more.insert(more.end(), common.begin(), common.end());
+    return more;
+  };
+  const std::string sharded = "parallel.shard_optimizer_state=true";
+  ASSERT_TRUE(TrainOn(4, TinyJob(dir + "/plain", with({"parallel.expert_parallel_size=2"}))).ok());
+  ASSERT_TRUE(TrainOn(4, TinyJob(dir + "/sharded", with({"parallel.expert_parallel_size=2", sharded}))).ok());
+  ASSERT_TRUE(TrainOn(2, TinyJob(dir + "/to_plain", with({"parallel.expert_parallel_size=1",
+                                                          "schedule.grad_accum_steps=2"})),
+                      dir + "/sharded/checkpoints/step_00000006")
+                  .ok());
+  ASSERT_TRUE(TrainOn(2, TinyJob(dir + "/to_sharded", with({"parallel.expert_parallel_size=2",
+                                                            "schedule.grad_accum_steps=2", sharded})),
+                      dir + "/plain/checkpoints/step_00000012")
+                  .ok());
+  if (world->rank() != 0) return;
+  auto plain = Losses(dir + "/plain/metrics.jsonl");
+  auto zero1 = Losses(dir + "/sharded/metrics.jsonl");
+  ASSERT_EQ(plain.size(), 18u);
+  EXPECT_EQ(zero1, plain) << "sharding the optimizer state changed the losses";
+
+  // Every moment of every parameter is in the sharded checkpoint, once (the commit checks
+  // that each tensor's rows are covered exactly once).
+  auto names = [](const std::string& step_dir) {
+    std::vector<std::string> out;
+    auto manifest = ReadManifest(step_dir);
+    EXPECT_TRUE(manifest.ok()) << manifest.status();
+    if (manifest.ok()) {
+      for (const auto& t : manifest->tensors()) out.push_back(t.name());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  EXPECT_EQ(names(dir + "/sharded/checkpoints/step_00000006"),
+            names(dir + "/plain/checkpoints/step_00000006"));
+
+  double worst = 0;
+  for (const auto& [run, first] : {std::pair{dir + "/to_plain", 7}, std::pair{dir + "/to_sharded", 13}}) {
+    auto resumed = Losses(run + "/metrics.jsonl");
+    ASSERT_EQ(resumed.size(), static_cast<size_t>(18 - first + 1)) << run;
+    for (const auto& [step, loss] : resumed) {
+      const double relative = std::abs(loss - plain.at(step)) / plain.at(step);
+      worst = std::max(worst, relative);
+      EXPECT_LT(relative, 1e-5) << run << " step " << step;
+    }
+  }
+  std::printf("[sharded optimizer] largest relative loss difference after resharding: %.3g\n",
+              worst);
+}
+
+// Recomputation inside expert parallelism runs the all-to-alls again in the backward pass,
+// in the same order on every rank: the same curve as without it (the first step's loss bit
+// for bit, later ones up to the order of gradient sums), with and without ZeRO-1.
+TEST(RecomputeUnderExpertParallelism, TrainsTheSameCurve) {
+  auto world = rmoe::testing::MpiWorld();
+  if (world->size() < 4) GTEST_SKIP() << "needs 4 ranks";
+  const std::string dir = SharedTempDir(*world, "recompute");
+  auto job = [&](const std::string& name, std::vector<std::string> more) {
+    more.insert(more.end(), {"parallel.expert_parallel_size=2", "checkpoint.interval=0",
+                             "model.router.recurrence=LAYER"});
+    return TinyJob(dir + "/" + name, more);
+  };
+  ASSERT_TRUE(TrainOn(4, job("plain", {})).ok());
+  ASSERT_TRUE(TrainOn(4, job("moe", {"runtime.recompute=MOE"})).ok());
+  ASSERT_TRUE(TrainOn(4, job("full", {"runtime.recompute=FULL",
+                                      "parallel.shard_optimizer_state=true"})).ok());
+  if (world->rank() != 0) return;
+  auto plain = Losses(dir + "/plain/metrics.jsonl");
+  ASSERT_EQ(plain.size(), 12u);
+  for (const std::string name : {"moe", "full"}) {
+    auto losses = Losses(dir + "/" + name + "/metrics.jsonl");
+    ASSERT_EQ(losses.size(), plain.size()) << name;
+    EXPECT_EQ(losses.at(1), plain.at(1)) << name;
+    for (const auto& [step, loss] : losses) {
+      EXPECT_LT(std::abs(loss - plain.at(step)) / plain.at(step), 1e-5) << name << " step " << step;
+    }
+  }
 }
 
 TEST(Resume, RefusesAChangedModelAndNamesTheFields) {
