@@ -1,6 +1,8 @@
 // rmoe_bench step: whole training steps of a job's model on random tokens, wired like
 // rmoe_train (DistributedRuntime over a TimedCommunicator), split into communication and
 // computation, with the model's FLOPs per token and the FLOP rate achieved.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -196,7 +198,13 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
 
   const double my_step = Mean(step_seconds), my_comm = Mean(comm_seconds);
   const auto sums = SumOverRanks(world, {my_step, my_comm});
-  const auto maxima = MaxOverRanks(world, {my_step, my_comm, -my_comm});
+  // The process's high-water mark (model, optimizer, activations, buffers, libraries): what
+  // a memory plan for this machine must fit, the largest of any rank.
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const double my_peak_rss = static_cast<double>(usage.ru_maxrss) * 1024;
+  const auto maxima = MaxOverRanks(world, {my_step, my_comm, -my_comm, my_peak_rss});
+  const double peak_rss_bytes = maxima[3];
   const double step_s = sums[0] / ranks, comm_s = sums[1] / ranks, compute_s = step_s - comm_s;
   const double tokens_per_s = tokens_per_step / step_s;
   const double gflops = flops_per_token * tokens_per_s / 1e9;
@@ -221,8 +229,10 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
     table.Print();
     if (device.is_cpu()) {
       std::printf("ceiling: fp32 512^3 products at %.1f GFLOP/s on %d thread%s of rank 0, the "
-                  "better of a probe before and one after the steps\n",
-                  ceiling_gflops, context.threads, context.threads == 1 ? "" : "s");
+                  "better of a probe before and one after the steps | peak resident memory "
+                  "%.1f MiB (the largest rank)\n",
+                  ceiling_gflops, context.threads, context.threads == 1 ? "" : "s",
+                  peak_rss_bytes / (1 << 20));
     } else {
       std::printf("ceiling: %s 8192^3 products on %s at %.1f TFLOP/s, the better of a probe "
                   "before and one after the steps | peak device memory %.2f GiB\n",
@@ -264,6 +274,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
       .Add("ceiling_gflops_per_s", ceiling_gflops)
       .Add("device", device.str())
       .Add("peak_device_memory_bytes", peak_device_bytes)
+      .Add("peak_rss_bytes", peak_rss_bytes)
       .Add("peak_tflops", peak_tflops)
       .Add("model_flop_utilisation", peak_tflops > 0 ? gflops / ranks / (peak_tflops * 1e3) : 0.0)
       .Add("rank0_step_seconds", step_seconds)
