@@ -38,8 +38,8 @@ LoadedModel MakeModel(const ModelSpec& model_spec) {
   return loaded;
 }
 
-// `spec` with its defaults spelled out as an export states them ("0 = expert_hidden_dim")
-// and without the router settings a linear router does not use.
+// `spec` with its defaults spelled out as an export states them ("0 = expert_hidden_dim",
+// the MLP router's size) and without the router settings a linear or MLP router does not use.
 JobSpec Resolved(JobSpec spec) {
   ModelSpec* m = spec.mutable_model();
   if (m->dense_hidden_dim() == 0) m->set_dense_hidden_dim(m->moe().expert_hidden_dim());
@@ -49,6 +49,12 @@ JobSpec Resolved(JobSpec spec) {
   if (m->router().kind() == RouterSpec::LINEAR) {
     m->clear_router();
     m->mutable_router()->set_kind(RouterSpec::LINEAR);
+  }
+  if (m->router().kind() == RouterSpec::MLP) {
+    const int hidden = MlpRouterHiddenDim(*m);
+    m->clear_router();
+    m->mutable_router()->set_kind(RouterSpec::MLP);
+    m->mutable_router()->set_mlp_hidden_dim(hidden);
   }
   return spec;
 }

@@ -178,7 +178,32 @@ TEST_P(ShippedConfigTest, LoadsAndValidates) {
 
 INSTANTIATE_TEST_SUITE_P(Configs, ShippedConfigTest,
                          ::testing::Values("quickstart.pbtxt", "rmoe_seed.pbtxt",
-                                           "tiny_test.pbtxt"));
+                                           "tiny_test.pbtxt", "paper/enwik8.pbtxt",
+                                           "paper/sotu_cpu.pbtxt"));
+
+// The paper's recipe (arXiv 2408.06793, appendix A.2) as the GPU spec states it.
+TEST(ShippedConfigTest, PaperEnwik8IsThePapersSetting) {
+  absl::StatusOr<JobSpec> spec = LoadJobSpec(ConfigPath("paper/enwik8.pbtxt"));
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const ModelSpec& m = spec->model();
+  EXPECT_EQ(m.num_layers(), 8);
+  EXPECT_EQ(m.d_model(), 352);
+  EXPECT_EQ(m.num_heads(), 8);
+  EXPECT_EQ(m.moe().num_experts(), 16);
+  EXPECT_EQ(m.moe().expert_hidden_dim(), 352);
+  EXPECT_EQ(m.moe().top_k(), 2);
+  EXPECT_EQ(m.router().hidden_dim(), 128);
+  EXPECT_FLOAT_EQ(m.dropout(), 0.1f);
+  EXPECT_FLOAT_EQ(m.moe().aux_loss_coef(), 0.01f);
+  EXPECT_EQ(m.moe().z_loss_coef(), 0);
+  EXPECT_EQ(spec->optimizer().weight_decay(), 0);
+  EXPECT_FLOAT_EQ(spec->optimizer().lr(), 7e-4f);
+  EXPECT_EQ(spec->schedule().warmup_steps(), 4000);
+  EXPECT_EQ(spec->schedule().lr_decay(), ScheduleSpec::CONSTANT);
+  EXPECT_EQ(spec->schedule().seq_len(), 512);
+  EXPECT_EQ(spec->schedule().micro_batch_size(), 48);
+  EXPECT_EQ(spec->schedule().steps(), 80000);
+}
 
 TEST(ShippedConfigTest, QuickstartIsTheDocumentedCpuModel) {
   absl::StatusOr<JobSpec> spec = LoadJobSpec(ConfigPath("quickstart.pbtxt"));
@@ -401,6 +426,13 @@ INSTANTIATE_TEST_SUITE_P(
         ValidationCase{{"model.router.hidden_dim=0"},
                        "model.router.hidden_dim = 0 must be > 0 when model.router.kind = "
                        "RECURRENT"},
+        ValidationCase{{"model.router.mlp_hidden_dim=-1"},
+                       "model.router.mlp_hidden_dim = -1 must be >= 0"},
+        ValidationCase{{"model.router.kind=LINEAR", "model.router.detach_state=true"},
+                       "model.router.detach_state = true needs model.router.kind = RECURRENT "
+                       "and model.router.recurrence = LAYER"},
+        ValidationCase{{"model.router.recurrence=TOKEN", "model.router.detach_state=true"},
+                       "model.router.detach_state = true needs"},
         ValidationCase{{"parallel.expert_parallel_size=0"},
                        "parallel.expert_parallel_size = 0 must be >= 1"},
         ValidationCase{{"parallel.expert_parallel_size=3"},

@@ -1,6 +1,8 @@
 // The model's pieces against references: experts and MoE layer against a naive per-token
 // loop, gradients against finite differences, causality, the layer recurrence, the
 // auxiliary losses and capacity dropping.
+#include <map>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -472,9 +474,18 @@ TEST_P(RouterGradient, MatchesFiniteDifferencesThroughTwoLayers) {
   second->to(torch::kDouble);
   auto x0 = torch::randn({2, 5, 16}, torch::kDouble).requires_grad_();
   auto x1 = torch::randn({2, 5, 16}, torch::kDouble).requires_grad_();
+  // A detached state is a constant to the second router: finite differences must hold it
+  // at its unperturbed value too (RouterDetachedState checks that it really is detached).
+  torch::Tensor frozen;
+  if (GetParam().detach_state) {
+    RouterCarry carry;
+    first->forward(x0, carry, nullptr);
+    frozen = carry.layer_state.detach().clone();
+  }
   auto f = [&] {
     RouterCarry carry;
     auto l0 = first->forward(x0, carry, nullptr);
+    if (frozen.defined()) carry.layer_state = frozen;
     auto l1 = second->forward(x1, carry, nullptr);
     return torch::cat({l0, l1}, 1);
   };
@@ -488,6 +499,54 @@ TEST_P(RouterGradient, MatchesFiniteDifferencesThroughTwoLayers) {
 
 INSTANTIATE_TEST_SUITE_P(AllRouters, RouterGradient, ::testing::ValuesIn(AllRouters()),
                          [](const auto& info) { return info.param.name; });
+
+// The paper's controls against the layer-recurrent router they vary: a detached state routes
+// exactly as the attached one but passes no gradient back to the earlier layer; without
+// recurrence the second layer routes as if it were first; the MLP router is sized to the
+// GRU router's parameters.
+TEST(RouterControls, DetachedStateRoutesTheSameButPassesNoGradient) {
+  auto routers = AllRouters();
+  auto x0 = torch::randn({2, 5, 16}, torch::kDouble);
+  auto x1 = torch::randn({2, 5, 16}, torch::kDouble);
+  std::map<std::string, torch::Tensor> second_logits, gradient_to_first;
+  for (const auto& router : {routers[1], routers[7], routers[6]}) {
+    torch::manual_seed(5);
+    auto model = TinyModel(router);
+    auto cell = MakeSharedRouterCell(model);
+    auto first = MakeRouter(model, InitScales::FromSpec(model), cell);
+    auto second = MakeRouter(model, InitScales::FromSpec(model), cell);
+    cell->to(torch::kDouble);
+    first->to(torch::kDouble);
+    second->to(torch::kDouble);
+    auto input = x0.clone().requires_grad_();
+    RouterCarry carry;
+    first->forward(input, carry, nullptr);
+    auto l1 = second->forward(x1, carry, nullptr);
+    second_logits[router.name] = l1.detach();
+    l1.sum().backward();
+    gradient_to_first[router.name] =
+        input.grad().defined() ? input.grad() : torch::zeros_like(input);
+    if (router.recurrence == RouterSpec::NONE) {
+      RouterCarry fresh;
+      EXPECT_TRUE(torch::equal(second->forward(x1, fresh, nullptr).detach(), l1.detach()));
+    }
+  }
+  EXPECT_TRUE(torch::equal(second_logits["GruDetached"], second_logits["GruLayer"]));
+  EXPECT_GT(gradient_to_first["GruLayer"].abs().max().item<double>(), 1e-6);
+  EXPECT_EQ(gradient_to_first["GruDetached"].abs().max().item<double>(), 0.0);
+  EXPECT_EQ(gradient_to_first["GruNoState"].abs().max().item<double>(), 0.0);
+  EXPECT_FALSE(torch::allclose(second_logits["GruNoState"], second_logits["GruLayer"]));
+}
+
+TEST(RouterControls, TheMlpRouterMatchesTheGruRoutersParameters) {
+  ModelSpec model = TinyModel(AllRouters()[1]);  // 3 MoE layers, d 16, 4 experts, R 8
+  model.mutable_router()->set_hidden_dim(128);
+  model.set_d_model(64);
+  // R d + E R + (6 R^2 + 6 R) / 3 = 8192 + 512 + 33024 = 41728; / (64 + 1 + 4) = 604.8
+  EXPECT_EQ(MlpRouterHiddenDim(model), 605);
+  model.mutable_router()->set_mlp_hidden_dim(10);
+  EXPECT_EQ(MlpRouterHiddenDim(model), 10);
+}
 
 TEST(MoELayerGradient, ExpertsAndLayerMatchFiniteDifferences) {
   torch::manual_seed(6);

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -393,6 +394,31 @@ TEST(SweepConfigs, ShippedSweepsExpand) {
   EXPECT_EQ(ablation->points[11].job.seed(), 1236u);
   EXPECT_EQ(ablation->base.data().tokenizer().kind(), TokenizerSpec::BPE);
   EXPECT_TRUE(ValidatePoints(*ablation, no_data).ok()) << ValidatePoints(*ablation, no_data);
+
+  // The paper's controls at two depths: 5 routers x 2 depths x 3 seeds.
+  auto paper_spec = LoadSweepSpec(dir + "paper_depth_cpu.pbtxt");
+  ASSERT_TRUE(paper_spec.ok()) << paper_spec.status();
+  auto paper = ExpandSweep(*paper_spec, dir + "paper_depth_cpu.pbtxt");
+  ASSERT_TRUE(paper.ok()) << paper.status();
+  ASSERT_EQ(paper->points.size(), 30u);
+  std::set<std::string> kinds;
+  for (const auto& point : paper->points) {
+    const RouterSpec& r = point.job.model().router();
+    kinds.insert(absl::StrCat(RouterSpec::Kind_Name(r.kind()), "/",
+                              RouterSpec::Recurrence_Name(r.recurrence()), "/", r.detach_state(),
+                              "/", point.job.model().num_layers()));
+  }
+  EXPECT_EQ(kinds.size(), 10u);
+  EXPECT_TRUE(kinds.count("RECURRENT/NONE/0/12"));
+  EXPECT_TRUE(kinds.count("RECURRENT/LAYER/1/4"));
+  EXPECT_TRUE(kinds.count("MLP/LAYER/0/12"));
+  EXPECT_TRUE(ValidatePoints(*paper, no_data).ok()) << ValidatePoints(*paper, no_data);
+  auto gpu_spec = LoadSweepSpec(dir + "paper_gpu.pbtxt");
+  ASSERT_TRUE(gpu_spec.ok()) << gpu_spec.status();
+  auto gpu = ExpandSweep(*gpu_spec, dir + "paper_gpu.pbtxt");
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_EQ(gpu->points.size(), 3u);
+  EXPECT_TRUE(ValidatePoints(*gpu, no_data).ok()) << ValidatePoints(*gpu, no_data);
 }
 
 TEST(SweepConfigs, SyntaxErrorsNameTheLine) {

@@ -33,18 +33,23 @@ struct RouterCase {
   RouterSpec::Kind kind;
   RouterSpec::Cell cell;
   RouterSpec::Recurrence recurrence;
+  bool detach_state = false;
 };
 
 // gtest prints a parameter with this instead of its bytes.
 inline void PrintTo(const RouterCase& router, std::ostream* os) { *os << router.name; }
 
-// Every router the framework offers.
+// Every router the framework offers (the first five in this order: tests index them), and
+// the RMoE paper's controls.
 inline std::vector<RouterCase> AllRouters() {
   return {{"Linear", RouterSpec::LINEAR, RouterSpec::GRU, RouterSpec::LAYER},
           {"GruLayer", RouterSpec::RECURRENT, RouterSpec::GRU, RouterSpec::LAYER},
           {"RnnLayer", RouterSpec::RECURRENT, RouterSpec::RNN, RouterSpec::LAYER},
           {"GruToken", RouterSpec::RECURRENT, RouterSpec::GRU, RouterSpec::TOKEN},
-          {"RnnToken", RouterSpec::RECURRENT, RouterSpec::RNN, RouterSpec::TOKEN}};
+          {"RnnToken", RouterSpec::RECURRENT, RouterSpec::RNN, RouterSpec::TOKEN},
+          {"Mlp", RouterSpec::MLP, RouterSpec::GRU, RouterSpec::LAYER},
+          {"GruNoState", RouterSpec::RECURRENT, RouterSpec::GRU, RouterSpec::NONE},
+          {"GruDetached", RouterSpec::RECURRENT, RouterSpec::GRU, RouterSpec::LAYER, true}};
 }
 
 // A model small enough for exhaustive checks in double precision.
@@ -64,6 +69,7 @@ inline ModelSpec TinyModel(const RouterCase& router = AllRouters()[1]) {
   r->set_kind(router.kind);
   r->set_cell(router.cell);
   r->set_recurrence(router.recurrence);
+  r->set_detach_state(router.detach_state);
   r->set_hidden_dim(8);
   return model;
 }

@@ -9,6 +9,7 @@
 #include <sstream>
 #include <iterator>
 #include <numeric>
+#include <set>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -46,6 +47,96 @@ TEST(LearningRate, WarmsUpLinearlyThenDecaysByCosineToTheFloor) {
   }
 }
 
+TEST(LearningRate, ConstantDecayHoldsThePeakAfterTheWarmUp) {
+  JobSpec spec;
+  spec.mutable_optimizer()->set_lr(0.5);
+  spec.mutable_schedule()->set_steps(100);
+  spec.mutable_schedule()->set_warmup_steps(4);
+  spec.mutable_schedule()->set_lr_decay(ScheduleSpec::CONSTANT);
+  EXPECT_NEAR(LearningRate(spec, 1), 0.25, 1e-12);
+  for (int step : {3, 4, 50, 99}) EXPECT_EQ(LearningRate(spec, step), 0.5) << step;
+}
+
+// With decay_router_weights off, every router parameter (gates, projections, the shared
+// cell, an MLP router's layers) is in the group without weight decay, and nothing else moves.
+TEST(Optimizer, RouterWeightsCanBeLeftUndecayed) {
+  for (const auto& router : {testing::AllRouters()[1], testing::AllRouters()[5]}) {
+    SCOPED_TRACE(router.name);
+    JobSpec spec;
+    *spec.mutable_model() = testing::TinyModel(router);
+    spec.mutable_optimizer()->set_weight_decay(0.1);
+    Transformer model(spec.model());
+    auto decayed_names = [&](const torch::optim::AdamW& optimizer) {
+      std::set<void*> decayed;
+      for (const auto& group : optimizer.param_groups()) {
+        const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
+        if (options.weight_decay() == 0) continue;
+        for (const auto& p : group.params()) decayed.insert(p.unsafeGetTensorImpl());
+      }
+      std::set<std::string> names;
+      for (const auto& item : model->named_parameters()) {
+        if (decayed.count(item.value().unsafeGetTensorImpl())) names.insert(item.key());
+      }
+      return names;
+    };
+    const auto with = decayed_names(*MakeOptimizer(spec, model, model->parameters()));
+    spec.mutable_optimizer()->set_decay_router_weights(false);
+    const auto without = decayed_names(*MakeOptimizer(spec, model, model->parameters()));
+    int routers = 0;
+    for (const auto& name : with) {
+      const bool is_router = IsRouterParameter(name);
+      routers += is_router;
+      EXPECT_EQ(without.count(name), is_router ? 0u : 1u) << name;
+    }
+    EXPECT_GE(routers, 3);  // the layers' gates at least
+    EXPECT_TRUE(IsRouterParameter("router_cell.w_ih"));
+    EXPECT_TRUE(IsRouterParameter("layers.2.moe.router.hidden"));
+    EXPECT_FALSE(IsRouterParameter("layers.2.moe.experts.w1"));
+  }
+}
+
+TEST(Dropout, OnlyWhileTrainingAndRecomputedWithTheSameMasks) {
+  ModelSpec spec = testing::TinyModel();
+  spec.set_dropout(0.3);
+  torch::manual_seed(4);
+  Transformer model(spec);
+  ModelSpec without = spec;
+  without.set_dropout(0);
+  Transformer plain(without);
+  {
+    torch::NoGradGuard no_grad;
+    auto from = model->parameters(), to = plain->parameters();
+    for (size_t i = 0; i < to.size(); ++i) to[i].copy_(from[i]);
+  }
+  auto tokens = torch::randint(spec.vocab_size(), {2, 9});
+  model->eval();
+  plain->eval();
+  EXPECT_TRUE(torch::equal(model->forward(tokens).logits, plain->forward(tokens).logits));
+  model->train();
+  plain->train();
+  EXPECT_FALSE(torch::allclose(model->forward(tokens).logits, plain->forward(tokens).logits));
+
+  // The same seed gives the same masks, and recomputation replays them: equal gradients.
+  auto gradients = [&](RuntimeSpec::Recompute mode) {
+    model->set_recompute(mode);
+    model->zero_grad();
+    torch::manual_seed(77);
+    auto out = model->forward(tokens);
+    (out.logits.square().mean() + out.router_loss).backward();
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+    return grads;
+  };
+  const auto reference = gradients(RuntimeSpec::NONE);
+  for (auto mode : {RuntimeSpec::MOE, RuntimeSpec::FULL}) {
+    const auto again = gradients(mode);
+    for (size_t i = 0; i < reference.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(again[i], reference[i], 1e-5, 1e-7))
+          << RuntimeSpec::Recompute_Name(mode) << " parameter " << i;
+    }
+  }
+}
+
 TEST(Metrics, JsonRecordsEscapeStringsAndWriteNullForNonFiniteNumbers) {
   JsonObject record;
   record.Add("type", std::string("tr\"ain\n"))
@@ -67,7 +158,7 @@ TEST(Gradients, ZeroGradLeavesThemUndefinedAndTheRuntimeFillsZeros) {
   spec.mutable_optimizer()->set_lr(0.1);
   spec.mutable_optimizer()->set_weight_decay(0.5);
   Transformer model(spec.model());
-  auto optimizer = MakeOptimizer(spec, model->parameters());
+  auto optimizer = MakeOptimizer(spec, model, model->parameters());
   auto tokens = torch::randint(spec.model().vocab_size(), {2, 8}, torch::kLong);
   model->forward(tokens).logits.sum().backward();
   for (const auto& p : model->named_parameters()) {

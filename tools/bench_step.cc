@@ -128,7 +128,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   runtime.ShardExperts(model);
   model->to(device);
   auto optimizer = MakeOptimizer(
-      spec, runtime.OptimizerParameters(model, spec.parallel().shard_optimizer_state()));
+      spec, model, runtime.OptimizerParameters(model, spec.parallel().shard_optimizer_state()));
 
   const auto& m = spec.model();
   const int64_t batch = spec.schedule().micro_batch_size(), seq_len = spec.schedule().seq_len();

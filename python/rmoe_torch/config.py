@@ -85,10 +85,11 @@ def _tuple(kinds):
 
 @dataclass
 class RouterConfig:
-    type: str                      # "linear" | "recurrent"
+    type: str                      # "linear" | "recurrent" | "mlp"
     cell: Optional[str] = None     # "gru" | "rnn" (recurrent only)
-    recurrence: Optional[str] = None  # "layer" | "token" (recurrent only)
-    hidden_dim: int = 0            # R (recurrent only)
+    recurrence: Optional[str] = None  # "layer" | "token" | "none" (recurrent only)
+    hidden_dim: int = 0            # R (recurrent), or the MLP's hidden size
+    detach_state: bool = False     # layer recurrence: no gradient through the passed state
 
     @property
     def gates(self) -> int:
@@ -202,11 +203,15 @@ class RMoEConfig:
         )
 
         rr = r.sub("router")
-        router = RouterConfig(type=rr.str("type", ("linear", "recurrent")))
+        router = RouterConfig(type=rr.str("type", ("linear", "recurrent", "mlp")))
+        if router.type == "mlp":
+            router.hidden_dim = rr.int("hidden_dim", 1)
+            rr.str("activation", ("tanh",))
         if router.type == "recurrent":
             router.cell = rr.str("cell", ("gru", "rnn"))
-            router.recurrence = rr.str("recurrence", ("layer", "token"))
+            router.recurrence = rr.str("recurrence", ("layer", "token", "none"))
             router.hidden_dim = rr.int("hidden_dim", 1)
+            router.detach_state = rr.bool("detach_state")
             order = rr.get("gate_order", list, optional=True)
             if router.cell == "gru" and order is not None and order != ["r", "z", "n"]:
                 raise ExportError(f"{path}: 'router.gate_order' is {order!r}; this reader knows "
@@ -279,7 +284,7 @@ class RMoEConfig:
             shapes.update({f"{prefix}.w1.weight": (H, D), f"{prefix}.w3.weight": (H, D),
                            f"{prefix}.w2.weight": (D, H)})
 
-        if rc.type == "recurrent" and rc.recurrence == "layer":
+        if rc.type == "recurrent" and rc.recurrence in ("layer", "none"):
             cell("router_cell")
         for i in range(self.num_layers):
             p = f"layers.{i}"
@@ -295,6 +300,10 @@ class RMoEConfig:
                 swiglu(f"{p}.moe.shared_expert", self.moe.shared_expert_hidden_dim)
             if rc.type == "linear":
                 shapes[f"{p}.moe.router.gate"] = (E, D)
+            elif rc.type == "mlp":
+                shapes[f"{p}.moe.router.hidden"] = (rc.hidden_dim, D)
+                shapes[f"{p}.moe.router.hidden_bias"] = (rc.hidden_dim,)
+                shapes[f"{p}.moe.router.gate"] = (E, rc.hidden_dim)
             else:
                 shapes[f"{p}.moe.router.proj"] = (rc.hidden_dim, D)
                 shapes[f"{p}.moe.router.gate"] = (E, rc.hidden_dim)

@@ -181,6 +181,9 @@ class Router(nn.Module):
                          state the previous MoE layer left for the same token (zeros first)
     recurrent, token:    this layer's own cell scans the sequence,
                          s_t = Cell(h_t @ proj.T, s_{t-1}), s_{-1} = 0; logits_t = s_t @ gate.T
+    recurrent, none:     as layer, but every MoE layer starts from zeros and passes nothing on
+    mlp:                 logits = tanh(h @ hidden.T + hidden_bias) @ gate.T
+    (detach_state changes only gradients: the forward pass is layer recurrence's.)
     """
 
     def __init__(self, cfg: RMoEConfig):
@@ -190,6 +193,11 @@ class Router(nn.Module):
         E = cfg.moe.num_experts
         if self.kind == "linear":
             self.gate = _empty(E, cfg.d_model)
+            return
+        if self.kind == "mlp":
+            self.hidden = _empty(rc.hidden_dim, cfg.d_model)
+            self.hidden_bias = _empty(rc.hidden_dim)
+            self.gate = _empty(E, rc.hidden_dim)
             return
         self.proj = _empty(rc.hidden_dim, cfg.d_model)
         if self.recurrence == "token":
@@ -204,13 +212,16 @@ class Router(nn.Module):
         if self.kind == "linear":
             return h.reshape(B * T, D) @ self.gate.to(h.dtype).T, carry
         gate = self.gate.to(h.dtype)
+        if self.kind == "mlp":
+            hidden = torch.tanh(h.reshape(B * T, D) @ self.hidden.to(h.dtype).T
+                                + self.hidden_bias.to(h.dtype))
+            return hidden @ gate.T, carry
         u = h @ self.proj.to(h.dtype).T  # [B, T, R]
-        if self.recurrence == "layer":
+        if self.recurrence in ("layer", "none"):
             u = u.reshape(B * T, -1)
-            if carry is None:
-                carry = torch.zeros_like(u)
-            carry = shared_cell.step(shared_cell.input_gates(u), carry)
-            return carry @ gate.T, carry
+            start = carry if self.recurrence == "layer" and carry is not None else torch.zeros_like(u)
+            state = shared_cell.step(shared_cell.input_gates(u), start)
+            return state @ gate.T, (state if self.recurrence == "layer" else carry)
         # Token recurrence: a left-to-right scan; the input gates of all steps at once.
         gi = self.cell.input_gates(u)
         s = torch.zeros(B, self.cell.hidden_dim, dtype=u.dtype, device=u.device)
@@ -314,7 +325,8 @@ class RMoEForCausalLM(nn.Module):
         rc = cfg.router
         # Layer recurrence: ONE cell shared by every MoE layer, owned by the model.
         self.router_cell = (RecurrentCell(rc.cell, rc.hidden_dim)
-                            if rc.type == "recurrent" and rc.recurrence == "layer" else None)
+                            if rc.type == "recurrent" and rc.recurrence in ("layer", "none")
+                            else None)
         self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = (None if cfg.tie_embeddings

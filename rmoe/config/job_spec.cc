@@ -363,9 +363,19 @@ void ValidateModel(const ModelSpec& m, Problems& p) {
   }
 
   const RouterSpec& router = m.router();
-  if (router.kind() == RouterSpec::RECURRENT) {
+  if (router.kind() != RouterSpec::LINEAR) {
     p.Require(router.hidden_dim() > 0, "model.router.hidden_dim", router.hidden_dim(),
-              "> 0 when model.router.kind = RECURRENT");
+              "> 0 when model.router.kind = RECURRENT or MLP (MLP sizes itself from it)");
+  }
+  p.Require(m.dropout() >= 0 && m.dropout() < 1, "model.dropout", m.dropout(), "in [0, 1)");
+  p.Require(router.mlp_hidden_dim() >= 0, "model.router.mlp_hidden_dim", router.mlp_hidden_dim(),
+            ">= 0 (0 = match the GRU layer router's parameters)");
+  if (router.detach_state() &&
+      (router.kind() != RouterSpec::RECURRENT || router.recurrence() != RouterSpec::LAYER)) {
+    p.Add("model.router.detach_state = true needs model.router.kind = RECURRENT and "
+          "model.router.recurrence = LAYER (only that router passes a state between layers)");
+  }
+  if (router.kind() == RouterSpec::RECURRENT) {
     p.Require(std::isfinite(router.recurrent_init_std()) && router.recurrent_init_std() >= 0,
               "model.router.recurrent_init_std", router.recurrent_init_std(),
               ">= 0 (0 = fan-in uniform)");
@@ -659,6 +669,14 @@ std::vector<int> MoELayerIndices(const ModelSpec& model) {
     if (IsMoELayer(model, layer)) layers.push_back(layer);
   }
   return layers;
+}
+
+int MlpRouterHiddenDim(const ModelSpec& model) {
+  if (model.router().mlp_hidden_dim() > 0) return model.router().mlp_hidden_dim();
+  const double r = model.router().hidden_dim(), d = model.d_model(), e = model.moe().num_experts();
+  const double layers = std::max<size_t>(MoELayerIndices(model).size(), 1);
+  const double gru = r * d + e * r + (6 * r * r + 6 * r) / layers;
+  return std::max(1, static_cast<int>(std::lround(gru / (d + 1 + e))));
 }
 
 }  // namespace rmoe

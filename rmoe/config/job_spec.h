@@ -69,5 +69,9 @@ std::string JobSpecToText(const JobSpec& spec);
 bool IsMoELayer(const ModelSpec& model, int layer);
 // The indices of the MoE layers, in order.
 std::vector<int> MoELayerIndices(const ModelSpec& model);
+// The MLP router's hidden size: router.mlp_hidden_dim, or when that is 0 the size whose
+// parameters per MoE layer, H (d_model + 1 + E), come nearest the GRU layer-recurrent
+// router's at router.hidden_dim R: R d_model + E R + (6 R^2 + 6 R) / (MoE layers). At least 1.
+int MlpRouterHiddenDim(const ModelSpec& model);
 
 }  // namespace rmoe

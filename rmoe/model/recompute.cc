@@ -1,7 +1,10 @@
 #include "rmoe/model/recompute.h"
 
+#include <mutex>
 #include <optional>
 #include <string>
+
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -11,13 +14,49 @@
 namespace rmoe {
 namespace {
 
+// The random-number generators a piece draws from (dropout): the CPU's and, when its inputs
+// live on an accelerator, that device's. The recomputation starts from the states the first
+// run started from, so it draws the same numbers, and leaves them as it found them.
+struct GeneratorStates {
+  at::Tensor cpu;
+  std::optional<c10::Device> device;
+  at::Tensor device_state;
+
+  static GeneratorStates Capture(const std::vector<torch::Tensor>& inputs) {
+    GeneratorStates states;
+    states.cpu = Get(at::detail::getDefaultCPUGenerator());
+    for (const auto& input : inputs) {
+      if (input.defined() && !input.device().is_cpu()) {
+        states.device = input.device();
+        states.device_state = Get(at::globalContext().defaultGenerator(input.device()));
+        break;
+      }
+    }
+    return states;
+  }
+  void Restore() const {
+    Set(at::detail::getDefaultCPUGenerator(), cpu);
+    if (device) Set(at::globalContext().defaultGenerator(*device), device_state);
+  }
+
+ private:
+  static at::Tensor Get(at::Generator generator) {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    return generator.get_state();
+  }
+  static void Set(at::Generator generator, const at::Tensor& state) {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(state);
+  }
+};
+
 // The backward of a recomputed piece: runs it again with gradients, then backpropagates the
 // incoming gradients through that run.
 class RecomputeBackward : public torch::autograd::Node {
  public:
   RecomputeBackward(RecomputedFunction fn, std::vector<torch::Tensor> inputs,
-                    std::optional<torch::ScalarType> matmul_dtype)
-      : fn_(std::move(fn)), matmul_dtype_(matmul_dtype) {
+                    std::optional<torch::ScalarType> matmul_dtype, GeneratorStates generators)
+      : fn_(std::move(fn)), matmul_dtype_(matmul_dtype), generators_(std::move(generators)) {
     for (const auto& input : inputs) {
       needs_grad_.push_back(input.defined() && input.requires_grad());
       // Detached: the node keeps the values, not the graph that made them.
@@ -37,9 +76,12 @@ class RecomputeBackward : public torch::autograd::Node {
     }
     std::vector<torch::Tensor> outputs;
     {
+      const GeneratorStates now = GeneratorStates::Capture(inputs);
+      generators_.Restore();
       const LowPrecisionMatmulGuard precision(matmul_dtype_);
       at::AutoGradMode enable_grad(true);
       outputs = fn_(inputs);
+      now.Restore();
     }
     TORCH_CHECK(outputs.size() == grads.size(), "a recomputed piece returned ", outputs.size(),
                 " outputs, the first run ", grads.size());
@@ -69,6 +111,7 @@ class RecomputeBackward : public torch::autograd::Node {
   std::vector<torch::Tensor> inputs_;
   std::vector<bool> needs_grad_;
   std::optional<torch::ScalarType> matmul_dtype_;
+  GeneratorStates generators_;
   bool released_ = false;
 };
 
@@ -77,13 +120,15 @@ class RecomputeBackward : public torch::autograd::Node {
 std::vector<torch::Tensor> RunWithRecomputation(const RecomputedFunction& fn,
                                                 const std::vector<torch::Tensor>& inputs) {
   if (!at::GradMode::is_enabled()) return fn(inputs);
+  GeneratorStates generators = GeneratorStates::Capture(inputs);
   std::vector<torch::Tensor> outputs;
   {
     torch::NoGradGuard no_grad;
     outputs = fn(inputs);
   }
   auto node = std::shared_ptr<RecomputeBackward>(
-      new RecomputeBackward(fn, inputs, LowPrecisionMatmulDtype()), torch::autograd::deleteNode);
+      new RecomputeBackward(fn, inputs, LowPrecisionMatmulDtype(), std::move(generators)),
+      torch::autograd::deleteNode);
   node->set_next_edges(torch::autograd::collect_next_edges(inputs));
   for (auto& output : outputs) {
     TORCH_CHECK(!output.defined() || output.is_floating_point(),

@@ -22,7 +22,8 @@ using RecomputedFunction =
 // that run: gradients reach the inputs through the node and the parameters `fn` uses
 // directly (accumulated into their .grad, a reentrant backward). The inputs are kept (not
 // copied) until then. The low-precision matmul dtype in force now is restored for the
-// recomputation, whichever thread the backward runs on. Without grad mode it is `fn(inputs)`.
+// recomputation, whichever thread the backward runs on, and so are the random-number
+// generators' states (CPU, and the inputs' device), so dropout draws the same masks. Without grad mode it is `fn(inputs)`.
 std::vector<torch::Tensor> RunWithRecomputation(const RecomputedFunction& fn,
                                                 const std::vector<torch::Tensor>& inputs);
 

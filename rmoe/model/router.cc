@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "rmoe/config/job_spec.h"  // MlpRouterHiddenDim
+
 namespace rmoe {
 
 namespace {
@@ -70,9 +72,14 @@ class LinearRouter : public Router {
   torch::Tensor gate_;
 };
 
+// Also the paper's controls: with recurrence NONE every layer starts from a zero state (and
+// passes nothing on); with detach_state the state passed on carries no gradient.
 class LayerRecurrentRouter : public Router {
  public:
-  LayerRecurrentRouter(const ModelSpec& model, RecurrentCell cell) : cell_(std::move(cell)) {
+  LayerRecurrentRouter(const ModelSpec& model, RecurrentCell cell)
+      : cell_(std::move(cell)),
+        passes_state_(model.router().recurrence() == RouterSpec::LAYER),
+        detach_state_(model.router().detach_state()) {
     const int64_t hidden = model.router().hidden_dim();
     proj_ = register_parameter("proj", RecurrentRouterWeight(model.router(), hidden, model.d_model()));
     gate_ = register_parameter(
@@ -80,13 +87,33 @@ class LayerRecurrentRouter : public Router {
   }
   torch::Tensor forward(const torch::Tensor& x, RouterCarry& carry, torch::Tensor*) override {
     auto flat = x.reshape({-1, x.size(-1)}).to(FullPrecisionType(x.scalar_type()));
-    carry.layer_state = cell_->Step(LinearNoBias(flat, proj_), carry.layer_state);
-    return LinearNoBias(carry.layer_state, gate_);
+    auto state = cell_->Step(LinearNoBias(flat, proj_),
+                             passes_state_ ? carry.layer_state : torch::Tensor());
+    if (passes_state_) carry.layer_state = detach_state_ ? state.detach() : state;
+    return LinearNoBias(state, gate_);
   }
 
  private:
   RecurrentCell cell_;  // owned (registered) by the model, shared by every MoE layer
+  bool passes_state_, detach_state_;
   torch::Tensor proj_, gate_;
+};
+
+class MlpRouter : public Router {
+ public:
+  MlpRouter(const ModelSpec& model, const InitScales& init) {
+    const int64_t hidden = MlpRouterHiddenDim(model);
+    hidden_ = register_parameter("hidden", NormalWeight(hidden, model.d_model(), init.std));
+    hidden_bias_ = register_parameter("hidden_bias", torch::zeros({hidden}));
+    gate_ = register_parameter("gate", NormalWeight(model.moe().num_experts(), hidden, init.std));
+  }
+  torch::Tensor forward(const torch::Tensor& x, RouterCarry&, torch::Tensor*) override {
+    auto flat = x.reshape({-1, x.size(-1)}).to(FullPrecisionType(x.scalar_type()));
+    return LinearNoBias(torch::tanh(LinearNoBias(flat, hidden_) + hidden_bias_), gate_);
+  }
+
+ private:
+  torch::Tensor hidden_, hidden_bias_, gate_;
 };
 
 class TokenRecurrentRouter : public Router {
@@ -117,7 +144,7 @@ class TokenRecurrentRouter : public Router {
 
 RecurrentCell MakeSharedRouterCell(const ModelSpec& model) {
   const auto& router = model.router();
-  if (router.kind() != RouterSpec::RECURRENT || router.recurrence() != RouterSpec::LAYER) {
+  if (router.kind() != RouterSpec::RECURRENT || router.recurrence() == RouterSpec::TOKEN) {
     return RecurrentCell(nullptr);
   }
   return RecurrentCell(router.cell(), router.hidden_dim(), router.hidden_dim());
@@ -128,7 +155,8 @@ std::shared_ptr<Router> MakeRouter(const ModelSpec& model, const InitScales& ini
   if (model.router().kind() == RouterSpec::LINEAR) {
     return std::make_shared<LinearRouter>(model, init);
   }
-  if (model.router().recurrence() == RouterSpec::LAYER) {
+  if (model.router().kind() == RouterSpec::MLP) return std::make_shared<MlpRouter>(model, init);
+  if (model.router().recurrence() != RouterSpec::TOKEN) {
     TORCH_CHECK(!shared_cell.is_empty(), "layer-recurrent router needs the model's shared cell");
     return std::make_shared<LayerRecurrentRouter>(model, std::move(shared_cell));
   }

@@ -6,6 +6,9 @@
 //                     layer (RMoE, arXiv 2408.06793); gradients flow through the carry.
 //   RECURRENT/TOKEN   h_t = Cell(W_proj x_t, h_{t-1}) scanned along the sequence inside a
 //                     layer (the seed prototype); the last h is carried across decoding steps.
+//   RECURRENT/NONE    h^l = Cell(W_proj^l x, 0): LAYER without passing the state (RMoE-NP)
+//   detach_state      LAYER with the state passed on as a constant (no gradient through it)
+//   MLP               logits = W_g tanh(W_h x + b_h)                  (SMoE-MLP)
 //
 // Router math runs in fp32 whatever the model's dtype (fp64 when the model is fp64, so
 // gradients can be checked against finite differences).

@@ -9,12 +9,14 @@
 namespace rmoe {
 
 BlockImpl::BlockImpl(const ModelSpec& model, const InitScales& init, bool is_moe,
-                     RecurrentCell shared_router_cell) {
+                     RecurrentCell shared_router_cell)
+    : dropout_(model.dropout()) {
   attn_norm_ = register_module("attn_norm", RMSNorm(model.d_model(), model.norm_eps()));
   attn_ = register_module("attn", CausalSelfAttention(model, init));
   ffn_norm_ = register_module("ffn_norm", RMSNorm(model.d_model(), model.norm_eps()));
   if (is_moe) {
     moe_ = register_module("moe", MoELayer(model, init, std::move(shared_router_cell)));
+    // Only layer recurrence passes a state on (NONE starts from zeros, TOKEN scans inside).
     carries_router_state_ = model.router().kind() == RouterSpec::RECURRENT &&
                             model.router().recurrence() == RouterSpec::LAYER;
   } else {
@@ -37,7 +39,7 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, RouterCarry& carry, KVC
         },
         x, carry, moe_outputs);
   }
-  auto h = x + attn_(attn_norm_(x), nullptr);
+  auto h = x + Dropout(attn_(attn_norm_(x), nullptr));
   if (!is_moe()) return FeedForward(h, carry, nullptr, moe_outputs);
   return Recomputed(
       [this](const torch::Tensor& in, RouterCarry& c, std::vector<MoEOutput>* outs) {
@@ -49,16 +51,21 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, RouterCarry& carry, KVC
 torch::Tensor BlockImpl::ForwardPieces(const torch::Tensor& x, RouterCarry& carry,
                                        KVCache* kv_cache, torch::Tensor* router_token_state,
                                        std::vector<MoEOutput>* moe_outputs) {
-  return FeedForward(x + attn_(attn_norm_(x), kv_cache), carry, router_token_state, moe_outputs);
+  return FeedForward(x + Dropout(attn_(attn_norm_(x), kv_cache)), carry, router_token_state,
+                     moe_outputs);
+}
+
+torch::Tensor BlockImpl::Dropout(const torch::Tensor& t) const {
+  return dropout_ > 0 && is_training() ? torch::dropout(t, dropout_, /*train=*/true) : t;
 }
 
 torch::Tensor BlockImpl::FeedForward(const torch::Tensor& h, RouterCarry& carry,
                                      torch::Tensor* router_token_state,
                                      std::vector<MoEOutput>* moe_outputs) {
   auto normed = ffn_norm_(h);
-  if (moe_.is_empty()) return h + ffn_(normed);
+  if (moe_.is_empty()) return h + Dropout(ffn_(normed));
   auto moe_out = moe_(normed, carry, router_token_state);
-  auto out = h + moe_out.y;
+  auto out = h + Dropout(moe_out.y);
   moe_outputs->push_back(std::move(moe_out));
   return out;
 }

@@ -61,6 +61,10 @@ class BlockImpl : public torch::nn::Module {
   torch::Tensor Recomputed(const Piece& piece, const torch::Tensor& x, RouterCarry& carry,
                            std::vector<MoEOutput>* moe_outputs);
 
+  // Residual dropout on an attention or feed-forward output, while training.
+  torch::Tensor Dropout(const torch::Tensor& t) const;
+
+  double dropout_ = 0;
   RuntimeSpec::Recompute recompute_ = RuntimeSpec::NONE;
   bool carries_router_state_ = false;  // an MoE block whose router is layer-recurrent
   RMSNorm attn_norm_{nullptr}, ffn_norm_{nullptr};

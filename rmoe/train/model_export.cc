@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include <absl/strings/ascii.h>
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
 #include <absl/strings/str_join.h>
@@ -62,13 +63,22 @@ std::string TokenizerJson(const DatasetMeta& meta) {
 std::string RouterJson(const ModelSpec& model) {
   const RouterSpec& router = model.router();
   if (router.kind() == RouterSpec::LINEAR) return JsonObject().Add("type", std::string("linear")).str();
+  if (router.kind() == RouterSpec::MLP) {
+    return JsonObject()
+        .Add("type", std::string("mlp"))
+        .Add("hidden_dim", int64_t{MlpRouterHiddenDim(model)})
+        .Add("activation", std::string("tanh"))
+        .str();
+  }
   const bool gru = router.cell() == RouterSpec::GRU;
+  static const char* const kRecurrence[] = {"layer", "token", "none"};
   return JsonObject()
       .Add("type", std::string("recurrent"))
       .Add("cell", std::string(gru ? "gru" : "rnn"))
-      .Add("recurrence", std::string(router.recurrence() == RouterSpec::LAYER ? "layer" : "token"))
+      .Add("recurrence", std::string(kRecurrence[router.recurrence()]))
       .Add("hidden_dim", int64_t{router.hidden_dim()})
       .Add("gate_order", gru ? std::vector<std::string>{"r", "z", "n"} : std::vector<std::string>{"h"})
+      .AddRaw("detach_state", Bool(router.detach_state()))
       .str();
 }
 
@@ -102,7 +112,7 @@ std::string ReadmeText(const JobSpec& spec, const ExportSource& source) {
       source.step >= 0 ? absl::StrCat(" (step ", source.step, ")") : std::string(), ".\n",
       m.num_layers(), " layers, d_model ", m.d_model(), ", ", m.num_heads(), " heads, ",
       m.moe().num_experts(), " experts (top-", m.moe().top_k(), "), ",
-      m.router().kind() == RouterSpec::LINEAR ? "linear router" : "recurrent router",
+      absl::AsciiStrToLower(RouterSpec::Kind_Name(m.router().kind())), " router",
       ", vocabulary ", m.vocab_size(), ".\n\n",
       "- `model.safetensors`: the parameters by their RMoE names. Experts are stacked\n"
       "  `[E, in, out]` and applied as `x @ W` (no `.weight` suffix); every other matrix is\n"
@@ -266,15 +276,20 @@ absl::Status ParseExportConfig(const std::string& path, const JsonValue& root, J
   }
   const JsonValue& router_json = r.Object(root, "router");
   RouterSpec* router = m->mutable_router();
-  if (r.Choice(router_json, "type", {"linear", "recurrent"}) == 0) {
+  const int type = r.Choice(router_json, "type", {"linear", "recurrent", "mlp"});
+  if (type == 0) {
     router->set_kind(RouterSpec::LINEAR);
+  } else if (type == 2) {
+    router->set_kind(RouterSpec::MLP);
+    router->set_mlp_hidden_dim(r.Int(router_json, "hidden_dim"));
+    r.Choice(router_json, "activation", {"tanh"});
   } else {
     router->set_kind(RouterSpec::RECURRENT);
     router->set_cell(r.Choice(router_json, "cell", {"gru", "rnn"}) == 0 ? RouterSpec::GRU : RouterSpec::RNN);
-    router->set_recurrence(r.Choice(router_json, "recurrence", {"layer", "token"}) == 0
-                               ? RouterSpec::LAYER
-                               : RouterSpec::TOKEN);
+    router->set_recurrence(static_cast<RouterSpec::Recurrence>(
+        r.Choice(router_json, "recurrence", {"layer", "token", "none"})));
     router->set_hidden_dim(r.Int(router_json, "hidden_dim"));
+    router->set_detach_state(r.Bool(router_json, "detach_state"));
   }
   const JsonValue& tokenizer = r.Object(root, "tokenizer");
   const bool bpe = r.Choice(tokenizer, "type", {"byte", "bpe"}) == 1;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
+#include <string>
 
 namespace rmoe {
 
@@ -47,10 +49,19 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   return loss;
 }
 
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec,
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model,
                                                    const std::vector<torch::Tensor>& params) {
+  std::set<void*> undecayed_routers;
+  if (!spec.optimizer().decay_router_weights()) {
+    for (const auto& item : model->named_parameters()) {
+      if (IsRouterParameter(item.key())) undecayed_routers.insert(item.value().unsafeGetTensorImpl());
+    }
+  }
   std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : params) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  for (const auto& p : params) {
+    const bool decays = p.dim() >= 2 && !undecayed_routers.count(p.unsafeGetTensorImpl());
+    (decays ? decay : no_decay).push_back(p);
+  }
   const auto& opt = spec.optimizer();
   auto options = [&](double weight_decay) {
     return std::make_unique<torch::optim::AdamWOptions>(
@@ -63,6 +74,10 @@ std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec,
   groups.emplace_back(decay, options(opt.weight_decay()));
   groups.emplace_back(no_decay, options(0.0));
   return std::make_unique<FusedAdamW>(std::move(groups), torch::optim::AdamWOptions(opt.lr()));
+}
+
+bool IsRouterParameter(const std::string& name) {
+  return name.rfind("router_cell.", 0) == 0 || name.find(".router.") != std::string::npos;
 }
 
 torch::Tensor SquaredGradientNorm(const std::vector<torch::Tensor>& params) {
@@ -82,6 +97,7 @@ double LearningRate(const JobSpec& spec, int step) {
   const int warmup = spec.schedule().warmup_steps();
   const int total = spec.schedule().steps();
   if (step < warmup) return peak * (step + 1) / warmup;
+  if (spec.schedule().lr_decay() == ScheduleSpec::CONSTANT) return peak;
   const double floor = peak * spec.schedule().min_lr_ratio();
   const int decay_steps = std::max(total - 1 - warmup, 1);
   const double progress = std::min(1.0, static_cast<double>(step - warmup) / decay_steps);

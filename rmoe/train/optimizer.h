@@ -6,6 +6,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <torch/torch.h>
@@ -21,14 +22,19 @@ class FusedAdamW : public torch::optim::AdamW {
   torch::Tensor step(LossClosure closure = nullptr) override;
 };
 
-// AdamW as the spec says over `params` (the model's, or this rank's share of them with a
+// AdamW as the spec says over `params` (`model`'s, or this rank's share of them with a
 // sharded optimizer state), with decoupled weight decay on matrices only (decaying norms'
-// gains toward zero hurts).
-std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec,
+// gains toward zero hurts), and not on the routers' with optimizer.decay_router_weights off.
+std::unique_ptr<torch::optim::AdamW> MakeOptimizer(const JobSpec& spec, Transformer& model,
                                                    const std::vector<torch::Tensor>& params);
 
+// Whether the parameter named `name` (as named_parameters() names it) belongs to a router:
+// a gate, projection, MLP or cell of a layer's router, or the shared layer-recurrent cell.
+bool IsRouterParameter(const std::string& name);
+
 // The learning rate at optimizer step `step` (0-based): linear warm-up to lr over
-// warmup_steps, then cosine decay to min_lr_ratio * lr at the last step.
+// warmup_steps, then cosine decay to min_lr_ratio * lr at the last step, or constant
+// (schedule.lr_decay).
 double LearningRate(const JobSpec& spec, int step);
 
 // Sets every parameter group's learning rate.

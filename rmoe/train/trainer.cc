@@ -320,7 +320,7 @@ absl::Status Trainer::BuildModel() {
   runtime_.ShardExperts(model_);
   model_->to(device_);
   optimizer_ = MakeOptimizer(
-      spec_, runtime_.OptimizerParameters(model_, spec_.parallel().shard_optimizer_state()));
+      spec_, model_, runtime_.OptimizerParameters(model_, spec_.parallel().shard_optimizer_state()));
   if (!options_.resume.empty()) {
     auto restored = checkpointer_->Load(options_.resume, spec_, model_, *optimizer_);
     if (!restored.ok()) return restored.status();

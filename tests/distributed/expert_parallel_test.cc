@@ -244,7 +244,9 @@ TEST_P(TrainingEquivalence, TwentyStepsMatchOneRankAccumulatingTheSameMicroBatch
 
 std::vector<RouterCase> EquivalenceRouters() {
   auto all = AllRouters();
-  return {all[0], all[1], all[3]};  // LINEAR, GRU across layers, GRU across tokens
+  // LINEAR, GRU across layers, GRU across tokens, and the paper's controls: MLP, no
+  // recurrence, detached state.
+  return {all[0], all[1], all[3], all[5], all[6], all[7]};
 }
 
 INSTANTIATE_TEST_SUITE_P(
