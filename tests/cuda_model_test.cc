@@ -142,6 +142,39 @@ TEST_F(CudaTransformer, ForwardBackwardAndDecodingMatchTheCpuWithEveryRouter) {
   }
 }
 
+using CudaRecompute = CudaTest;
+
+// On a GPU the backward pass runs on the device's autograd thread: the recomputation must
+// still run the bf16 products and draw the dropout masks of the first run (the generator of
+// the inputs' device is restored), or its gradients would belong to another forward pass.
+TEST_F(CudaRecompute, MatchesNoRecomputationWithBf16ProductsAndDropout) {
+  ModelSpec spec = TinyModel(AllRouters()[1]);
+  spec.set_dropout(0.2);
+  torch::manual_seed(3);
+  Transformer model(spec);
+  model->to(torch::kCUDA);
+  model->train();
+  auto tokens = torch::randint(spec.vocab_size(), {2, 12}).to(torch::kCUDA);
+  const LowPrecisionMatmulGuard bf16(torch::kBFloat16);
+  auto gradients = [&](RuntimeSpec::Recompute mode) {
+    model->set_recompute(mode);
+    model->zero_grad();
+    torch::manual_seed(5);  // every device's generator
+    auto out = model->forward(tokens);
+    (out.logits.square().mean() + out.router_loss).backward();
+    NamedTensors grads;
+    for (const auto& item : model->named_parameters()) {
+      grads.emplace_back(item.key(), item.value().grad().to(torch::kCPU).clone());
+    }
+    return grads;
+  };
+  const auto reference = gradients(RuntimeSpec::NONE);
+  for (auto mode : {RuntimeSpec::MOE, RuntimeSpec::FULL}) {
+    SCOPED_TRACE(RuntimeSpec::Recompute_Name(mode));
+    ExpectAllClose(gradients(mode), reference, 1e-4);
+  }
+}
+
 #if RMOE_TEST_HAS_C10_CUDA
 // Counts, in its scope, the calls that make the host wait for the GPU, through PyTorch's
 // sync debug mode (which warns at each); other warnings are kept.
