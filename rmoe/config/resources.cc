@@ -40,20 +40,11 @@ double RecurrentCellParameters(const RouterSpec& router, double input, double hi
   return gates * (input + hidden) + 2 * gates;
 }
 
-// The router of one MoE layer, and what all MoE layers share (the layer-recurrent cell).
-double RouterParametersPerLayer(const ModelSpec& model) {
-  const RouterSpec& router = model.router();
-  const double d = model.d_model(), experts = model.moe().num_experts();
-  if (router.kind() == RouterSpec::LINEAR) return experts * d;
-  const double hidden = router.hidden_dim();
-  double own = hidden * d + experts * hidden;  // projection in, gate out
-  if (router.recurrence() == RouterSpec::TOKEN) own += RecurrentCellParameters(router, hidden, hidden);
-  return own;
-}
-
+// The cell all MoE layers share (recurrence LAYER, and NONE, which starts it from zero in
+// every layer), as MakeSharedRouterCell builds it.
 double SharedRouterParameters(const ModelSpec& model) {
   const RouterSpec& router = model.router();
-  if (router.kind() != RouterSpec::RECURRENT || router.recurrence() != RouterSpec::LAYER) return 0;
+  if (router.kind() != RouterSpec::RECURRENT || router.recurrence() == RouterSpec::TOKEN) return 0;
   return RecurrentCellParameters(router, router.hidden_dim(), router.hidden_dim());
 }
 
@@ -81,52 +72,198 @@ void KeepLeast(std::optional<double>* least, std::optional<double> candidate) {
 }  // namespace
 
 SpecParameterCounts CountSpecParameters(const ModelSpec& model) {
-  const double d = model.d_model(), vocab = model.vocab_size();
   const MoESpec& moe = model.moe();
-  const int moe_layers = CountMoELayers(model);
-  const int dense_layers = model.num_layers() - moe_layers;
-  const double per_expert = 3 * d * moe.expert_hidden_dim();
-
+  const double per_expert = 3.0 * model.d_model() * moe.expert_hidden_dim();
   SpecParameterCounts counts;
-  const double attention_and_norms = 4 * d * d + 2 * d;
-  counts.total = vocab * d * (model.tie_embeddings() ? 1 : 2) + d  // embeddings, final norm
-                 + model.num_layers() * attention_and_norms +
-                 dense_layers * 3 * d * DenseHiddenDim(model) +
-                 moe_layers * (moe.num_experts() * per_expert + 3 * d * SharedExpertHiddenDim(moe) +
-                               RouterParametersPerLayer(model)) +
-                 (moe_layers > 0 ? SharedRouterParameters(model) : 0);
-  counts.expert = moe_layers * moe.num_experts() * per_expert;
-  counts.active = counts.total - moe_layers * (moe.num_experts() - moe.top_k()) * per_expert;
+  for (const SpecTensor& t : SpecParameterTensors(model)) {
+    counts.total += t.numel;
+    if (t.expert) counts.expert += t.numel;
+  }
+  counts.active = counts.total - CountMoELayers(model) * (moe.num_experts() - moe.top_k()) * per_expert;
   return counts;
 }
 
-MemoryEstimate EstimateTrainingMemory(const JobSpec& spec) {
+std::vector<SpecTensor> SpecParameterTensors(const ModelSpec& model) {
+  const double d = model.d_model(), vocab = model.vocab_size();
+  const MoESpec& moe = model.moe();
+  const RouterSpec& router = model.router();
+  const double experts = moe.num_experts(), hidden = moe.expert_hidden_dim();
+  const double r = router.hidden_dim(), gates = (router.cell() == RouterSpec::GRU ? 3 : 1) * r;
+  std::vector<SpecTensor> tensors;
+  auto add = [&tensors](std::string name, double numel, bool expert = false, bool matmul = false) {
+    tensors.push_back({std::move(name), numel, expert, matmul});
+  };
+  auto add_cell = [&](const std::string& prefix) {
+    add(prefix + "w_ih", gates * r);
+    add(prefix + "b_ih", gates);
+    add(prefix + "w_hh", gates * r);
+    add(prefix + "b_hh", gates);
+  };
+  add("embedding.weight", vocab * d);
+  if (CountMoELayers(model) > 0 && SharedRouterParameters(model) > 0) add_cell("router_cell.");
+  for (int layer = 0; layer < model.num_layers(); ++layer) {
+    const std::string p = absl::StrCat("layers.", layer, ".");
+    add(p + "attn_norm.weight", d);
+    add(p + "attn.qkv.weight", 3 * d * d, false, true);
+    add(p + "attn.out.weight", d * d, false, true);
+    add(p + "ffn_norm.weight", d);
+    if (IsMoELayer(model, layer)) {
+      const std::string m = p + "moe.";
+      if (router.kind() == RouterSpec::LINEAR) {
+        add(m + "router.gate", experts * d);
+      } else if (router.kind() == RouterSpec::MLP) {
+        const double hidden_units = MlpRouterHiddenDim(model);
+        add(m + "router.hidden", hidden_units * d);
+        add(m + "router.hidden_bias", hidden_units);
+        add(m + "router.gate", experts * hidden_units);
+      } else {
+        add(m + "router.proj", r * d);
+        add(m + "router.gate", experts * r);
+        if (router.recurrence() == RouterSpec::TOKEN) add_cell(m + "router.cell.");
+      }
+      for (const char* w : {"w1", "w3", "w2"}) add(m + "experts." + w, experts * d * hidden, true, true);
+      if (moe.shared_expert()) {
+        for (const char* w : {"w1", "w3", "w2"}) {
+          add(m + "shared_expert." + w + ".weight", d * SharedExpertHiddenDim(moe), false, true);
+        }
+      }
+    } else {
+      for (const char* w : {"w1", "w3", "w2"}) {
+        add(p + "ffn." + w + ".weight", d * DenseHiddenDim(model), false, true);
+      }
+    }
+  }
+  add("final_norm.weight", d);
+  if (!model.tie_embeddings()) add("lm_head.weight", vocab * d);
+  return tensors;
+}
+
+ActivationProfile ProfileActivations(const JobSpec& spec, double routing_skew) {
   const ModelSpec& model = spec.model();
   const MoESpec& moe = model.moe();
-  const SpecParameterCounts counts = CountSpecParameters(model);
-  const double ep = std::max(1, spec.parallel().expert_parallel_size());
-  const double local = counts.total - counts.expert + counts.expert / ep;
+  const RouterSpec& router = model.router();
+  // fp32 everywhere but the products' operands, which bf16 keeps in bf16.
+  const double f = kFloatBytes, m = spec.runtime().precision() == RuntimeSpec::BF16 ? 2 : kFloatBytes;
+  const bool bf16 = m < f;
+  const double d = model.d_model(), heads = model.num_heads(), experts = moe.num_experts();
+  const double k = moe.top_k(), h = moe.expert_hidden_dim(), hs = SharedExpertHiddenDim(moe);
+  const double hd = DenseHiddenDim(model), vocab = model.vocab_size();
+  const bool recurrent = router.kind() == RouterSpec::RECURRENT;
+  const double r = recurrent ? router.hidden_dim() : 0;
+  const double skew = std::max(1.0, routing_skew);
 
+  ActivationProfile a;
+  // The attention half: RMSNorm keeps its input and 1/rms; the qkv product its (normed)
+  // input; the fused attention q, k, v, its output (also the out product's input) and one
+  // log-sum-exp per head; the FFN's RMSNorm its input (the residual sum) and 1/rms.
+  a.attention_block = f * (d + 1) + m * d + 3 * m * d + m * d + f * heads + f * (d + 1);
+  // An MoE layer: the normed input (fp32, the router's); the router's logits, probabilities
+  // and log-sum-exp, and a recurrent cell's input, state, gates and candidates (about 10 of
+  // its width, as ATen's GRU cell keeps them) or an MLP router's tanh layer; top-k indices
+  // and weights and the dispatch plan (int64 token ids, fp32 weights); per routed copy of a token its row, the two
+  // pre-activations and silu(gate), and the expert's output row (kept by the weighted
+  // combine); a shared expert's two projections, silu and product.
+  const double mlp = router.kind() == RouterSpec::MLP ? MlpRouterHiddenDim(model) : 0;
+  a.moe_layer = f * d + f * (2 * experts + 1) + (recurrent ? 10 * f * r : 0) + f * mlp + 28 * k +
+                skew * k * (m * d + 3 * m * h + f * d) +
+                (hs > 0 ? 4 * m * hs + (bf16 ? m * d : 0) : 0);
+  a.dense_ffn = m * d + 4 * m * hd;
+  // Residual dropout keeps a one-byte mask of each sublayer's output (attention's, and the
+  // feed-forward or MoE layer's).
+  if (model.dropout() > 0) {
+    a.attention_block += d;
+    a.moe_layer += d;
+    a.dense_ffn += d;
+  }
+  const double carried = router.recurrence() == RouterSpec::LAYER ? f * r : 0;
+  a.moe_input = f * d + carried;
+  a.block_input = f * d + carried;
+  // The final RMSNorm's input and output, the logits (held by the caller through the
+  // backward pass) and the cross-entropy's log-probabilities (turned into the gradient).
+  a.head = f * (d + 1) + f * d + 2 * f * vocab;
+  // One layer's backward: gradients of its routed rows in and out and of the hidden
+  // activations, a shared expert's, and the residual stream's gradient in and out.
+  a.moe_workspace = skew * k * (2 * f * d + 3 * m * h) + (hs > 0 ? 3 * m * hs : 0) + 2 * f * d;
+  a.dense_workspace = 3 * m * hd + 2 * f * d;
+  return a;
+}
+
+MemoryEstimate EstimateTrainingMemory(const JobSpec& spec, const MemoryLayout& layout) {
+  const ModelSpec& model = spec.model();
+  const MoESpec& moe = model.moe();
+  const int ep = std::max(1, spec.parallel().expert_parallel_size());
+  const int world = std::max(ep, layout.world_size > 0 ? layout.world_size : ep);
+  const int dp = std::max(1, world / ep);
+  const std::vector<SpecTensor> tensors = SpecParameterTensors(model);
+
+  double local = 0, matmul = 0;
+  for (const SpecTensor& t : tensors) {
+    const double n = t.expert ? t.numel / ep : t.numel;
+    local += n;
+    if (t.matmul) matmul += n;
+  }
   MemoryEstimate estimate;
   estimate.parameters = local * kFloatBytes;
   estimate.gradients = local * kFloatBytes;
-  estimate.optimizer = 2 * local * kFloatBytes;
-  if (spec.runtime().precision() == RuntimeSpec::BF16) estimate.weight_copies = local * 2;
+  if (spec.parallel().shard_optimizer_state() && world > 1) {
+    // ZeRO-1: each tensor's moments on the least loaded of the ranks holding it, in the
+    // model's order (replicated tensors over the world, each expert slice over its dp
+    // replicas); the busiest rank counts.
+    std::vector<double> replicated(world, 0), expert(dp, 0);
+    for (const SpecTensor& t : tensors) {
+      std::vector<double>& held = t.expert ? expert : replicated;
+      *std::min_element(held.begin(), held.end()) += t.expert ? t.numel / ep : t.numel;
+    }
+    double busiest = 0;
+    for (int rank = 0; rank < world; ++rank) {
+      busiest = std::max(busiest, replicated[rank] + expert[rank / ep]);
+    }
+    estimate.optimizer = 2 * busiest * kFloatBytes;
+  } else {
+    estimate.optimizer = 2 * local * kFloatBytes;
+  }
+  if (spec.runtime().precision() == RuntimeSpec::BF16) estimate.weight_copies = matmul * 2;
 
-  // What autograd keeps per token of a micro-batch, in floats: each layer's norms, q/k/v,
-  // attention output and residuals (about 12 d), every routed copy of a token through its
-  // expert (input, both SwiGLU projections, the gated product and the output: 4 h + 3 d per
-  // copy with the dispatch and combine copies), the shared expert or dense FFN likewise;
-  // then the logits and their gradient.
-  const double d = model.d_model(), tokens = static_cast<double>(spec.schedule().micro_batch_size()) *
-                                               spec.schedule().seq_len();
+  const double skew = std::max(1.0, layout.routing_skew);
+  const ActivationProfile a = ProfileActivations(spec, skew);
+  const double tokens =
+      static_cast<double>(spec.schedule().micro_batch_size()) * spec.schedule().seq_len();
   const int moe_layers = CountMoELayers(model);
-  const double dense_layers = model.num_layers() - moe_layers;
-  const double routed = moe.top_k() * (4.0 * moe.expert_hidden_dim() + 3 * d);
-  const double shared = moe.shared_expert() ? 4 * SharedExpertHiddenDim(moe) + d : 0;
-  const double per_token = model.num_layers() * 12 * d + moe_layers * (routed + shared) +
-                           dense_layers * (4 * DenseHiddenDim(model) + d) + 2.0 * model.vocab_size();
-  estimate.activations = tokens * per_token * kFloatBytes;
+  const int dense_layers = model.num_layers() - moe_layers;
+  double workspace = std::max(moe_layers > 0 ? a.moe_workspace : 0.0,
+                              dense_layers > 0 ? a.dense_workspace : 0.0);
+  auto part = [&](const std::string& name, double per_token) {
+    if (per_token > 0) estimate.activation_parts.push_back({name, tokens * per_token});
+    estimate.activations += tokens * per_token;
+  };
+  switch (spec.runtime().recompute()) {
+    case RuntimeSpec::MOE:
+      part("attention", model.num_layers() * a.attention_block);
+      part("MoE layer inputs", moe_layers * a.moe_input);
+      part("dense FFN", dense_layers * a.dense_ffn);
+      if (moe_layers > 0) workspace += a.moe_layer;  // the one MoE layer recomputed
+      break;
+    case RuntimeSpec::FULL:
+      part("block inputs", model.num_layers() * a.block_input);
+      workspace += a.attention_block +
+                   std::max(moe_layers > 0 ? a.moe_layer : 0.0, dense_layers > 0 ? a.dense_ffn : 0.0);
+      break;
+    default:
+      part("attention", model.num_layers() * a.attention_block);
+      part("MoE layers", moe_layers * a.moe_layer);
+      part("dense FFN", dense_layers * a.dense_ffn);
+      break;
+  }
+  part("LM head", a.head);
+  estimate.workspace = tokens * workspace;
+  if (ep > 1 && moe_layers > 0) {
+    // The rows sent (N k) and received (N k, times the skew on the busiest rank), fp32.
+    estimate.alltoall_buffers = tokens * moe.top_k() * model.d_model() * kFloatBytes * (1 + skew);
+  }
+  if (world > 1) {
+    // One flat bucket (16 MiB, as DistributedRuntime) and MPI's or NCCL's copy of it.
+    estimate.communication_buffers = 2 * std::min(16.0 * (1 << 20), local * kFloatBytes);
+  }
   return estimate;
 }
 
@@ -140,6 +277,11 @@ std::string MemoryEstimate::Breakdown() const {
                                     absl::StrCat("AdamW moments ", FormatBytes(optimizer))};
   if (weight_copies > 0) parts.push_back(absl::StrCat("bf16 weight copies ", FormatBytes(weight_copies)));
   parts.push_back(absl::StrCat("activations of one micro-batch ", FormatBytes(activations)));
+  if (workspace > 0) parts.push_back(absl::StrCat("backward workspace ", FormatBytes(workspace)));
+  if (alltoall_buffers > 0) parts.push_back(absl::StrCat("all-to-all buffers ", FormatBytes(alltoall_buffers)));
+  if (communication_buffers > 0) {
+    parts.push_back(absl::StrCat("collective buffers ", FormatBytes(communication_buffers)));
+  }
   return absl::StrJoin(parts, ", ");
 }
 
