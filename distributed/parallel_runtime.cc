@@ -32,63 +32,68 @@ absl::StatusOr<ProcessGroups> ProcessGroups::Create(std::shared_ptr<Communicator
   return groups;
 }
 
-void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, ReduceOp op,
-                       size_t bucket_bytes) {
+namespace {
+
+// Calls `flush(begin, end)` for consecutive runs of `tensors` of one dtype and at most
+// `bucket_bytes` together (at least one tensor each).
+template <typename Flush>
+void ForEachBucket(const std::vector<torch::Tensor>& tensors, size_t bucket_bytes, Flush flush) {
   size_t begin = 0;
   while (begin < tensors.size()) {
-    // A bucket: consecutive tensors of one dtype up to bucket_bytes (at least one tensor).
     size_t end = begin, bytes = 0;
     while (end < tensors.size() && tensors[end].scalar_type() == tensors[begin].scalar_type() &&
            (end == begin || bytes + tensors[end].nbytes() <= bucket_bytes)) {
       bytes += tensors[end].nbytes();
       ++end;
     }
-    std::vector<torch::Tensor> flat_parts;
-    for (size_t i = begin; i < end; ++i) flat_parts.push_back(tensors[i].reshape({-1}));
-    auto flat = torch::cat(flat_parts);
-    comm.AllReduce(flat, op);
-    int64_t offset = 0;
-    for (size_t i = begin; i < end; ++i) {
-      const int64_t n = tensors[i].numel();
-      tensors[i].view({-1}).copy_(flat.narrow(0, offset, n));
-      offset += n;
-    }
+    flush(begin, end);
     begin = end;
   }
 }
 
+// Copies `flat` back into tensors[begin, end), which it holds back to back.
+void Unflatten(const torch::Tensor& flat, const std::vector<torch::Tensor>& tensors, size_t begin,
+               size_t end) {
+  torch::NoGradGuard no_grad;
+  int64_t offset = 0;
+  for (size_t i = begin; i < end; ++i) {
+    const int64_t n = tensors[i].numel();
+    tensors[i].view({-1}).copy_(flat.narrow(0, offset, n));
+    offset += n;
+  }
+}
+
+torch::Tensor Flatten(const std::vector<torch::Tensor>& tensors, size_t begin, size_t end) {
+  std::vector<torch::Tensor> parts;
+  for (size_t i = begin; i < end; ++i) parts.push_back(tensors[i].detach().reshape({-1}));
+  return torch::cat(parts);
+}
+
+}  // namespace
+
+void AllReduceBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, ReduceOp op,
+                       size_t bucket_bytes) {
+  ForEachBucket(tensors, bucket_bytes, [&](size_t begin, size_t end) {
+    auto flat = Flatten(tensors, begin, end);
+    comm.AllReduce(flat, op);
+    Unflatten(flat, tensors, begin, end);
+  });
+}
+
 void BroadcastBucketed(Communicator& comm, const std::vector<torch::Tensor>& tensors, int root,
                        size_t bucket_bytes) {
-  size_t begin = 0;
-  while (begin < tensors.size()) {
-    size_t end = begin, bytes = 0;
-    while (end < tensors.size() && tensors[end].scalar_type() == tensors[begin].scalar_type() &&
-           (end == begin || bytes + tensors[end].nbytes() <= bucket_bytes)) {
-      bytes += tensors[end].nbytes();
-      ++end;
+  ForEachBucket(tensors, bucket_bytes, [&](size_t begin, size_t end) {
+    if (comm.rank() == root) {
+      auto flat = Flatten(tensors, begin, end);
+      comm.Broadcast(flat, root);
+      return;
     }
     int64_t elements = 0;
     for (size_t i = begin; i < end; ++i) elements += tensors[i].numel();
-    torch::Tensor flat;
-    if (comm.rank() == root) {
-      std::vector<torch::Tensor> parts;
-      for (size_t i = begin; i < end; ++i) parts.push_back(tensors[i].detach().reshape({-1}));
-      flat = torch::cat(parts);
-    } else {
-      flat = torch::empty({elements}, tensors[begin].options().requires_grad(false));
-    }
+    auto flat = torch::empty({elements}, tensors[begin].options().requires_grad(false));
     comm.Broadcast(flat, root);
-    if (comm.rank() != root) {
-      torch::NoGradGuard no_grad;
-      int64_t offset = 0;
-      for (size_t i = begin; i < end; ++i) {
-        const int64_t n = tensors[i].numel();
-        tensors[i].view({-1}).copy_(flat.narrow(0, offset, n));
-        offset += n;
-      }
-    }
-    begin = end;
-  }
+    Unflatten(flat, tensors, begin, end);
+  });
 }
 
 std::vector<int> BalancedOwners(const std::vector<torch::Tensor>& params, int group_size) {

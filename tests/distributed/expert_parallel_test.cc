@@ -231,14 +231,17 @@ TEST_P(TrainingEquivalence, TwentyStepsMatchOneRankAccumulatingTheSameMicroBatch
   }
   // Every parameter (this rank's expert slice for experts) equals the reference's, as a
   // whole tensor: ||p - p_ref|| / ||p_ref||. (Element by element, fp32 AdamW turns
-  // summation-order noise in near-zero gradients into larger relative differences.)
+  // summation-order noise in near-zero gradients into larger relative differences.) In
+  // fp32, 20 steps of lr 1e-2 grow that noise to up to 2.9e-5 with the MLP and stateless
+  // GRU routers (measured); fp64 holds every router to 1e-10.
+  const double parameter_tolerance = dtype == torch::kDouble ? tolerance : 5e-5;
   auto reference_params = reference->named_parameters();
   const int64_t local = 8 / expert_parallel;
   const int64_t first = (world->rank() % expert_parallel) * local;
   for (const auto& item : model->named_parameters()) {
     auto expected = reference_params[item.key()];
     if (item.key().find("experts.") != std::string::npos) expected = expected.narrow(0, first, local);
-    EXPECT_LT(RelativeNormDifference(item.value(), expected), tolerance) << item.key();
+    EXPECT_LT(RelativeNormDifference(item.value(), expected), parameter_tolerance) << item.key();
   }
 }
 
