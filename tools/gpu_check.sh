@@ -262,6 +262,13 @@ step losses_match_ep2 30 compare ref_cpu_ep2 run_device_ep2 && sed -n 1p "$OUT/l
 step resume_device_ep2 300 resume run_device_ep2 "$DEVICE" 2 --set parallel.expert_parallel_size=2 &&
   step resumed_losses_match_ep2 30 compare run_device_ep2 run_device_ep2_resumed &&
   sed -n 1p "$OUT/resumed_losses_match_ep2.log" | sed 's/^/    /' >> "$SUMMARY"
+# Whole-block recomputation (backward on the device's autograd thread) and ZeRO-1 (the
+# owners' broadcasts over NCCL) change no loss beyond rounding: the same reference.
+step train_device_ep2_recompute_zero1 300 train run_device_ep2_rz "$DEVICE" 2 \
+  --set parallel.expert_parallel_size=2 --set runtime.recompute=FULL \
+  --set parallel.shard_optimizer_state=true
+step losses_match_ep2_recompute_zero1 30 compare ref_cpu_ep2 run_device_ep2_rz &&
+  sed -n 1p "$OUT/losses_match_ep2_recompute_zero1.log" | sed 's/^/    /' >> "$SUMMARY"
 
 # --- speed: the seed model in bf16 ------------------------------------------------------
 if [ "$MODE" = cpu ]; then
