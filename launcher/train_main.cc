@@ -147,8 +147,10 @@ int DryRun(rmoe::distributed::MpiRuntime& mpi, rmoe::JobSpec spec) {
   std::printf("# parameters: %.0f total, %.0f active per token, %.0f in experts\n",
               counts.total, counts.active, counts.expert);
   const auto available = rmoe::AvailableMemoryBytes();
+  rmoe::MemoryLayout layout;
+  layout.world_size = world->size();
   std::printf("# memory per rank: about %s; available here: %s\n",
-              rmoe::EstimateTrainingMemory(spec).Describe().c_str(),
+              rmoe::EstimateTrainingMemory(spec, layout).Describe().c_str(),
               available ? rmoe::FormatBytes(*available).c_str() : "unknown");
   return 0;
 }

@@ -701,6 +701,20 @@ TEST(JobSpecToTextTest, WritesDefaultsExplicitlyAndRoundTrips) {
 // ---------------------------------------------------------------------------------------
 // Resources: the memory estimate and its check, from the spec alone.
 
+// With ZeRO-1 the check counts this job's share of the AdamW moments: its world size
+// decides how many ranks share them (without one, the least the spec allows: world = EP).
+TEST(ResourcesTest, TheCheckCountsTheWorldsShareOfShardedOptimizerState) {
+  JobSpec spec = WithOverrides({"model.vocab_size=256", "parallel.shard_optimizer_state=true"});
+  MemoryLayout alone, four;
+  four.world_size = 4;
+  const MemoryEstimate one_rank = EstimateTrainingMemory(spec, alone);
+  const MemoryEstimate of_four = EstimateTrainingMemory(spec, four);
+  ASSERT_LT(of_four.optimizer, 0.5 * one_rank.optimizer);
+  const double between = 0.5 * (one_rank.total() + of_four.total());
+  EXPECT_EQ(CheckTrainingMemory(spec, 1, between).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(CheckTrainingMemory(spec, 1, between, 4).ok());
+}
+
 TEST(ResourcesTest, AModelTooLargeForTheMemoryIsRefusedWithTheNumbers) {
   JobSpec spec = WithOverrides({"model.vocab_size=256", "model.moe.num_experts=4096",
                                 "model.moe.expert_hidden_dim=8192", "model.d_model=1024"});

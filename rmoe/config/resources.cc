@@ -303,9 +303,11 @@ std::optional<double> AvailableMemoryBytes() {
 }
 
 absl::Status CheckTrainingMemory(const JobSpec& spec, int ranks_on_machine,
-                                 std::optional<double> available) {
+                                 std::optional<double> available, int world_size) {
   if (!available) return absl::OkStatus();
-  const MemoryEstimate estimate = EstimateTrainingMemory(spec);
+  MemoryLayout layout;
+  layout.world_size = world_size;
+  const MemoryEstimate estimate = EstimateTrainingMemory(spec, layout);
   const double needed = estimate.total() * std::max(1, ranks_on_machine);
   if (needed <= *available) return absl::OkStatus();
   const SpecParameterCounts counts = CountSpecParameters(spec.model());

@@ -101,9 +101,11 @@ ActivationProfile ProfileActivations(const JobSpec& spec, double routing_skew = 
 std::optional<double> AvailableMemoryBytes();
 
 // ResourceExhausted, with the estimate and what is available, when `ranks_on_machine` ranks
-// of `spec` would need more than `available` bytes; OK when `available` is unknown.
+// of `spec` would need more than `available` bytes; OK when `available` is unknown. The
+// estimate is for a job of `world_size` ranks (0: the least the spec allows, see
+// MemoryLayout), which decides ZeRO-1's share.
 absl::Status CheckTrainingMemory(const JobSpec& spec, int ranks_on_machine,
-                                 std::optional<double> available);
+                                 std::optional<double> available, int world_size = 0);
 
 // "1.5 GiB", "640.0 MiB", "12.0 KiB", "17 B".
 std::string FormatBytes(double bytes);

@@ -179,7 +179,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec,
   // while it is built.)
   if (trainer->device_.is_cpu()) {
     if (auto status = CheckTrainingMemory(trainer->spec_, trainer->runtime_.local_size(),
-                                          AvailableMemoryBytes());
+                                          AvailableMemoryBytes(),
+                                          trainer->runtime_.world_size());
         !status.ok()) {
       return status;
     }
