@@ -410,22 +410,15 @@ absl::Status ExportModel(const LoadedModel& model, const std::string& tokenizer_
                                                    ": the choices are float32, bfloat16, float16"));
   }
   const std::string target = fs::path(out_dir).lexically_normal().string();
-  const std::string staging = target + ".tmp";
   std::error_code ec;
+  // Said before anything is written, in words for this command.
   if (fs::exists(target, ec) && !IsOwned(target, kExportKind)) {
     return absl::FailedPreconditionError(absl::StrCat(
         target, " exists and is not an earlier export: choose a new folder, or remove it"));
   }
-  const fs::path parent = fs::path(target).parent_path();
-  if (!parent.empty()) fs::create_directories(parent, ec);
-  if (auto status = RemoveOwnedDirectory(staging, kExportKind); !status.ok()) return status;
-  if (auto status = CreateOwnedDirectory(staging, {kExportKind, NewRunId()}); !status.ok()) {
-    return status;
-  }
-  absl::Status status = WriteExportFiles(model, tokenizer_dir, source, dtype, staging);
-  if (status.ok()) status = ReplaceOwnedDirectory(staging, target, kExportKind);
-  if (!status.ok()) (void)RemoveOwnedDirectory(staging, kExportKind);
-  return status;
+  return WriteOwnedDirectory(target, kExportKind, [&](const std::string& staging) {
+    return WriteExportFiles(model, tokenizer_dir, source, dtype, staging);
+  });
 }
 
 absl::StatusOr<LoadedModel> LoadExportedModel(const std::string& dir) {

@@ -115,21 +115,9 @@ absl::StatusOr<FileChecksum> ChecksumOf(const std::string& path) {
 }  // namespace
 
 absl::Status SaveModel(const std::string& dir, const JobSpec& spec, Transformer& model) {
-  const std::string target = fs::path(dir).lexically_normal().string();
-  const std::string staging = target + ".tmp";
-  std::error_code ec;
-  const fs::path parent = fs::path(target).parent_path();
-  if (!parent.empty()) fs::create_directories(parent, ec);
-  // The remains of an interrupted save are ours to replace; anything else there is not.
-  if (auto status = RemoveOwnedDirectory(staging, kModelKind); !status.ok()) return status;
-  if (auto status = CreateOwnedDirectory(staging, {kModelKind, NewRunId()}); !status.ok()) {
-    return status;
-  }
-  absl::Status status = WriteModelFiles(staging, spec, model);
-  // The old directory is removed only once the new one is in place.
-  if (status.ok()) status = ReplaceOwnedDirectory(staging, target, kModelKind);
-  if (!status.ok()) (void)RemoveOwnedDirectory(staging, kModelKind);
-  return status;
+  return WriteOwnedDirectory(dir, kModelKind, [&](const std::string& staging) {
+    return WriteModelFiles(staging, spec, model);
+  });
 }
 
 absl::Status VerifyModelFiles(const std::string& dir) {

@@ -173,4 +173,23 @@ absl::Status ReplaceOwnedDirectory(const std::string& staged, const std::string&
   return RemoveOwnedDirectory(old, kind);
 }
 
+absl::Status WriteOwnedDirectory(const std::string& dir, absl::string_view kind,
+                                 const std::function<absl::Status(const std::string& staging)>& write) {
+  const std::string target = fs::path(dir).lexically_normal().string();
+  const std::string staging = target + ".tmp";
+  std::error_code ec;
+  const fs::path parent = fs::path(target).parent_path();
+  if (!parent.empty()) fs::create_directories(parent, ec);
+  // The remains of an interrupted write are ours to replace; anything else there is not.
+  if (auto status = RemoveOwnedDirectory(staging, kind); !status.ok()) return status;
+  if (auto status = CreateOwnedDirectory(staging, {std::string(kind), NewRunId()}); !status.ok()) {
+    return status;
+  }
+  absl::Status status = write(staging);
+  // The old directory is removed only once the new one is in place.
+  if (status.ok()) status = ReplaceOwnedDirectory(staging, target, kind);
+  if (!status.ok()) (void)RemoveOwnedDirectory(staging, kind);
+  return status;
+}
+
 }  // namespace rmoe

@@ -9,6 +9,7 @@
 // model exported for other tools, rmoe/train/model_export.h).
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -65,5 +66,13 @@ absl::Status RemoveOwnedDirectory(const std::string& dir, absl::string_view kind
 // touched and the error names it.
 absl::Status ReplaceOwnedDirectory(const std::string& staged, const std::string& target,
                                    absl::string_view kind);
+
+// Writes the directory `dir` of `kind` as a whole: `write` fills a fresh owned staging
+// directory `<dir>.tmp` (its parents are created), which then replaces `dir`
+// (ReplaceOwnedDirectory), so `dir` is always the old complete directory or the new one. The
+// remains of an interrupted write at `<dir>.tmp` are removed first; on failure the staging
+// directory is removed and `dir` left as it was.
+absl::Status WriteOwnedDirectory(const std::string& dir, absl::string_view kind,
+                                 const std::function<absl::Status(const std::string& staging)>& write);
 
 }  // namespace rmoe
