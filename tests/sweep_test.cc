@@ -595,6 +595,62 @@ TEST(SweepResults, CsvAndMarkdownSummary) {
   EXPECT_THAT(md, HasSubstr("| router=RECURRENT, ranks=2 | 1 | 3.0000 | 2.9000 | 1500 |"));
   EXPECT_THAT(md, HasSubstr("| router=LINEAR | 2 | 1500 | 0.750 |"));  // scaling: 1500 / (2 x 1000)
   EXPECT_THAT(md, HasSubstr("0.001M (0.001M)"));
+  // Against router=LINEAR at the same ranks: 3.0, 3.2 vs 2.0, 2.2 gives t = 1 / 0.1 = 7.07
+  // on 2 degrees of freedom, p = 1 - t / sqrt(2 + t^2); ranks=2 has one RECURRENT seed.
+  EXPECT_THAT(md, HasSubstr("## Against router=LINEAR"));
+  EXPECT_THAT(md, HasSubstr("| router=RECURRENT, ranks=1 | router=LINEAR, ranks=1 | +1.0000 | 0.1414 | yes | "
+                            "7.07 | 2.0 | 0.019 |"));
+  EXPECT_THAT(md, HasSubstr("| router=RECURRENT, ranks=2 | router=LINEAR, ranks=2 | +0.9000 | 0.1414 | yes | - | - | - |"));
+  EXPECT_THAT(md, Not(HasSubstr("| router=LINEAR, ranks=1 | router=LINEAR")));
+}
+
+TEST(SweepResults, UnfinishedConfigurationsAreListedOnce) {
+  const Sweep sweep = Expand(R"pb(
+    repeats: 3
+    axes { field: "model.router.kind" label: "router" values: "LINEAR" values: "RECURRENT" }
+  )pb");
+  std::vector<PointResult> results(sweep.points.size());
+  for (size_t i = 0; i < results.size(); ++i) {
+    results[i].status = sweep.points[i].axis_values[0].second == "LINEAR" ? "done" : "not run";
+    results[i].final_val_loss = 2.0 + 0.1 * sweep.points[i].repeat;
+  }
+  const std::string md = ResultsMarkdown(sweep, results);
+  size_t rows = 0;
+  for (size_t at = md.find("| router=RECURRENT | 0 |"); at != std::string::npos;
+       at = md.find("| router=RECURRENT | 0 |", at + 1)) {
+    ++rows;
+  }
+  EXPECT_EQ(rows, 1u) << md;
+  EXPECT_THAT(md, HasSubstr("| router=LINEAR | 3 | 2.1000 ± 0.1000 |"));
+  EXPECT_THAT(md, HasSubstr("| router=RECURRENT | router=LINEAR | - | 0.1000 | - | - | - | - |"));
+}
+
+TEST(SweepStatistics, StudentTailsMatchClosedFormsAndTables) {
+  // One degree of freedom is the Cauchy distribution: P(|T| > t) = 1 - 2 atan(t) / pi.
+  for (double t : {0.3, 1.0, 4.0}) EXPECT_NEAR(StudentTwoSidedP(t, 1), 1 - 2 * std::atan(t) / M_PI, 1e-12);
+  // Two: 1 - t / sqrt(2 + t^2).
+  for (double t : {0.5, 2.0, 9.0}) EXPECT_NEAR(StudentTwoSidedP(-t, 2), 1 - t / std::sqrt(2 + t * t), 1e-12);
+  // The 5% two-sided critical values of t tables, and the normal limit.
+  EXPECT_NEAR(StudentTwoSidedP(2.776445, 4), 0.05, 1e-6);
+  EXPECT_NEAR(StudentTwoSidedP(2.228139, 10), 0.05, 1e-6);
+  EXPECT_NEAR(StudentTwoSidedP(1.959964, 1e7), 0.05, 1e-6);
+  EXPECT_DOUBLE_EQ(StudentTwoSidedP(0, 3), 1.0);
+  EXPECT_TRUE(std::isnan(StudentTwoSidedP(1, 0)));
+}
+
+TEST(SweepStatistics, WelchTTest) {
+  const WelchResult r = WelchTTest({1, 2, 3}, {4, 5, 6, 7, std::nan("")});
+  EXPECT_DOUBLE_EQ(r.difference, -3.5);
+  EXPECT_NEAR(r.t, -4.041451884327381, 1e-12);
+  EXPECT_NEAR(r.dof, 4.959183673469387, 1e-12);
+  EXPECT_NEAR(r.p_two_sided, StudentTwoSidedP(4.041451884327381, 4.959183673469387), 1e-15);
+  EXPECT_GT(r.p_two_sided, 0.005);
+  EXPECT_LT(r.p_two_sided, 0.02);
+  // One value, or no spread at all: the difference only.
+  const WelchResult single = WelchTTest({1}, {2, 3});
+  EXPECT_DOUBLE_EQ(single.difference, -1.5);
+  EXPECT_TRUE(std::isnan(single.t) && std::isnan(single.p_two_sided));
+  EXPECT_TRUE(std::isnan(WelchTTest({1, 1}, {2, 2}).t));
 }
 
 // ---------------------------------------------------------------------------------------

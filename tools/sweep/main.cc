@@ -55,7 +55,10 @@ Results (also after a partial run; --report rewrites them alone) in <output_dir>
                    the forward pass, and from the last evaluation's routing of the
                    validation set: load CV, mutual information and predictability between
                    consecutive MoE layers' top-1 experts
-  results.md       that table, a per-configuration summary (mean ± sample std over seeds)
+  results.md       that table, a per-configuration summary (mean ± sample std over seeds),
+                   each configuration against its baseline (the first value of the first
+                   axis, the other axes equal): the difference of the mean final validation
+                   losses, the seed spread, Welch's t, dof and two-sided p (repeats >= 2),
                    and, when ranks is an axis, a scaling table
   loss_curves.png  training (lines) and validation (dots) loss of every point
   val_curves.png   validation loss per configuration, mean ± std over seeds

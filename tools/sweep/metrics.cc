@@ -153,6 +153,65 @@ std::pair<double, double> MeanAndStd(const std::vector<double>& values) {
   return {mean, std::sqrt(squares / (n - 1))};
 }
 
+namespace {
+
+// The continued fraction of the regularized incomplete beta function (modified Lentz), which
+// converges fast for x < (a + 1) / (a + b + 2).
+double IncompleteBetaFraction(double a, double b, double x) {
+  constexpr double kTiny = 1e-300;
+  double c = 1, d = 1 - (a + b) * x / (a + 1);
+  d = 1 / (std::abs(d) < kTiny ? kTiny : d);
+  double result = d;
+  for (int m = 1; m <= 300; ++m) {
+    for (int odd = 0; odd < 2; ++odd) {
+      const double numerator = odd == 0 ? m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+                                        : -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1));
+      d = 1 + numerator * d;
+      d = 1 / (std::abs(d) < kTiny ? kTiny : d);
+      c = 1 + numerator / c;
+      if (std::abs(c) < kTiny) c = kTiny;
+      result *= c * d;
+      if (odd == 1 && std::abs(c * d - 1) < 1e-14) return result;
+    }
+  }
+  return result;
+}
+
+// I_x(a, b), the regularized incomplete beta function.
+double RegularizedIncompleteBeta(double a, double b, double x) {
+  if (x <= 0) return 0;
+  if (x >= 1) return 1;
+  const double log_front =
+      std::lgamma(a + b) - std::lgamma(a) - std::lgamma(b) + a * std::log(x) + b * std::log1p(-x);
+  if (x < (a + 1) / (a + b + 2)) return std::exp(log_front) * IncompleteBetaFraction(a, b, x) / a;
+  return 1 - std::exp(log_front) * IncompleteBetaFraction(b, a, 1 - x) / b;
+}
+
+}  // namespace
+
+double StudentTwoSidedP(double t, double dof) {
+  if (!std::isfinite(t) || !(dof > 0)) return kNaN;
+  return RegularizedIncompleteBeta(dof / 2, 0.5, dof / (dof + t * t));
+}
+
+WelchResult WelchTTest(const std::vector<double>& a, const std::vector<double>& b) {
+  const auto [mean_a, std_a] = MeanAndStd(a);
+  const auto [mean_b, std_b] = MeanAndStd(b);
+  WelchResult result{mean_a - mean_b, kNaN, kNaN, kNaN};
+  const auto finite = [](const std::vector<double>& v) {
+    return static_cast<double>(std::count_if(v.begin(), v.end(), [](double x) { return std::isfinite(x); }));
+  };
+  const double n_a = finite(a), n_b = finite(b);
+  if (n_a < 2 || n_b < 2) return result;
+  const double var_a = std_a * std_a / n_a, var_b = std_b * std_b / n_b;
+  if (!(var_a + var_b > 0)) return result;
+  result.t = result.difference / std::sqrt(var_a + var_b);
+  result.dof = (var_a + var_b) * (var_a + var_b) /
+               (var_a * var_a / (n_a - 1) + var_b * var_b / (n_b - 1));
+  result.p_two_sided = StudentTwoSidedP(result.t, result.dof);
+  return result;
+}
+
 PointResult SummarizeMetrics(const RunMetrics& metrics) {
   PointResult result;
   if (!metrics.train.empty()) {

@@ -85,4 +85,15 @@ PointResult SummarizeMetrics(const RunMetrics& metrics);
 // Mean and sample standard deviation (n - 1) of the finite values; NaN where undefined.
 std::pair<double, double> MeanAndStd(const std::vector<double>& values);
 
+// Welch's unequal-variance t test of mean(a) - mean(b) over the finite values: the
+// difference, t, the Welch-Satterthwaite degrees of freedom and the two-sided p-value.
+// All but the difference are NaN unless both samples have two values and some spread.
+struct WelchResult {
+  double difference, t, dof, p_two_sided;
+};
+WelchResult WelchTTest(const std::vector<double>& a, const std::vector<double>& b);
+
+// P(|T| >= |t|) for Student's t distribution with dof degrees of freedom (dof > 0).
+double StudentTwoSidedP(double t, double dof);
+
 }  // namespace rmoe::sweep

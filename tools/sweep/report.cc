@@ -224,7 +224,8 @@ std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult
   for (size_t i = 0; i < sweep.points.size(); ++i) {
     const std::string& key = sweep.points[i].config_key;
     if (!groups.count(key)) order.push_back(key);
-    if (results[i].status == "done") groups[key].push_back(i);
+    std::vector<size_t>& finished = groups[key];  // listed even when none has finished
+    if (results[i].status == "done") finished.push_back(i);
   }
   std::vector<std::string> summary_head = {"configuration", "runs", "final val", "best val",
                                            "tokens/s", "step s", "comm %", "router %",
@@ -261,6 +262,63 @@ std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult
   return out;
 }
 
+// Every configuration against its baseline: the one with the first value of the first axis
+// that is not the ranks pseudo-field and the same values on every other axis. The final
+// validation losses of their finished seeds are compared by Welch's t test, and the
+// difference is set against the seed spread (the larger sample std of the two).
+std::string ComparisonTable(const Sweep& sweep, const std::vector<PointResult>& results) {
+  const std::vector<bool> ranks_axes = RanksAxes(sweep);
+  size_t axis = 0;
+  while (axis < ranks_axes.size() && ranks_axes[axis]) ++axis;
+  if (sweep.spec.repeats() < 2 || axis == ranks_axes.size() || sweep.spec.axes(axis).values_size() < 2) return "";
+  const auto value_of = [&](const Point& p) { return p.axis_values[axis].second; };
+  const std::string baseline_value = value_of(sweep.points.front());
+  // The other axes' values identify the baseline a configuration is compared with.
+  const auto context_of = [&](const Point& p) {
+    std::vector<std::string> parts;
+    for (size_t a = 0; a < p.axis_values.size(); ++a) {
+      if (a != axis) parts.push_back(absl::StrCat(p.axis_values[a].first, "=", p.axis_values[a].second));
+    }
+    return absl::StrJoin(parts, ", ");
+  };
+  std::vector<std::string> order;
+  std::map<std::string, std::vector<double>> losses;
+  std::map<std::string, std::string> baseline_of;
+  for (size_t i = 0; i < sweep.points.size(); ++i) {
+    const Point& p = sweep.points[i];
+    if (!losses.count(p.config_key)) order.push_back(p.config_key);
+    std::vector<double>& values = losses[p.config_key];
+    if (results[i].status == "done") values.push_back(results[i].final_val_loss);
+    if (value_of(p) == baseline_value) {
+      baseline_of[context_of(p)] = p.config_key;
+    }
+  }
+  std::string out = absl::StrCat(
+      "\n## Against ", sweep.axis_labels[axis], "=", baseline_value,
+      " (final validation loss; difference of the means, negative = lower loss than the "
+      "baseline; spread = the larger seed std of the two; Welch's t test, two-sided p)\n\n");
+  const std::vector<std::string> head = {"configuration", "baseline", "difference", "spread",
+                                         "|difference| > 2 spread", "t", "dof", "p"};
+  out += MarkdownRow(head) + MarkdownRule(head.size());
+  std::map<std::string, const Point*> point_of;
+  for (const Point& p : sweep.points) point_of.emplace(p.config_key, &p);
+  for (const std::string& key : order) {
+    const Point& p = *point_of.at(key);
+    if (value_of(p) == baseline_value) continue;
+    const auto base = baseline_of.find(context_of(p));
+    if (base == baseline_of.end()) continue;
+    const std::vector<double>& a = losses[key];
+    const std::vector<double>& b = losses[base->second];
+    const WelchResult welch = WelchTTest(a, b);
+    const double spread = std::fmax(MeanAndStd(a).second, MeanAndStd(b).second);  // NaN-ignoring
+    const std::string beyond =
+        std::isfinite(spread) && std::isfinite(welch.difference) ? (std::abs(welch.difference) > 2 * spread ? "yes" : "no") : "";
+    out += MarkdownRow({key, base->second, Num(welch.difference, "%+.4f"), Num(spread, "%.4f"), beyond,
+                        Num(welch.t, "%.2f"), Num(welch.dof, "%.1f"), Num(welch.p_two_sided, "%.3f")});
+  }
+  return out;
+}
+
 // Tokens/s and efficiency against the smallest rank count, when ranks is an axis.
 std::string ScalingTable(const Sweep& sweep, const std::vector<PointResult>& results) {
   std::string out;
@@ -291,7 +349,7 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
                                  "evaluation's routing of the validation set, averaged over MoE "
                                  "layers or consecutive layer pairs.\n\n");
   return out + PointsTable(sweep, results) + ConfigurationTable(sweep, results) +
-         ScalingTable(sweep, results);
+         ComparisonTable(sweep, results) + ScalingTable(sweep, results);
 }
 
 std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointResult>& results,
