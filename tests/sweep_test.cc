@@ -470,6 +470,11 @@ TEST(SweepMetrics, ParsesRecordsAndSkipsBrokenLines) {
   EXPECT_THAT(m.eval[1].routing->entropy, ElementsAre(0.6, 0.5));
   EXPECT_THAT(m.eval[1].routing->mutual_information, ElementsAre(0.3));
   EXPECT_THAT(m.eval[1].routing->predictability, ElementsAre(0.45));
+  // Counts 1, 2, 3, 4: H = -sum p ln p with p = c / 10.
+  ASSERT_EQ(m.eval[1].routing->effective_pairs.size(), 1u);
+  EXPECT_NEAR(m.eval[1].routing->effective_pairs[0],
+              std::exp(-(0.1 * std::log(0.1) + 0.2 * std::log(0.2) + 0.3 * std::log(0.3) + 0.4 * std::log(0.4))),
+              1e-12);
 }
 
 TEST(SweepMetrics, SummaryNumbers) {
@@ -494,6 +499,7 @@ TEST(SweepMetrics, SummaryNumbers) {
   EXPECT_NEAR(r.val_load_cv, 0.3, 1e-12);
   EXPECT_DOUBLE_EQ(r.layer_mutual_information, 0.3);
   EXPECT_DOUBLE_EQ(r.layer_predictability, 0.45);
+  EXPECT_NEAR(r.layer_effective_pairs, EffectiveCount({1, 2, 3, 4}), 1e-12);
 }
 
 TEST(SweepMetrics, ResumedRunReplacesTheRelayedSteps) {
@@ -581,12 +587,12 @@ TEST(SweepResults, CsvAndMarkdownSummary) {
             "point,name,router,seed,ranks,status,steps,final_train_loss,final_val_loss,best_val_loss,"
             "tokens_per_s,step_s,comm_s,compute_s,compute_share,params_total,params_active,"
             "params_experts,router_entropy,expert_load_cv,dropped_fraction,router_share,"
-            "val_load_cv,layer_mutual_information,layer_predictability");
+            "val_load_cv,layer_mutual_information,layer_predictability,layer_effective_pairs");
   EXPECT_EQ(lines[6],
             "6,router-LINEAR_ranks-2_seed-101,LINEAR,101,2,done,20,,2.2,2.1,1500.0,0.5,0.1,0.4,0.8000,"
-            "1000,600,800,1.25,,,0.0500,,0.2,");
+            "1000,600,800,1.25,,,0.0500,,0.2,,");
   EXPECT_THAT(lines[8], HasSubstr(",failed,"));
-  EXPECT_EQ(ResultColumns(sweep).size(), 25u);
+  EXPECT_EQ(ResultColumns(sweep).size(), 26u);
 
   const std::string md = ResultsMarkdown(sweep, results);
   // LINEAR ranks=1 over seeds 100, 101: 2.0 and 2.2.
@@ -636,6 +642,14 @@ TEST(SweepStatistics, StudentTailsMatchClosedFormsAndTables) {
   EXPECT_NEAR(StudentTwoSidedP(1.959964, 1e7), 0.05, 1e-6);
   EXPECT_DOUBLE_EQ(StudentTwoSidedP(0, 3), 1.0);
   EXPECT_TRUE(std::isnan(StudentTwoSidedP(1, 0)));
+}
+
+TEST(SweepStatistics, EffectiveCount) {
+  EXPECT_NEAR(EffectiveCount({5, 5, 5, 5}), 4.0, 1e-12);   // four equally used pairs
+  EXPECT_NEAR(EffectiveCount({0, 7, 0, 0}), 1.0, 1e-12);   // one route
+  EXPECT_NEAR(EffectiveCount({1, 1, 0, 2}), std::exp(1.5 * std::log(2.0)), 1e-12);
+  EXPECT_TRUE(std::isnan(EffectiveCount({0, 0})));
+  EXPECT_TRUE(std::isnan(EffectiveCount({1, -1})));
 }
 
 TEST(SweepStatistics, WelchTTest) {

@@ -54,7 +54,8 @@ Results (also after a partial run; --report rewrites them alone) in <output_dir>
                    over layers) and dropped fraction (last record), the routers' share of
                    the forward pass, and from the last evaluation's routing of the
                    validation set: load CV, mutual information and predictability between
-                   consecutive MoE layers' top-1 experts
+                   consecutive MoE layers' top-1 experts, and their effective number of
+                   expert pairs (e to the entropy of the pair's joint top-1 distribution)
   results.md       that table, a per-configuration summary (mean ± sample std over seeds),
                    each configuration against its baseline (the first value of the first
                    axis, the other axes equal): the difference of the mean final validation

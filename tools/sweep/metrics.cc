@@ -36,7 +36,7 @@ PointResult::PointResult()
       final_train_loss(kNaN), final_val_loss(kNaN), best_val_loss(kNaN), tokens_per_s(kNaN),
       step_s(kNaN), comm_s(kNaN), compute_s(kNaN), compute_share(kNaN), router_entropy(kNaN),
       expert_load_cv(kNaN), dropped_fraction(kNaN), router_share(kNaN), val_load_cv(kNaN),
-      layer_mutual_information(kNaN), layer_predictability(kNaN) {}
+      layer_mutual_information(kNaN), layer_predictability(kNaN), layer_effective_pairs(kNaN) {}
 
 RunMetrics ParseMetrics(absl::string_view text) {
   RunMetrics metrics;
@@ -105,6 +105,17 @@ RunMetrics ParseMetrics(absl::string_view text) {
         collect("layers", "entropy", &rr.entropy);
         collect("transitions", "mutual_information", &rr.mutual_information);
         collect("transitions", "predictability", &rr.predictability);
+        if (const JsonValue* items = routing->Get("transitions"); items != nullptr && items->type == JsonValue::kArray) {
+          for (const JsonValue& item : items->array) {
+            const JsonValue* counts = item.type == JsonValue::kObject ? item.Get("top1_counts") : nullptr;
+            if (counts == nullptr || counts->type != JsonValue::kArray) continue;
+            std::vector<double> values;
+            for (const JsonValue& count : counts->array) {
+              values.push_back(count.type == JsonValue::kNumber ? count.number : kNaN);
+            }
+            rr.effective_pairs.push_back(EffectiveCount(values));
+          }
+        }
         r.routing = std::move(rr);
       }
       AppendByStep(&metrics.eval, std::move(r));
@@ -189,6 +200,20 @@ double RegularizedIncompleteBeta(double a, double b, double x) {
 
 }  // namespace
 
+double EffectiveCount(const std::vector<double>& counts) {
+  double total = 0;
+  for (double c : counts) {
+    if (!(c >= 0)) return kNaN;
+    total += c;
+  }
+  if (!(total > 0)) return kNaN;
+  double entropy = 0;
+  for (double c : counts) {
+    if (c > 0) entropy -= c / total * std::log(c / total);
+  }
+  return std::exp(entropy);
+}
+
 double StudentTwoSidedP(double t, double dof) {
   if (!std::isfinite(t) || !(dof > 0)) return kNaN;
   return RegularizedIncompleteBeta(dof / 2, 0.5, dof / (dof + t * t));
@@ -269,6 +294,7 @@ PointResult SummarizeMetrics(const RunMetrics& metrics) {
       result.val_load_cv = MeanAndStd(e->routing->load_cv).first;
       result.layer_mutual_information = MeanAndStd(e->routing->mutual_information).first;
       result.layer_predictability = MeanAndStd(e->routing->predictability).first;
+      result.layer_effective_pairs = MeanAndStd(e->routing->effective_pairs).first;
       break;
     }
   }

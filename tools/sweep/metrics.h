@@ -31,7 +31,14 @@ struct TrainRecord {
 struct RoutingRecord {
   std::vector<double> load_cv, entropy;                     // per MoE layer
   std::vector<double> mutual_information, predictability;  // per consecutive MoE layer pair
+  // Per consecutive MoE layer pair: e to the entropy of the joint distribution of the two
+  // layers' top-1 experts (from its top1_counts), the number of equally used expert pairs
+  // that would be as diverse: how many distinct routes tokens take between the two layers.
+  std::vector<double> effective_pairs;
 };
+
+// e^H of the distribution given by non-negative counts (NaN when they sum to 0).
+double EffectiveCount(const std::vector<double>& counts);
 
 struct EvalRecord {
   int64_t step = 0;
@@ -75,6 +82,7 @@ struct PointResult {
   // consecutive MoE layer pairs: load CV, mutual information (nats) between the top-1
   // experts of consecutive MoE layers, and that information over the next layer's entropy.
   double val_load_cv, layer_mutual_information, layer_predictability;
+  double layer_effective_pairs;  // mean of RoutingRecord::effective_pairs
   ParameterCounts parameters;
   PointResult();
 };

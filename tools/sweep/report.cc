@@ -115,7 +115,7 @@ const char* const kMetricColumns[] = {
     "status", "steps", "final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
     "step_s", "comm_s", "compute_s", "compute_share", "params_total", "params_active",
     "params_experts", "router_entropy", "expert_load_cv", "dropped_fraction", "router_share",
-    "val_load_cv", "layer_mutual_information", "layer_predictability"};
+    "val_load_cv", "layer_mutual_information", "layer_predictability", "layer_effective_pairs"};
 
 // Axis columns: the label of every axis but those of the ranks pseudo-field (the ranks
 // column shows it); a label that clashes with a fixed column gets "_axis" appended.
@@ -162,7 +162,7 @@ std::string ResultsCsv(const Sweep& sweep, const std::vector<PointResult>& resul
                            Count(r.parameters.expert), Num(r.router_entropy),
                            Num(r.expert_load_cv), Num(r.dropped_fraction), Num(r.router_share, "%.4f"),
                            Num(r.val_load_cv), Num(r.layer_mutual_information),
-                           Num(r.layer_predictability)});
+                           Num(r.layer_predictability), Num(r.layer_effective_pairs, "%.2f")});
     for (auto& field : row) field = CsvField(field);
     out += absl::StrJoin(row, ",") + "\n";
   }
@@ -191,7 +191,7 @@ std::string PointsTable(const Sweep& sweep, const std::vector<PointResult>& resu
   for (const auto& [a, name] : axis_columns) head.push_back(name);
   head.insert(head.end(), {"seed", "ranks", "status", "final val", "best val", "tokens/s",
                            "step s", "comm %", "router %", "params (active)", "router entropy",
-                           "val load CV", "layer MI", "predictability", "dropped %"});
+                           "val load CV", "layer MI", "predictability", "expert pairs", "dropped %"});
   out += "## Points\n\n" + MarkdownRow(head) + MarkdownRule(head.size());
   for (size_t i = 0; i < sweep.points.size(); ++i) {
     const Point& p = sweep.points[i];
@@ -208,7 +208,7 @@ std::string PointsTable(const Sweep& sweep, const std::vector<PointResult>& resu
                   Num(100 * (1 - r.compute_share), "%.1f"), Num(100 * r.router_share, "%.1f"), params,
                   Num(r.router_entropy, "%.4f"), Num(r.val_load_cv, "%.4f"),
                   Num(r.layer_mutual_information, "%.4f"), Num(r.layer_predictability, "%.4f"),
-                  Num(100 * r.dropped_fraction, "%.2f")});
+                  Num(r.layer_effective_pairs, "%.1f"), Num(100 * r.dropped_fraction, "%.2f")});
     out += MarkdownRow(cells);
   }
 
@@ -230,11 +230,11 @@ std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult
   std::vector<std::string> summary_head = {"configuration", "runs", "final val", "best val",
                                            "tokens/s", "step s", "comm %", "router %",
                                            "params (active)", "router entropy", "val load CV",
-                                           "layer MI", "predictability", "dropped %"};
+                                           "layer MI", "predictability", "expert pairs", "dropped %"};
   out += "\n## Per configuration (mean ± sample std over seeds, finished points)\n\n" +
          MarkdownRow(summary_head) + MarkdownRule(summary_head.size());
   for (const std::string& key : order) {
-    std::vector<double> fv, bv, tps, step, comm, router, ent, cv, mi, pred, drop;
+    std::vector<double> fv, bv, tps, step, comm, router, ent, cv, mi, pred, pairs, drop;
     ParameterCounts params;
     for (size_t i : groups[key]) {
       const PointResult& r = results[i];
@@ -248,6 +248,7 @@ std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult
       cv.push_back(r.val_load_cv);
       mi.push_back(r.layer_mutual_information);
       pred.push_back(r.layer_predictability);
+      pairs.push_back(r.layer_effective_pairs);
       drop.push_back(100 * r.dropped_fraction);
       if (r.parameters.total >= 0) params = r.parameters;
     }
@@ -256,7 +257,7 @@ std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult
                      MeanStd(step, "%.4f"), MeanStd(comm, "%.1f"), MeanStd(router, "%.1f"),
                      params.total >= 0 ? absl::StrCat(Millions(params.total), " (", Millions(params.active), ")") : "",
                      MeanStd(ent, "%.4f"), MeanStd(cv, "%.4f"), MeanStd(mi, "%.4f"),
-                     MeanStd(pred, "%.4f"), MeanStd(drop, "%.2f")});
+                     MeanStd(pred, "%.4f"), MeanStd(pairs, "%.1f"), MeanStd(drop, "%.2f")});
   }
 
   return out;
@@ -345,7 +346,9 @@ std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& 
                                  "over the logged records after the first; router entropy and dropped "
                                  "% are the last training record's; router % is the routers' share of "
                                  "the forward pass; val load CV, layer MI (nats) and predictability "
-                                 "(MI / entropy of the next layer's top-1 expert) come from the last "
+                                 "(MI / entropy of the next layer's top-1 expert) and expert pairs (e to the "
+                                 "entropy of consecutive layers' joint top-1 experts: the effective "
+                                 "number of routes between them) come from the last "
                                  "evaluation's routing of the validation set, averaged over MoE "
                                  "layers or consecutive layer pairs.\n\n");
   return out + PointsTable(sweep, results) + ConfigurationTable(sweep, results) +
