@@ -631,6 +631,27 @@ TEST(SweepResults, UnfinishedConfigurationsAreListedOnce) {
   EXPECT_THAT(md, HasSubstr("| router=RECURRENT | router=LINEAR | - | 0.1000 | - | - | - | - |"));
 }
 
+TEST(SweepResults, ChartsDrawTenConfigurationsDistinctly) {
+  const Sweep sweep = Expand(R"pb(
+    axes { field: "seed" values: "1" values: "2" values: "3" values: "4" values: "5"
+           values: "6" values: "7" values: "8" values: "9" values: "10" }
+  )pb");
+  ASSERT_EQ(sweep.points.size(), 10u);
+  std::vector<RunMetrics> metrics(10);
+  for (RunMetrics& m : metrics) m = ParseMetrics(R"({"type":"eval","step":10,"val_loss":2.5,"val_ppl":12.2})");
+  const fs::path dir = fs::path(::testing::TempDir()) / "sweep_chart_styles";
+  fs::create_directories(dir);
+  FILE* log = std::fopen("/dev/null", "w");
+  WritePlots(sweep, std::vector<PointResult>(10), metrics, dir.string(), log);
+  std::fclose(log);
+  const std::string gp = ReadFile(dir / "val_curves.gp");
+  // gnuplot's 8 colours, then the same colours with the second dash type and point shape.
+  EXPECT_THAT(gp, HasSubstr("index 0 using ($1+0):2:3 with yerrorlines lw 2 lc 1 dt 1 pt 7 "));
+  EXPECT_THAT(gp, HasSubstr("index 7 using ($1+14):2:3 with yerrorlines lw 2 lc 8 dt 1 pt 7 "));
+  EXPECT_THAT(gp, HasSubstr("index 8 using ($1+16):2:3 with yerrorlines lw 2 lc 1 dt 2 pt 5 "));
+  EXPECT_THAT(gp, HasSubstr("index 9 using ($1+18):2:3 with yerrorlines lw 2 lc 2 dt 2 pt 5 "));
+}
+
 TEST(SweepStatistics, StudentTailsMatchClosedFormsAndTables) {
   // One degree of freedom is the Cauchy distribution: P(|T| > t) = 1 - 2 atan(t) / pi.
   for (double t : {0.3, 1.0, 4.0}) EXPECT_NEAR(StudentTwoSidedP(t, 1), 1 - 2 * std::atan(t) / M_PI, 1e-12);

@@ -45,6 +45,14 @@ std::string MeanStd(const std::vector<double>& values, const char* format) {
   if (std::isfinite(std)) absl::StrAppend(&out, " ± ", absl::StrFormat(format, std));
   return out;
 }
+// How the series-th curve of a chart is drawn. gnuplot's default colours repeat after 8, so
+// each further round of 8 gets another dash type and point shape: no two of the first 32
+// curves look alike.
+std::string SeriesStyle(int series) {
+  static constexpr int kPointTypes[] = {7, 5, 9, 11};
+  const int round = series / 8;
+  return absl::StrFormat("lc %d dt %d pt %d", series % 8 + 1, round % 4 + 1, kPointTypes[round % 4]);
+}
 std::string GnuplotString(const std::string& text) {
   return absl::StrCat("\"", absl::StrReplaceAll(text, {{"\\", "\\\\"}, {"\"", "\\\""}}), "\"");
 }
@@ -365,20 +373,20 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
   int index = 0;
   for (size_t i = 0; i < sweep.points.size() && i < metrics.size(); ++i) {
     const Point& p = sweep.points[i];
-    const int color = static_cast<int>(i) + 1;
+    const std::string style = SeriesStyle(static_cast<int>(i));
     if (!metrics[i].train.empty()) {
       absl::StrAppend(&dat, "# point ", p.index, " (", p.description, "): train loss\n");
       for (const TrainRecord& r : metrics[i].train) absl::StrAppend(&dat, r.step, " ", Num(r.loss, "%.6g"), "\n");
       dat += "\n\n";
-      clauses.push_back(absl::StrFormat("\"loss_curves.dat\" index %d using 1:2 with lines lw 2 lc %d title %s",
-                                        index++, color, GnuplotString(p.description)));
+      clauses.push_back(absl::StrFormat("\"loss_curves.dat\" index %d using 1:2 with lines lw 2 %s title %s",
+                                        index++, style, GnuplotString(p.description)));
     }
     if (!metrics[i].eval.empty()) {
       absl::StrAppend(&dat, "# point ", p.index, " (", p.description, "): validation loss\n");
       for (const EvalRecord& r : metrics[i].eval) absl::StrAppend(&dat, r.step, " ", Num(r.val_loss, "%.6g"), "\n");
       dat += "\n\n";
       clauses.push_back(absl::StrFormat(
-          "\"loss_curves.dat\" index %d using 1:2 with points pt 7 ps 1.3 lc %d notitle", index++, color));
+          "\"loss_curves.dat\" index %d using 1:2 with points ps 1.3 %s notitle", index++, style));
     }
   }
   if (!clauses.empty()) {
@@ -418,8 +426,8 @@ std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointR
       }
       vdat += "\n\n";
       vclauses.push_back(absl::StrFormat(
-          "\"val_curves.dat\" index %d using ($1+%d):2:3 with yerrorlines lw 2 pt 7 lc %d title %s",
-          c, static_cast<int>(c) * 2, static_cast<int>(c) + 1,
+          "\"val_curves.dat\" index %d using ($1+%d):2:3 with yerrorlines lw 2 %s title %s",
+          c, static_cast<int>(c) * 2, SeriesStyle(static_cast<int>(c)),
           GnuplotString(order[c].empty() ? "(base)" : order[c])));
     }
     if (!vclauses.empty()) {

@@ -17,7 +17,7 @@ std::string ResultsCsv(const Sweep& sweep, const std::vector<PointResult>& resul
 // over repeats).
 std::string ResultsMarkdown(const Sweep& sweep, const std::vector<PointResult>& results);
 
-// Writes loss_curves.{dat,gp,png} (and scaling.{dat,gp,png} when ranks is an axis) into
+// Writes loss_curves and val_curves .{dat,gp,png} (and scaling.* when ranks is an axis) into
 // dir, running gnuplot when it is on the PATH (else a warning on `log` and only the .dat
 // and .gp files). Returns the PNGs drawn.
 std::vector<std::string> WritePlots(const Sweep& sweep, const std::vector<PointResult>& results,
