@@ -223,28 +223,46 @@ std::string PointsTable(const Sweep& sweep, const std::vector<PointResult>& resu
   return out;
 }
 
+// The points of one configuration (they differ only by seed).
+struct ConfigurationGroup {
+  const Point* first;            // its first point: config_key and axis values
+  std::vector<size_t> finished;  // indices of its finished points
+};
+
+// The configurations in the order of their first points, each listed once even when none
+// of its points has finished.
+std::vector<ConfigurationGroup> GroupConfigurations(const Sweep& sweep,
+                                                    const std::vector<PointResult>& results) {
+  std::vector<ConfigurationGroup> groups;
+  std::map<std::string, size_t> index_of;
+  for (size_t i = 0; i < sweep.points.size(); ++i) {
+    const Point& point = sweep.points[i];
+    const auto [it, added] = index_of.emplace(point.config_key, groups.size());
+    if (added) groups.push_back({&point, {}});
+    if (results[i].status == "done") groups[it->second].finished.push_back(i);
+  }
+  return groups;
+}
+
+std::vector<double> FinalValLosses(const ConfigurationGroup& group, const std::vector<PointResult>& results) {
+  std::vector<double> losses;
+  for (size_t i : group.finished) losses.push_back(results[i].final_val_loss);
+  return losses;
+}
+
 // One row per configuration: means and sample standard deviations over its finished seeds.
 std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult>& results) {
   std::string out;
-  // Per configuration, over seeds (finished points only).
-  std::vector<std::string> order;
-  std::map<std::string, std::vector<size_t>> groups;
-  for (size_t i = 0; i < sweep.points.size(); ++i) {
-    const std::string& key = sweep.points[i].config_key;
-    if (!groups.count(key)) order.push_back(key);
-    std::vector<size_t>& finished = groups[key];  // listed even when none has finished
-    if (results[i].status == "done") finished.push_back(i);
-  }
   std::vector<std::string> summary_head = {"configuration", "runs", "final val", "best val",
                                            "tokens/s", "step s", "comm %", "router %",
                                            "params (active)", "router entropy", "val load CV",
                                            "layer MI", "predictability", "expert pairs", "dropped %"};
   out += "\n## Per configuration (mean ± sample std over seeds, finished points)\n\n" +
          MarkdownRow(summary_head) + MarkdownRule(summary_head.size());
-  for (const std::string& key : order) {
+  for (const ConfigurationGroup& group : GroupConfigurations(sweep, results)) {
     std::vector<double> fv, bv, tps, step, comm, router, ent, cv, mi, pred, pairs, drop;
     ParameterCounts params;
-    for (size_t i : groups[key]) {
+    for (size_t i : group.finished) {
       const PointResult& r = results[i];
       fv.push_back(r.final_val_loss);
       bv.push_back(r.best_val_loss);
@@ -260,7 +278,8 @@ std::string ConfigurationTable(const Sweep& sweep, const std::vector<PointResult
       drop.push_back(100 * r.dropped_fraction);
       if (r.parameters.total >= 0) params = r.parameters;
     }
-    out += MarkdownRow({key.empty() ? "(base)" : key, absl::StrCat(groups[key].size()),
+    const std::string& key = group.first->config_key;
+    out += MarkdownRow({key.empty() ? "(base)" : key, absl::StrCat(group.finished.size()),
                      MeanStd(fv, "%.4f"), MeanStd(bv, "%.4f"), MeanStd(tps, "%.0f"),
                      MeanStd(step, "%.4f"), MeanStd(comm, "%.1f"), MeanStd(router, "%.1f"),
                      params.total >= 0 ? absl::StrCat(Millions(params.total), " (", Millions(params.active), ")") : "",
@@ -290,17 +309,10 @@ std::string ComparisonTable(const Sweep& sweep, const std::vector<PointResult>& 
     }
     return absl::StrJoin(parts, ", ");
   };
-  std::vector<std::string> order;
-  std::map<std::string, std::vector<double>> losses;
-  std::map<std::string, std::string> baseline_of;
-  for (size_t i = 0; i < sweep.points.size(); ++i) {
-    const Point& p = sweep.points[i];
-    if (!losses.count(p.config_key)) order.push_back(p.config_key);
-    std::vector<double>& values = losses[p.config_key];
-    if (results[i].status == "done") values.push_back(results[i].final_val_loss);
-    if (value_of(p) == baseline_value) {
-      baseline_of[context_of(p)] = p.config_key;
-    }
+  const std::vector<ConfigurationGroup> groups = GroupConfigurations(sweep, results);
+  std::map<std::string, const ConfigurationGroup*> baseline_of;
+  for (const ConfigurationGroup& group : groups) {
+    if (value_of(*group.first) == baseline_value) baseline_of[context_of(*group.first)] = &group;
   }
   std::string out = absl::StrCat(
       "\n## Against ", sweep.axis_labels[axis], "=", baseline_value,
@@ -309,21 +321,19 @@ std::string ComparisonTable(const Sweep& sweep, const std::vector<PointResult>& 
   const std::vector<std::string> head = {"configuration", "baseline", "difference", "spread",
                                          "|difference| > 2 spread", "t", "dof", "p"};
   out += MarkdownRow(head) + MarkdownRule(head.size());
-  std::map<std::string, const Point*> point_of;
-  for (const Point& p : sweep.points) point_of.emplace(p.config_key, &p);
-  for (const std::string& key : order) {
-    const Point& p = *point_of.at(key);
-    if (value_of(p) == baseline_value) continue;
-    const auto base = baseline_of.find(context_of(p));
+  for (const ConfigurationGroup& group : groups) {
+    if (value_of(*group.first) == baseline_value) continue;
+    const auto base = baseline_of.find(context_of(*group.first));
     if (base == baseline_of.end()) continue;
-    const std::vector<double>& a = losses[key];
-    const std::vector<double>& b = losses[base->second];
+    const std::vector<double> a = FinalValLosses(group, results);
+    const std::vector<double> b = FinalValLosses(*base->second, results);
     const WelchResult welch = WelchTTest(a, b);
     const double spread = std::fmax(MeanAndStd(a).second, MeanAndStd(b).second);  // NaN-ignoring
     const std::string beyond =
         std::isfinite(spread) && std::isfinite(welch.difference) ? (std::abs(welch.difference) > 2 * spread ? "yes" : "no") : "";
-    out += MarkdownRow({key, base->second, Num(welch.difference, "%+.4f"), Num(spread, "%.4f"), beyond,
-                        Num(welch.t, "%.2f"), Num(welch.dof, "%.1f"), Num(welch.p_two_sided, "%.3f")});
+    out += MarkdownRow({group.first->config_key, base->second->first->config_key,
+                        Num(welch.difference, "%+.4f"), Num(spread, "%.4f"), beyond, Num(welch.t, "%.2f"),
+                        Num(welch.dof, "%.1f"), Num(welch.p_two_sided, "%.3f")});
   }
   return out;
 }
