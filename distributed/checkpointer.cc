@@ -11,12 +11,16 @@
 #include <utility>
 
 #include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <unistd.h>
 
 #include "distributed/expert_parallel.h"
 #include "rmoe/config/job_spec.h"
 #include "rmoe/train/device.h"
 #include "rmoe/train/trainer.h"
+#include "rmoe/util/files.h"
 #include "rmoe/util/ownership.h"
+#include "distributed/node_layout.h"
 
 namespace rmoe::distributed {
 namespace fs = std::filesystem;
@@ -60,7 +64,73 @@ TrainingProgress ProgressOf(const CheckpointManifest& manifest) {
   return progress;
 }
 
+// `text` from `root` to every rank of `comm`.
+std::string BroadcastString(Communicator& comm, const std::string& text, int root) {
+  auto length = torch::tensor({static_cast<int64_t>(text.size())}, torch::kInt64);
+  comm.Broadcast(length, root);
+  auto bytes = torch::zeros({length.item<int64_t>()}, torch::kUInt8);
+  if (comm.rank() == root && !text.empty()) std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  comm.Broadcast(bytes, root);
+  return std::string(static_cast<const char*>(bytes.data_ptr()), bytes.numel());
+}
+
+// The directory itself or, when it does not exist yet, its nearest existing ancestor.
+fs::path NearestExisting(fs::path dir) {
+  std::error_code ec;
+  dir = fs::absolute(dir, ec);
+  while (!fs::is_directory(dir, ec) && dir.has_parent_path() && dir.parent_path() != dir) {
+    dir = dir.parent_path();
+  }
+  return dir;
+}
+
 }  // namespace
+
+absl::Status ShardedCheckpointer::CheckDirectoryShared(const std::string& root) {
+  Communicator& world = *groups_.world;
+  if (directory_checked_ || world.size() == 1) return absl::OkStatus();
+  directory_checked_ = true;
+  // Rank 0 leaves a file of unique content in the directory (or the ancestor that exists);
+  // every other rank must read the same content under the same path.
+  std::string probe, content;
+  if (rank() == 0) {
+    content = absl::StrCat("rmoe shared-directory probe ", ::getpid(), " ",
+                           std::chrono::steady_clock::now().time_since_epoch().count());
+    probe = (NearestExisting(root) / absl::StrCat(".rmoe-shared-probe-", ::getpid())).string();
+    if (auto status = WriteFileAtomically(probe, content); !status.ok()) probe.clear();
+  }
+  probe = BroadcastString(world, probe, 0);
+  content = BroadcastString(world, content, 0);
+  if (probe.empty()) return absl::OkStatus();  // rank 0 could not write: the save will say why
+  bool sees = true;
+  if (rank() != 0) {
+    auto read = ReadFile(probe);
+    sees = read.ok() && *read == content;
+  }
+  const auto seen = world.AllGather(torch::tensor({static_cast<int64_t>(sees)}, torch::kInt64));
+  if (rank() == 0) {
+    std::error_code ec;
+    fs::remove(probe, ec);
+  }
+  std::vector<int> blind;
+  std::set<std::string> blind_hosts;
+  for (int r = 0; r < world.size(); ++r) {
+    if (seen[r].item<int64_t>() == 0) {
+      blind.push_back(r);
+      blind_hosts.insert(groups_.nodes.HostOf(r));
+    }
+  }
+  if (blind.empty()) return absl::OkStatus();
+  std::vector<std::string> hosts(blind_hosts.begin(), blind_hosts.end());
+  return absl::FailedPreconditionError(absl::StrCat(
+      "the checkpoint directory ", root, " is not shared between nodes: ",
+      blind.size() == 1 ? "rank " : "ranks ", RankRanges(blind), " on ", absl::StrJoin(hosts, ", "),
+      blind.size() == 1 ? " does" : " do", " not see the file rank 0 on ", groups_.nodes.HostOf(0), " wrote in ",
+      fs::path(probe).parent_path().string(),
+      ". Every rank must see the same checkpoint directory (a shared file system such as NFS "
+      "or Lustre, mounted at the same path on every node), or the shards could never be "
+      "resumed together; set checkpoint.directory to such a path"));
+}
 
 ShardedCheckpointer::ShardedCheckpointer(ProcessGroups groups, CheckpointTestHooks hooks)
     : groups_(std::move(groups)), hooks_(hooks) {}
@@ -135,6 +205,7 @@ absl::StatusOr<std::string> ShardedCheckpointer::Save(const JobSpec& job,
                                                                Transformer& model,
                                                                torch::optim::Optimizer& optimizer) {
   if (auto status = Finish(); !status.ok()) return status;
+  if (auto status = CheckDirectoryShared(CheckpointRoot(job)); !status.ok()) return status;
   const auto start = std::chrono::steady_clock::now();
   const bool async = job.checkpoint().async_save();
   CheckpointState state;

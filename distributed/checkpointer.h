@@ -47,6 +47,10 @@ class ShardedCheckpointer : public Checkpointer {
   // (before a load).
   std::vector<ShardedTensor> StateTensors(Transformer& model, torch::optim::Optimizer& optimizer,
                                           bool create_optimizer_state);
+  // Whether every rank sees the files rank 0 writes where the checkpoints go (a directory
+  // shared by every node); checked once, at the first save. The error names the hosts
+  // whose ranks do not.
+  absl::Status CheckDirectoryShared(const std::string& root);
   // Commits the save in flight (waiting for this rank's writer) and reports it.
   absl::Status FinishInFlight();
   int rank() const { return groups_.world->rank(); }
@@ -64,6 +68,7 @@ class ShardedCheckpointer : public Checkpointer {
   std::vector<CheckpointReport> reports_;
   // Rank 0: the run id of the checkpoint root, from the first save on (CheckpointWriteOptions).
   std::string run_id_;
+  bool directory_checked_ = false;
 };
 
 }  // namespace rmoe::distributed

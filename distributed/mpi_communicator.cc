@@ -1,7 +1,6 @@
 #include "distributed/mpi_communicator.h"
 
 #include "distributed/collective_args.h"
-#include "rmoe/util/env.h"
 
 #include <algorithm>
 #include <climits>
@@ -379,11 +378,6 @@ std::unique_ptr<Communicator> MpiCommunicator::Split(int color, int key) {
 namespace {
 MpiRuntime* g_runtime = nullptr;
 
-// A launcher's variable, or -1 when it is unset or not a count (then MPI is asked instead).
-int LauncherCount(const char* name) {
-  return static_cast<int>(IntFromEnv(name, -1, 0, INT_MAX).value_or(-1));
-}
-
 void CheckInit(int rc, const char* call) {
   if (rc == MPI_SUCCESS) return;
   throw MpiError(std::string("MpiRuntime: ") + call + " failed: " + ErrorString(rc), rc, -1);
@@ -414,22 +408,37 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   CheckInit(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup");
   world_ = std::make_unique<MpiCommunicator>(dup, /*owned=*/true);
 
-  int local_rank = 0, local_size = 0;
-  local_rank = LauncherCount("OMPI_COMM_WORLD_LOCAL_RANK");
-  local_size = LauncherCount("OMPI_COMM_WORLD_LOCAL_SIZE");
-  if (local_rank >= 0 && local_size > 0 && local_rank < local_size) {
-    local_rank_ = local_rank;
-    local_size_ = local_size;
-  } else {
-    MPI_Comm node = MPI_COMM_NULL;
-    CheckInit(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_->rank(),
-                                  MPI_INFO_NULL, &node),
-              "MPI_Comm_split_type");
-    CommGuard guard{node};
-    MPI_Comm_rank(node, &local_rank_);
-    MPI_Comm_size(node, &local_size_);
-  }
+  DiscoverNodes();
   g_runtime = this;
+}
+
+void MpiRuntime::DiscoverNodes() {
+  const int rank = world_->rank(), size = world_->size();
+  MPI_Comm node = MPI_COMM_NULL;
+  CheckInit(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node),
+            "MPI_Comm_split_type");
+  CommGuard guard{node};
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_size(node, &local_size_);
+  // A node is known by its lowest world rank (local rank 0, as the split keeps rank order).
+  int leader = rank;
+  CheckInit(MPI_Bcast(&leader, 1, MPI_INT, 0, node), "MPI_Bcast");
+  std::vector<int> leaders(size);
+  CheckInit(MPI_Allgather(&leader, 1, MPI_INT, leaders.data(), 1, MPI_INT, MPI_COMM_WORLD),
+            "MPI_Allgather");
+  char name[MPI_MAX_PROCESSOR_NAME] = {};
+  int length = 0;
+  MPI_Get_processor_name(name, &length);
+  std::vector<char> names(static_cast<size_t>(size) * MPI_MAX_PROCESSOR_NAME);
+  CheckInit(MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, names.data(),
+                          MPI_MAX_PROCESSOR_NAME, MPI_CHAR, MPI_COMM_WORLD),
+            "MPI_Allgather");
+  std::vector<std::string> hosts;
+  for (int r = 0; r < size; ++r) {
+    const char* begin = names.data() + static_cast<size_t>(r) * MPI_MAX_PROCESSOR_NAME;
+    hosts.emplace_back(begin, strnlen(begin, MPI_MAX_PROCESSOR_NAME));
+  }
+  nodes_ = NodeLayout::FromNodeKeys(leaders, hosts);
 }
 
 MpiRuntime::~MpiRuntime() {

@@ -85,6 +85,7 @@
 #include <torch/torch.h>
 
 #include "distributed/communicator.h"
+#include "distributed/node_layout.h"
 
 namespace rmoe::distributed {
 
@@ -231,21 +232,26 @@ class MpiRuntime {
   // never matches a user's messages on MPI_COMM_WORLD).
   MpiCommunicator& World() { return *world_; }
 
-  // This process's index among the job's processes on the same node and their number: from
-  // OMPI_COMM_WORLD_LOCAL_RANK / OMPI_COMM_WORLD_LOCAL_SIZE when mpirun sets them, else
-  // from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED). For thread counts and GPU selection.
+  // This process's index among the job's processes on the same node and their number, from
+  // MPI_Comm_split_type(MPI_COMM_TYPE_SHARED): the same under mpirun, srun or any other
+  // launcher. For thread counts and GPU selection.
   int LocalRank() const { return local_rank_; }
   int LocalSize() const { return local_size_; }
+  // Which world ranks share a node, and the nodes' host names (found once, at start-up).
+  const NodeLayout& Nodes() const { return nodes_; }
 
   // MPI_Abort(MPI_COMM_WORLD, code): ends every process of the job. For fatal errors on one
   // rank while others may be waiting for it.
   [[noreturn]] void Abort(int code);
 
  private:
+  void DiscoverNodes();
+
   bool finalize_ = false;  // we initialised MPI, so we finalize it
   std::unique_ptr<MpiCommunicator> world_;
   int local_rank_ = 0;
   int local_size_ = 1;
+  NodeLayout nodes_;
 };
 
 }  // namespace rmoe::distributed

@@ -57,6 +57,13 @@ std::vector<int> WorldRanks(MPI_Comm comm, int size) {
   return world;
 }
 
+// The host of a world rank, when the process's MpiRuntime knows it ("" otherwise).
+std::string HostOf(int world_rank) {
+  if (!MpiRuntime::Exists()) return "";
+  const NodeLayout& nodes = MpiRuntime::Get().Nodes();
+  return world_rank >= 0 && world_rank < nodes.ranks() ? nodes.HostOf(world_rank) : "";
+}
+
 // Takes the answers that have arrived into `peers` (indexed by rank); how many came.
 int CollectAnswers(MPI_Comm side_channel, std::vector<PeerAnswer>& peers) {
   int collected = 0;
@@ -161,6 +168,7 @@ void MpiCommunicator::ReportStallAndAbort(const char* mpi_call) const {
   for (int peer = 0; peer < size_; ++peer) {
     peers[peer].rank = peer;
     peers[peer].world_rank = world_ranks[peer];
+    peers[peer].host = HostOf(world_ranks[peer]);
     if (peer == rank_) continue;
     inquiries.emplace_back();
     MPI_Isend(nullptr, 0, MPI_BYTE, peer, kInquiryTag, side_channel_, &inquiries.back());
@@ -192,6 +200,7 @@ void MpiCommunicator::ReportStallAndAbort(const char* mpi_call) const {
   StalledCollective stalled;
   stalled.rank = rank_;
   stalled.world_rank = world_ranks[rank_];
+  stalled.host = HostOf(world_ranks[rank_]);
   stalled.operation = operation_;
   stalled.sequence = sequence_;
   stalled.mpi_call = mpi_call;

@@ -12,7 +12,8 @@
 namespace rmoe::distributed {
 
 absl::StatusOr<ProcessGroups> ProcessGroups::Create(std::shared_ptr<Communicator> world,
-                                                    int expert_parallel_size, int num_experts) {
+                                                    int expert_parallel_size, int num_experts,
+                                                    NodeLayout nodes) {
   const int size = world->size();
   if (expert_parallel_size < 1 || size % expert_parallel_size != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -24,11 +25,19 @@ absl::StatusOr<ProcessGroups> ProcessGroups::Create(std::shared_ptr<Communicator
         "model.moe.num_experts = ", num_experts, " cannot be split evenly over "
         "parallel.expert_parallel_size = ", expert_parallel_size, " ranks"));
   }
+  if (nodes.ranks() == 0) nodes = NodeLayout::SingleNode(size);
+  if (nodes.ranks() != size) {
+    return absl::InvalidArgumentError(absl::StrCat("ProcessGroups: the node layout covers ",
+                                                   nodes.ranks(), " ranks, the world has ", size));
+  }
   ProcessGroups groups;
   const int rank = world->rank();
-  groups.expert_parallel = world->Split(rank / expert_parallel_size, rank);
-  groups.expert_replicas = world->Split(rank % expert_parallel_size, rank);
+  const std::vector<int> order = PlacementOrder(nodes);
+  const int position = static_cast<int>(std::find(order.begin(), order.end(), rank) - order.begin());
+  groups.expert_parallel = world->Split(position / expert_parallel_size, position);
+  groups.expert_replicas = world->Split(position % expert_parallel_size, position);
   groups.world = std::move(world);
+  groups.nodes = std::move(nodes);
   return groups;
 }
 

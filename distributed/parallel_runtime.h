@@ -3,9 +3,9 @@
 // world = data-parallel replicas x expert-parallel size. Every rank reads its own data;
 // everything that is not an expert (embeddings, attention, norms, routers, shared experts)
 // is replicated on every rank and its gradients are averaged over the world. Each MoE
-// layer's experts are split over an expert-parallel (EP) group of consecutive ranks (so the
-// all-to-all stays inside a node), and an expert's gradients are averaged over the ranks
-// that hold a replica of it.
+// layer's experts are split over an expert-parallel (EP) group of ranks taken node by node
+// (node_layout.h: the all-to-all stays inside a node whenever the group fits in one), and
+// an expert's gradients are averaged over the ranks that hold a replica of it.
 #pragma once
 
 #include <memory>
@@ -16,6 +16,7 @@
 
 #include "distributed/communicator.h"
 #include "distributed/expert_parallel.h"
+#include "distributed/node_layout.h"
 #include "distributed/timed_communicator.h"
 #include "rmoe/train/parallel.h"
 
@@ -23,14 +24,19 @@ namespace rmoe::distributed {
 
 struct ProcessGroups {
   std::shared_ptr<Communicator> world;
-  // Consecutive ranks [g * EP, (g + 1) * EP): together they hold one copy of every expert.
+  // ExpertParallelGroups(nodes, EP): EP ranks, node by node, that together hold one copy of
+  // every expert (consecutive ranks when the launcher numbers ranks node by node).
   std::shared_ptr<Communicator> expert_parallel;
   // Ranks with the same position in their EP group: they hold the same experts.
   std::shared_ptr<Communicator> expert_replicas;
+  // The nodes of the world's ranks (for placement and for messages that name hosts).
+  NodeLayout nodes;
 
   // Errors name the sizes when the world or the experts do not divide by the EP size.
+  // `nodes` covers the ranks of `world`; without it, all ranks are taken to share one node.
   static absl::StatusOr<ProcessGroups> Create(std::shared_ptr<Communicator> world,
-                                              int expert_parallel_size, int num_experts);
+                                              int expert_parallel_size, int num_experts,
+                                              NodeLayout nodes = {});
 };
 
 // All-reduces `tensors` in place through a few flat buffers of at most `bucket_bytes`

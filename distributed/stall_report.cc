@@ -17,6 +17,23 @@ std::string Ranks(const std::vector<int>& ranks, const char* singular = "rank",
   return out.str();
 }
 
+// "world rank 1 on node2" or "world ranks 1, 3 on node2, world rank 5 on node3": the silent
+// peers by host, in rank order ("world ranks 1, 3" when the hosts are unknown).
+std::string WorldRanksByHost(const std::vector<PeerAnswer>& silent) {
+  std::vector<std::string> hosts;
+  std::map<std::string, std::vector<int>> ranks_on;
+  for (const PeerAnswer& peer : silent) {
+    if (!ranks_on.count(peer.host)) hosts.push_back(peer.host);
+    ranks_on[peer.host].push_back(peer.world_rank);
+  }
+  std::ostringstream out;
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    out << (i > 0 ? ", " : "") << Ranks(ranks_on[hosts[i]], "world rank", "world ranks");
+    if (!hosts[i].empty()) out << " on " << hosts[i];
+  }
+  return out.str();
+}
+
 std::string Verb(const std::vector<int>& ranks) { return ranks.size() == 1 ? " is" : " are"; }
 
 // Where answering peers wait, other than in the stalled collective itself.
@@ -37,12 +54,13 @@ std::string DescribeStalledCollective(const StalledCollective& stalled,
   std::vector<PeerAnswer> sorted = peers;
   std::sort(sorted.begin(), sorted.end(),
             [](const PeerAnswer& a, const PeerAnswer& b) { return a.rank < b.rank; });
-  std::vector<int> silent, silent_world, alongside;
+  std::vector<int> silent, alongside;
+  std::vector<PeerAnswer> silent_peers;
   std::map<Elsewhere, std::vector<int>> elsewhere;
   for (const PeerAnswer& peer : sorted) {
     if (!peer.answered) {
       silent.push_back(peer.rank);
-      silent_world.push_back(peer.world_rank);
+      silent_peers.push_back(peer);
     } else if (peer.same_communicator && peer.operation == stalled.operation &&
                peer.sequence == stalled.sequence) {
       alongside.push_back(peer.rank);
@@ -53,7 +71,7 @@ std::string DescribeStalledCollective(const StalledCollective& stalled,
 
   std::vector<std::string> findings;
   if (!silent.empty()) {
-    findings.push_back(Ranks(silent) + " (" + Ranks(silent_world, "world rank", "world ranks") +
+    findings.push_back(Ranks(silent) + " (" + WorldRanksByHost(silent_peers) +
                        ") did not answer (stopped, hung, or computing outside any collective)");
   }
   for (const auto& [where, ranks] : elsewhere) {
@@ -72,6 +90,7 @@ std::string DescribeStalledCollective(const StalledCollective& stalled,
   std::ostringstream message;
   message << "rmoe: rank " << stalled.rank;
   if (stalled.world_rank != stalled.rank) message << " (world rank " << stalled.world_rank << ")";
+  if (!stalled.host.empty()) message << " on " << stalled.host;
   message << ": collective " << stalled.operation << " #" << stalled.sequence << " ("
           << stalled.mpi_call << ") did not complete within " << stalled.timeout_seconds << " s: ";
   for (size_t i = 0; i < findings.size(); ++i) message << (i > 0 ? "; " : "") << findings[i];

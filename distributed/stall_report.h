@@ -13,6 +13,7 @@ namespace rmoe::distributed {
 struct StalledCollective {
   int rank = 0;        // in the collective's communicator
   int world_rank = 0;  // in MPI_COMM_WORLD
+  std::string host;    // this rank's host name; empty when unknown
   std::string operation;  // "AllReduce"
   int64_t sequence = 0;   // the communicator's count of collectives, this one included
   std::string mpi_call;   // the nonblocking MPI call being waited for, "MPI_Iallreduce"
@@ -23,6 +24,7 @@ struct StalledCollective {
 struct PeerAnswer {
   int rank = 0;  // in the collective's communicator
   int world_rank = 0;
+  std::string host;       // the peer's host name; empty when unknown
   bool answered = false;  // false: no answer within the grace period
   // The peer waits in a collective of this communicator (otherwise: of another one, e.g. an
   // expert-parallel group, where `operation` and `sequence` belong to that communicator).
@@ -32,8 +34,8 @@ struct PeerAnswer {
 };
 
 // One line (no trailing newline), e.g.
-//   rmoe: rank 0: collective AllReduce #57 (MPI_Iallreduce) did not complete within 3 s:
-//   rank 1 (world rank 1) did not answer (stopped, hung, or computing outside any
+//   rmoe: rank 0 on node1: collective AllReduce #57 (MPI_Iallreduce) did not complete within
+//   3 s: rank 1 (world rank 1 on node2) did not answer (stopped, hung, or computing outside any
 //   collective); ranks 2, 3 are waiting in the same collective. Aborting the job
 //   (runtime.collective_timeout_seconds sets this deadline).
 // `peers` are the other ranks of the communicator, in any order.

@@ -129,15 +129,29 @@ struct Arguments {
   rmoe::distributed::CheckpointTestHooks checkpoint_hooks;
 };
 
+// Which ranks run on which host and where the expert-parallel groups are (several ranks
+// only; the dry run prints it as comments), and a warning when a group spans nodes.
+void PrintLayout(const rmoe::distributed::NodeLayout& nodes, int expert_parallel_size, bool quiet,
+                 const char* prefix = "") {
+  const std::string warning = rmoe::distributed::ExpertGroupsSpanNodesWarning(nodes, expert_parallel_size);
+  if (!warning.empty()) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+  if (quiet || nodes.ranks() < 2) return;
+  for (const auto& line : rmoe::distributed::DescribeLayout(nodes, expert_parallel_size)) {
+    std::printf("%s%s\n", prefix, line.c_str());
+  }
+  std::fflush(stdout);
+}
+
 // --dry-run: the resolved spec, parameter counts and memory estimate, from the spec alone.
 int DryRun(rmoe::distributed::MpiRuntime& mpi, rmoe::JobSpec spec) {
   std::shared_ptr<rmoe::distributed::Communicator> world(
       &mpi.World(), [](rmoe::distributed::Communicator*) {});
   // The layout is checked as a real run would check it.
   auto groups = rmoe::distributed::ProcessGroups::Create(
-      world, spec.parallel().expert_parallel_size(), spec.model().moe().num_experts());
+      world, spec.parallel().expert_parallel_size(), spec.model().moe().num_experts(), mpi.Nodes());
   if (!groups.ok()) return Fail(2, std::string(groups.status().message()));
   if (world->rank() != 0) return 0;
+  PrintLayout(groups->nodes, spec.parallel().expert_parallel_size(), /*quiet=*/false, "# ");
   auto vocab = rmoe::ResolveVocabSize(spec);
   if (!vocab.ok()) return Fail(2, std::string(vocab.status().message()));
   spec.mutable_model()->set_vocab_size(*vocab);
@@ -201,8 +215,9 @@ int TrainOnRanks(rmoe::distributed::MpiRuntime& mpi, const Arguments& args) {
   auto timer = std::make_shared<rmoe::distributed::TimedCommunicator>(*std::move(communicator));
   std::shared_ptr<rmoe::distributed::Communicator> world = timer;
   auto groups = rmoe::distributed::ProcessGroups::Create(
-      world, spec->parallel().expert_parallel_size(), spec->model().moe().num_experts());
+      world, spec->parallel().expert_parallel_size(), spec->model().moe().num_experts(), mpi.Nodes());
   if (!groups.ok()) return Fail(2, std::string(groups.status().message()));
+  if (world->rank() == 0) PrintLayout(groups->nodes, spec->parallel().expert_parallel_size(), args.quiet);
 
   rmoe::distributed::ShardedCheckpointer checkpointer(*groups, args.checkpoint_hooks);
   rmoe::distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalRank(), mpi.LocalSize(), timer);

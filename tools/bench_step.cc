@@ -98,7 +98,7 @@ int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) 
   // As rmoe_train: every collective goes through the timer.
   auto timer = std::make_shared<distributed::TimedCommunicator>(*std::move(communicator));
   auto groups = distributed::ProcessGroups::Create(timer, spec.parallel().expert_parallel_size(),
-                                                   spec.model().moe().num_experts());
+                                                   spec.model().moe().num_experts(), mpi.Nodes());
   if (!groups.ok()) throw UsageError(std::string(groups.status().message()));
   distributed::DistributedRuntime runtime(*std::move(groups), mpi.LocalRank(), mpi.LocalSize(), timer);
   const int threads = static_cast<int>(o.Int("--threads", spec.runtime().num_threads() > 0

@@ -13,6 +13,8 @@
 #include <torch/torch.h>
 
 #include "distributed/mpi_communicator.h"
+#include "distributed/node_layout.h"
+#include "distributed/parallel_runtime.h"
 #include "distributed/routing_communicator.h"
 #include "distributed/stall_report.h"
 #include "tests/distributed/collective_checks.h"
@@ -544,6 +546,21 @@ TEST(StallReportTest, NamesSilentRanksAndThoseWaitingAlongside) {
             "(runtime.collective_timeout_seconds sets this deadline).");
 }
 
+// Across nodes the report says where the silent ranks run, grouped by host.
+TEST(StallReportTest, NamesTheHostsOfSilentRanks) {
+  StalledCollective stalled = AllReduce57();
+  stalled.host = "node1";
+  PeerAnswer a = Silent(1, 1), b = Silent(2, 2), c = Silent(3, 3);
+  a.host = "node2";
+  b.host = "node3";
+  c.host = "node2";
+  EXPECT_EQ(DescribeStalledCollective(stalled, {c, a, b}),
+            "rmoe: rank 0 on node1: collective AllReduce #57 (MPI_Iallreduce) did not complete "
+            "within 3 s: ranks 1, 2, 3 (world ranks 1, 3 on node2, world rank 2 on node3) did not "
+            "answer (stopped, hung, or computing outside any collective). Aborting the job "
+            "(runtime.collective_timeout_seconds sets this deadline).");
+}
+
 TEST(StallReportTest, NamesOtherCollectivesWithTheirNumbers) {
   StalledCollective stalled = AllReduce57();
   stalled.rank = 1;
@@ -681,6 +698,83 @@ TEST(RoutingCommunicatorTest, MismatchedSidesAreRefused) {
 // the job, naming the test, instead of a hang.
 TEST(HarnessTest, DISABLED_WatchdogEndsAHungJob) {
   if (World().rank() != 0) World().Barrier();
+}
+
+
+// --- Node layout: made-up clusters (no MPI), then the job's own ---
+
+NodeLayout RoundRobin(int ranks, int nodes) {
+  std::vector<int> keys;
+  std::vector<std::string> hosts;
+  for (int rank = 0; rank < ranks; ++rank) {
+    keys.push_back(rank % nodes);
+    hosts.push_back("node" + std::to_string(rank % nodes + 1));
+  }
+  return NodeLayout::FromNodeKeys(keys, hosts);
+}
+
+TEST(NodeLayoutTest, NumbersNodesByTheirLowestRank) {
+  const NodeLayout layout = NodeLayout::FromNodeKeys({7, 7, 3, 3, 7}, {"b", "b", "a", "a", "b"});
+  EXPECT_EQ(layout.node_of_rank, (std::vector<int>{0, 0, 1, 1, 0}));
+  EXPECT_EQ(layout.node_names, (std::vector<std::string>{"b", "a"}));
+  EXPECT_EQ(layout.HostOf(3), "a");
+  EXPECT_EQ(layout.HostOf(9), "?");
+  EXPECT_EQ(layout.RanksOn(0), (std::vector<int>{0, 1, 4}));
+}
+
+TEST(NodeLayoutTest, ExpertGroupsStayInsideNodesWhateverTheRankOrder) {
+  // Ranks numbered round-robin over 2 nodes (mpirun --map-by node): groups of 2 pair the
+  // ranks of one node, not consecutive ranks.
+  const NodeLayout layout = RoundRobin(8, 2);
+  EXPECT_EQ(PlacementOrder(layout), (std::vector<int>{0, 2, 4, 6, 1, 3, 5, 7}));
+  EXPECT_EQ(ExpertParallelGroups(layout, 2),
+            (std::vector<std::vector<int>>{{0, 2}, {4, 6}, {1, 3}, {5, 7}}));
+  EXPECT_EQ(ExpertGroupsSpanNodesWarning(layout, 4), "");
+  EXPECT_EQ(DescribeLayout(layout, 4),
+            (std::vector<std::string>{
+                "layout: 8 ranks on 2 nodes: node1 ranks 0, 2, 4, 6, node2 ranks 1, 3, 5, 7",
+                "layout: 2 expert-parallel groups of 4: group 0 ranks 0, 2, 4, 6 on node1, "
+                "group 1 ranks 1, 3, 5, 7 on node2"}));
+}
+
+TEST(NodeLayoutTest, WarnsWhenAnExpertGroupMustSpanNodes) {
+  const NodeLayout layout = RoundRobin(4, 2);  // 2 ranks per node
+  EXPECT_EQ(ExpertGroupsSpanNodesWarning(layout, 2), "");
+  EXPECT_EQ(ExpertGroupsSpanNodesWarning(layout, 4),
+            "expert-parallel group 0 (node1+node2) spans nodes, so every all-to-all crosses the "
+            "network (on GPUs: the network instead of NVLink): parallel.expert_parallel_size = 4 "
+            "with 2 ranks on the smallest node; a size that divides every node's ranks keeps "
+            "each group inside a node");
+  EXPECT_EQ(DescribeLayout(layout, 4)[1],
+            "layout: 1 expert-parallel group of 4: group 0 ranks 0-3 on node1+node2");
+  EXPECT_EQ(RankRanges({5, 0, 1, 2, 7, 8}), "0-2, 5, 7-8");
+}
+
+TEST(NodeLayoutTest, TheJobsLayoutCoversEveryRankAndAgreesWithTheLocalRank) {
+  MpiRuntime& mpi = MpiRuntime::Get();
+  const NodeLayout& nodes = mpi.Nodes();
+  ASSERT_EQ(nodes.ranks(), World().size());
+  const int node = nodes.node_of_rank[World().rank()];
+  const std::vector<int> mine = nodes.RanksOn(node);
+  EXPECT_EQ(static_cast<int>(mine.size()), mpi.LocalSize());
+  EXPECT_EQ(mine[mpi.LocalRank()], World().rank());
+}
+
+// ProcessGroups follow the layout: with ranks round-robin over 2 "nodes", each
+// expert-parallel group holds the ranks of one node.
+TEST(NodeLayoutTest, ProcessGroupsPlaceExpertGroupsByNode) {
+  if (World().size() != 4) GTEST_SKIP() << "needs 4 ranks";
+  std::shared_ptr<Communicator> world(&World(), [](Communicator*) {});
+  auto groups = ProcessGroups::Create(world, 2, 8, RoundRobin(4, 2));
+  ASSERT_TRUE(groups.ok()) << groups.status();
+  // Every member of my group is on my node: rank parity is the node.
+  auto mine = torch::full({1}, static_cast<double>(World().rank() % 2), torch::kFloat64);
+  auto sum = mine.clone();
+  groups->expert_parallel->AllReduce(sum, ReduceOp::kSum);
+  EXPECT_EQ(sum.item<double>(), 2 * mine.item<double>());
+  EXPECT_EQ(groups->expert_parallel->rank(), World().rank() / 2);
+  auto wrong = ProcessGroups::Create(world, 2, 8, RoundRobin(3, 2));
+  EXPECT_FALSE(wrong.ok());
 }
 
 }  // namespace
