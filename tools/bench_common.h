@@ -110,12 +110,14 @@ void PrintOpProfile(const std::vector<OpTime>& ops, int steps, double step_secon
 
 // Subcommands: return the process exit status (rank 0 prints, every rank runs).
 int RunAllToAll(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
+int RunCollectives(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunStep(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunMatmul(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunMoe(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 int RunRouter(const std::vector<std::string>& args, distributed::MpiRuntime& mpi);
 
 extern const char kAllToAllUsage[];
+extern const char kCollectivesUsage[];
 extern const char kStepUsage[];
 extern const char kMatmulUsage[];
 extern const char kMoeUsage[];

@@ -34,6 +34,8 @@ Subcommands (each has --help):
   alltoall   expert-parallel dispatch all-to-all vs raw MPI_Alltoallv of the same splits,
              and one MoE layer's forward+backward, expert-parallel vs all experts local
              (run under mpirun, np >= 2)
+  collectives all-reduce and all-to-all through the training communicator over message
+             sizes: latency, and bandwidth against the link (nccl-tests' algbw and busbw)
   step       training steps of a job spec's model on random tokens: step time, tokens/s,
              communication vs computation, model FLOP/s (with or without mpirun)
   matmul     fp32 (and bf16) square matrix-product GFLOP/s: the ceiling the others are a
@@ -277,6 +279,7 @@ int main(int argc, char** argv) {
     const char* usage;
   };
   const Subcommand subcommands[] = {{"alltoall", RunAllToAll, kAllToAllUsage},
+                                    {"collectives", RunCollectives, kCollectivesUsage},
                                     {"step", RunStep, kStepUsage},
                                     {"matmul", RunMatmul, kMatmulUsage},
                                     {"moe", RunMoe, kMoeUsage},
@@ -286,7 +289,7 @@ int main(int argc, char** argv) {
     if (sub == s.name) chosen = &s;
   }
   if (chosen == nullptr) {
-    std::fprintf(stderr, "rmoe_bench: unknown subcommand \"%s\" (alltoall, step, matmul, moe, router; see --help)\n",
+    std::fprintf(stderr, "rmoe_bench: unknown subcommand \"%s\" (alltoall, collectives, step, matmul, moe, router; see --help)\n",
                  sub.c_str());
     return 2;
   }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A test cluster on one machine: N "nodes", each a network namespace with its own
-# hostname (UTS namespace), its own mount namespace and its own address, joined through
-# veth links to a bridge that lives in a namespace of its own. Nothing is added to the
-# machine's own network: only the nodes' addresses (10.213.0.0/24) are used.
+# hostname (UTS namespace), its own mount namespace and its own address, joined by links to
+# a bridge that lives in a namespace of its own. Each link is a pair of TAP devices joined
+# by rmoe_linkem (tools/testcluster/linkem.cc), which adds delay and loss on demand; rates
+# are the kernel's tbf. Jumbo frames (MTU 9000), as on cluster networks. Nothing is added to
+# the machine's own network: only the nodes' addresses (10.213.0.0/24) are used.
 #
 #   testcluster.sh up N [--private-dir DIR]   make nodes node1..nodeN (N <= 32); with
 #                                             --private-dir each node sees its own, empty
@@ -12,20 +14,24 @@
 #                                             mpirun from node1 across the nodes: a hostfile
 #                                             of K slots per node (default 1), the ssh-like
 #                                             launch agent, TCP only, the nodes' interface,
-#                                             and rmoe's launch settings (tools/rmoe_mpirun.sh)
+#                                             and rmoe's launch settings (tools/rmoe_mpirun.sh);
+#                                             no core binding (every node's daemon would bind
+#                                             its first rank to core 0 of the same machine)
 #   testcluster.sh hostfile [SLOTS]           print a hostfile (SLOTS per node, default 1)
-#   testcluster.sh shape NODE [--rate R] [--delay D] [--loss L]
-#                                             shape a node's link with tc: R (e.g. 1gbit) both
-#                                             ways, D (e.g. 1ms) and L (e.g. 1%) on what the
-#                                             node sends; `shape NODE` alone clears it
+#   testcluster.sh shape NODE|all [--rate R] [--delay D] [--loss L]
+#                                             shape a node's link, both directions: R (e.g.
+#                                             1gbit, 500mbit), D one-way delay (e.g. 1ms,
+#                                             50us: two nodes delayed D each are 2D apart),
+#                                             L loss (e.g. 1%); `shape NODE` alone clears it
 #   testcluster.sh link NODE up|down          take a node's link down (a lost node) or up
 #   testcluster.sh kill NODE [SIGNAL]         signal every process on a node (KILL by default)
 #   testcluster.sh status                     the nodes, their addresses and shaping
 #   testcluster.sh down                       remove everything (safe to run twice)
 #   testcluster.sh rsh HOST CMD...            the launch agent mpirun calls (as ssh HOST CMD)
 #
-# Needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2; `up` exits 77 with a message
-# saying what is missing where namespaces cannot be made (tests skip on 77).
+# Needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN), iproute2, /dev/net/tun and rmoe_linkem
+# (built by tools/setup.sh; RMOE_LINKEM names another); `up` exits 77 with a message saying
+# what is missing where the cluster cannot be made (tests skip on 77).
 # RMOE_TESTCLUSTER_STATE (default /run/rmoe-testcluster) holds the cluster's state: one
 # cluster per machine at a time.
 set -euo pipefail
@@ -34,9 +40,12 @@ readonly STATE=${RMOE_TESTCLUSTER_STATE:-/run/rmoe-testcluster}
 readonly PREFIX=rmoe-tc
 readonly SUBNET=10.213.0
 readonly IFACE=eth0
+readonly MTU=9000
 readonly MAX_NODES=32
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 readonly SELF
+LINKEM=${RMOE_LINKEM:-$(dirname "$SELF")/../${RMOE_BUILD_DIR:-build}/tools/rmoe_linkem}
+readonly LINKEM
 
 die() { echo "testcluster: error: $*" >&2; exit 1; }
 log() { echo "testcluster: $*" >&2; }
@@ -76,6 +85,14 @@ check_permissions() {
   for tool in ip tc nsenter unshare; do command -v "$tool" > /dev/null || missing+=("$tool"); done
   if ((${#missing[@]})); then
     echo "testcluster: cannot make a cluster here: missing ${missing[*]} (Debian: iproute2, util-linux)" >&2
+    exit 77
+  fi
+  if [[ ! -x $LINKEM ]]; then
+    echo "testcluster: cannot make a cluster here: no link emulator at $LINKEM (build it: tools/setup.sh, or set RMOE_LINKEM)" >&2
+    exit 77
+  fi
+  if [[ ! -c /dev/net/tun ]]; then
+    echo "testcluster: cannot make a cluster here: no /dev/net/tun (TAP devices)" >&2
     exit 77
   fi
   if ! unshare --net --uts --mount true 2> /dev/null; then
@@ -120,11 +137,22 @@ cmd_up() {
   for ((i = 1; i <= count; i++)); do
     local netns=$PREFIX-node$i
     ip netns add "$netns"
-    ip link add "$IFACE" netns "$netns" type veth peer name "port$i" netns "$PREFIX-switch"
-    ip -n "$PREFIX-switch" link set "port$i" master br0 up
     ip -n "$netns" link set lo up
+    # The link: n$i (becomes the node's eth0) and b$i (a bridge port), joined by rmoe_linkem.
+    nsenter --net="/run/netns/$PREFIX-switch" "$LINKEM" "n$i" "b$i" "$STATE/node$i.link" \
+      "$STATE/node$i.linkready" < /dev/null > "$STATE/node$i.linkem.log" 2>&1 &
+    echo $! > "$STATE/node$i.linkem.pid"
+    local waited=0
+    until [[ -f $STATE/node$i.linkready ]]; do
+      sleep 0.05
+      ((++waited < 200)) || die "the link emulator of node$i did not start: $(cat "$STATE/node$i.linkem.log")"
+    done
+    ip -n "$PREFIX-switch" link set "n$i" netns "$netns"
+    ip -n "$netns" link set "n$i" name "$IFACE"
+    ip -n "$netns" link set "$IFACE" mtu "$MTU"
     ip -n "$netns" addr add "$SUBNET.$i/24" dev "$IFACE"
     ip -n "$netns" link set "$IFACE" up
+    ip -n "$PREFIX-switch" link set "b$i" mtu "$MTU" master br0 up
     local private_setup=":"
     if [[ -n $private_dir ]]; then
       mkdir -p "$STATE/node$i.disk" "$private_dir"
@@ -159,8 +187,8 @@ cmd_up() {
 
 cmd_down() {
   if [[ -d $STATE ]]; then
-    for pidfile in "$STATE"/node*.pid; do
-      [[ -f $pidfile ]] || continue
+    for pidfile in "$STATE"/node[0-9]*.pid; do
+      [[ -f $pidfile && $pidfile != *.linkem.pid ]] || continue
       local index=${pidfile##*/node}
       index=${index%.pid}
       # Whatever still runs on the node goes first, then the holder.
@@ -168,6 +196,7 @@ cmd_down() {
       pids=$(ip netns pids "$PREFIX-node$index" 2> /dev/null || true)
       [[ -n $pids ]] && kill -9 $pids 2> /dev/null || true
       kill -9 "$(cat "$pidfile")" 2> /dev/null || true
+      kill -9 "$(cat "$STATE/node$index.linkem.pid" 2> /dev/null)" 2> /dev/null || true
     done
   fi
   for netns in $(ip netns list 2> /dev/null | awk -v p="$PREFIX-" 'index($1, p) == 1 { print $1 }'); do
@@ -214,13 +243,41 @@ cmd_mpirun() {
   in_node 1 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
     "$launcher" --mca plm_rsh_agent "$SELF rsh" \
     --mca btl tcp,self --mca btl_tcp_if_include "$IFACE" --mca oob_tcp_if_include "$IFACE" \
+    --bind-to none \
     --hostfile "$STATE/hostfile" "$@"
 }
 
+# "1gbit", "500mbit", "100kbit", "2000000bit" -> bits per second.
+rate_bits() {
+  local value=$1 number unit
+  [[ $value =~ ^([0-9]+(\.[0-9]+)?)([kmg]?)bit$ ]] || die "shape: rate '$value' is not like 1gbit, 500mbit"
+  number=${BASH_REMATCH[1]} unit=${BASH_REMATCH[3]}
+  awk -v n="$number" -v u="$unit" 'BEGIN { m = u == "g" ? 1e9 : u == "m" ? 1e6 : u == "k" ? 1e3 : 1; printf "%.0f", n * m }'
+}
+# "20ms", "0.1ms", "50us", "1s" -> microseconds.
+delay_us() {
+  local value=$1
+  [[ $value =~ ^([0-9]+(\.[0-9]+)?)(s|ms|us)$ ]] || die "shape: delay '$value' is not like 1ms, 50us"
+  awk -v n="${BASH_REMATCH[1]}" -v u="${BASH_REMATCH[3]}" 'BEGIN { m = u == "s" ? 1e6 : u == "ms" ? 1e3 : 1; printf "%.0f", n * m }'
+}
+# "1%", "0.5%" -> parts per million.
+loss_ppm() {
+  local value=$1
+  [[ $value =~ ^([0-9]+(\.[0-9]+)?)%$ ]] || die "shape: loss '$value' is not like 1%"
+  awk -v n="${BASH_REMATCH[1]}" 'BEGIN { if (n > 100) exit 1; printf "%.0f", n * 1e4 }' || die "shape: loss over 100%"
+}
+
 cmd_shape() {
-  local index
-  index=$(node_index "${1:?shape: which node?}")
+  local target=${1:?shape: which node?}
   shift
+  if [[ $target == all ]]; then
+    local count
+    count=$(node_count)
+    for ((i = 1; i <= count; i++)); do cmd_shape "$i" "$@"; done
+    return 0
+  fi
+  local index
+  index=$(node_index "$target")
   local rate="" delay="" loss=""
   while (($#)); do
     case $1 in
@@ -230,21 +287,23 @@ cmd_shape() {
       *) die "shape: unknown argument '$1' (expected --rate, --delay, --loss)" ;;
     esac
   done
-  local out_args=() in_args=()
-  [[ -n $delay ]] && out_args+=(delay "$delay")
-  [[ -n $loss ]] && out_args+=(loss "$loss")
-  # netem's rate limiter, with a queue deep enough for a bandwidth-delay product of
-  # 10 Gbit/s x 10 ms in full-size frames.
-  [[ -n $rate ]] && { out_args+=(rate "$rate"); in_args+=(rate "$rate"); }
+  # The rate: tbf on both devices of the link (the node's sending, and the bridge port's
+  # sending towards the node), with a bucket of 1 ms at the rate (at least 64 KiB).
   ip netns exec "$PREFIX-node$index" tc qdisc del dev "$IFACE" root 2> /dev/null || true
-  ip netns exec "$PREFIX-switch" tc qdisc del dev "port$index" root 2> /dev/null || true
-  if ((${#out_args[@]})); then
-    ip netns exec "$PREFIX-node$index" tc qdisc add dev "$IFACE" root netem limit 10000 "${out_args[@]}"
+  ip netns exec "$PREFIX-switch" tc qdisc del dev "b$index" root 2> /dev/null || true
+  if [[ -n $rate ]]; then
+    local bits burst
+    bits=$(rate_bits "$rate")
+    burst=$((bits / 8 / 1000 > 65536 ? bits / 8 / 1000 : 65536))
+    ip netns exec "$PREFIX-node$index" tc qdisc add dev "$IFACE" root tbf rate "${bits}bit" burst "$burst" latency 100ms
+    ip netns exec "$PREFIX-switch" tc qdisc add dev "b$index" root tbf rate "${bits}bit" burst "$burst" latency 100ms
   fi
-  if ((${#in_args[@]})); then
-    ip netns exec "$PREFIX-switch" tc qdisc add dev "port$index" root netem limit 10000 "${in_args[@]}"
-  fi
-  echo "${out_args[*]:-none}" > "$STATE/node$index.shape"
+  local us=0 ppm=0
+  [[ -n $delay ]] && us=$(delay_us "$delay")
+  [[ -n $loss ]] && ppm=$(loss_ppm "$loss")
+  echo "$us $ppm" > "$STATE/node$index.link"
+  kill -HUP "$(cat "$STATE/node$index.linkem.pid")"
+  echo "rate=${rate:-unlimited} delay=${delay:-0} loss=${loss:-0%}" > "$STATE/node$index.shape"
 }
 
 cmd_link() {
@@ -252,7 +311,7 @@ cmd_link() {
   index=$(node_index "${1:?link: which node?}")
   local state=${2:?link: up or down?}
   [[ $state == up || $state == down ]] || die "link: expected up or down, got '$state'"
-  ip -n "$PREFIX-switch" link set "port$index" "$state"
+  ip -n "$PREFIX-switch" link set "b$index" "$state"
 }
 
 cmd_kill() {
@@ -272,7 +331,7 @@ cmd_status() {
   count=$(node_count)
   for ((i = 1; i <= count; i++)); do
     local link shape
-    link=$(ip -n "$PREFIX-switch" -o link show "port$i" | grep -q 'state UP\|,UP' && echo up || echo down)
+    link=$(ip -n "$PREFIX-switch" -o link show "b$i" | grep -q '[<,]UP[,>]' && echo up || echo down)
     shape=$(cat "$STATE/node$i.shape" 2> /dev/null || echo none)
     echo "node$i $SUBNET.$i link=$link shaping=$shape processes=$(ip netns pids "$PREFIX-node$i" | wc -l)"
   done

@@ -167,19 +167,25 @@ local_checkpoint)
 node_lost_link) node_lost link ;;
 node_lost_kill) node_lost kill ;;
 bad_network)
+  start=$SECONDS
   train clean.log 1 2 --set output_dir="$out/clean" --set parallel.expert_parallel_size=2 \
     --set schedule.steps=30 || fail "training on a clean link failed"
-  "$cluster" shape 2 --delay 20ms --loss 1%
+  clean_seconds=$((SECONDS - start))
+  "$cluster" shape 2 --delay 20ms --loss 1% || fail "cannot shape node2's link"
   start=$SECONDS
   # The default deadline (runtime.collective_timeout_seconds: 300 s).
   train shaped.log 1 2 --set output_dir="$out/shaped" --set parallel.expert_parallel_size=2 \
     --set schedule.steps=30 || fail "training over 20 ms + 1% loss failed"
+  shaped_seconds=$((SECONDS - start))
   "$cluster" shape 2
   grep -q "did not complete within" "$out/shaped.log" && fail "the watchdog fired"
+  # Every collective waits at least 2 x 20 ms: the impairment was there.
+  ((shaped_seconds >= clean_seconds + 5)) ||
+    fail "the shaped run took ${shaped_seconds} s, the clean one ${clean_seconds} s: was the link shaped?"
   clean=$(train_losses "$out/clean/metrics.jsonl")
   shaped=$(train_losses "$out/shaped/metrics.jsonl")
   [[ -n $clean && $clean == "$shaped" ]] || fail "the losses differ: clean [$clean] shaped [$shaped]"
-  pass "30 steps over 20 ms + 1% loss in $((SECONDS - start)) s, losses equal to the clean link's"
+  pass "30 steps in ${shaped_seconds} s over 20 ms + 1% loss (${clean_seconds} s clean), the same losses"
   ;;
 *) echo "unknown case $case_name"; exit 2 ;;
 esac
