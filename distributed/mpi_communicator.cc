@@ -393,6 +393,12 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   MPI_Initialized(&initialized);
   int provided = 0;
   if (!initialized) {
+    // Open MPI's nonblocking all-reduce (libnbc) reduces to one rank and broadcasts back
+    // when the buffer is reduced in place (every gradient bucket): 2 log2(p) times the bytes
+    // over each link instead of 2 (p - 1) / p, half the link's rate at 2 ranks and 27% at 4
+    // (measured on the test cluster, docs/multinode.md). Rabenseifner's reduce-scatter +
+    // all-gather moves the minimum; a user's own setting of the parameter wins.
+    setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "3", /*overwrite=*/0);
     CheckInit(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
     finalize_ = true;
     // Errors on MPI_COMM_WORLD come back as codes too (the default aborts without a word

@@ -273,18 +273,33 @@ TEST(PlanCollectives, AlphaBetaByHand) {
   EXPECT_NEAR(RingAllReduceSeconds(1e9, 8, 8, intra, inter, 1e10), 14 * 1e-5 + 1.75e9 / 1e11, 1e-12);
   // Two buckets: latencies twice.
   EXPECT_NEAR(RingAllReduceSeconds(1e9, 8, 8, intra, inter, 6e8), 28 * 1e-5 + 1.75e9 / 1e11, 1e-12);
-  // Over 2 nodes of 8: 14 intra + 2 inter latency steps, bandwidth of the network.
+  // Over 2 nodes of 8: 14 intra + 2 inter latency steps, at the node's 8 network links
+  // together (8 x 1e10, below the intra-node 1e11).
   EXPECT_NEAR(RingAllReduceSeconds(1e9, 16, 8, intra, inter, 1e10),
-              14 * 1e-5 + 2 * 2e-5 + 2.0 * 15 / 16 * 1e9 / 1e10, 1e-12);
+              14 * 1e-5 + 2 * 2e-5 + 2.0 * 15 / 16 * 1e9 / 8e10, 1e-12);
+  EXPECT_EQ(AllReduceBusBandwidth(16, 8, intra, inter), 8e10);
+  EXPECT_EQ(AllReduceBusBandwidth(16, 1, intra, inter), 1e10);  // one device per node
+  EXPECT_EQ(AllReduceBusBandwidth(32, 16, intra, inter), 1e11);  // capped by the node's link
+  EXPECT_EQ(AllReduceBusBandwidth(8, 8, intra, inter), 1e11);
   EXPECT_EQ(RingAllReduceSeconds(1e9, 1, 8, intra, inter, 1e10), 0);
   // The charged all-reduce: the tree's 2 log2 p latency steps where they are fewer. Over
   // 4096 ranks in nodes of 8, one bucket: ring 14 intra + 1022 inter steps, tree 24 inter.
-  const double bandwidth = 2.0 * 4095 / 4096 * 1e9 / 1e10;
+  const double bandwidth = 2.0 * 4095 / 4096 * 1e9 / 8e10;
   EXPECT_NEAR(RingAllReduceSeconds(1e9, 4096, 8, intra, inter, 1e10), 14e-5 + 1022 * 2e-5 + bandwidth, 1e-12);
   EXPECT_NEAR(AllReduceSeconds(1e9, 4096, 8, intra, inter, 1e10), 24 * 2e-5 + bandwidth, 1e-12);
   // Within a node of 2 the ring's 2 steps beat the tree's 2 (a tie) and stay.
   EXPECT_NEAR(AllReduceSeconds(1e6, 2, 8, intra, inter, 1e10), RingAllReduceSeconds(1e6, 2, 8, intra, inter, 1e10),
               1e-15);
+  // The argument agreement of an MPI communicator: ceil(log2 p) latencies of the slowest
+  // link, only where the profile says its collectives agree on their arguments.
+  HardwareProfile hw;
+  *hw.mutable_intra_node() = intra;
+  *hw.mutable_inter_node() = inter;
+  EXPECT_EQ(AgreementSeconds(hw, 16, 8), 0);
+  hw.set_collectives_agree_arguments(true);
+  EXPECT_NEAR(AgreementSeconds(hw, 16, 8), 4 * 2e-5, 1e-15);
+  EXPECT_NEAR(AgreementSeconds(hw, 8, 8), 3 * 1e-5, 1e-15);
+  EXPECT_EQ(AgreementSeconds(hw, 1, 8), 0);
   // All-to-all of 8 MB over 16 ranks on 2 nodes: 7/16 in the node, 8/16 over the network.
   EXPECT_NEAR(AllToAllSeconds(8e6, 16, 8, intra, inter), 15 * 2e-5 + std::max(3.5e6 / 1e11, 4e6 / 1e10),
               1e-12);

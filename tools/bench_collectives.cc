@@ -17,9 +17,12 @@ const char kCollectivesUsage[] = R"(Usage: mpirun -np P rmoe_bench collectives [
 
 Times MpiCommunicator::AllReduce (sum, in place) and AllToAll (even splits: each rank sends
 1/P of its buffer to every rank, its own share included) of fp32 buffers of each size, as
-rmoe_train issues them (through the collective watchdog's wait loop). Each iteration starts
-with a barrier; its time is the slowest rank's. Reported per operation and size: min and
-median time, and from the median, as nccl-tests reports them:
+rmoe_train issues them (through the collective watchdog's wait loop). A sample is a barrier,
+then a run of back-to-back operations (as many as take about a fifth of --seconds), timed
+by the slowest rank and divided by their number: the ranks leave a barrier up to one
+message latency apart, which would otherwise count in every operation. Reported per
+operation and size, over the samples: min and median time per operation, and from the
+median, as nccl-tests reports them:
   algbw  size / time (size: the buffer each rank holds)
   busbw  algbw x 2 (P - 1) / P for all-reduce, x (P - 1) / P for all-to-all: the bytes each
          rank moves over its link per second, comparable with the link rate whatever P is
@@ -30,9 +33,9 @@ Options:
   --sizes LIST    buffer bytes per rank, comma-separated (default
                   8,1024,65536,1048576,4194304,16777216); rounded down to whole fp32 elements
   --ops LIST      allreduce,alltoall (default both)
-  --iters I       timed iterations per size (default: as many as take about --seconds, 3-200)
-  --seconds S     target time per size for the default --iters (default 1)
-  --warmup W      untimed iterations first (default 2)
+  --samples N     timed samples per size (default 5)
+  --seconds S     about how long the samples of one size take together (default 1)
+  --warmup W      untimed operations first (default 2)
   --json PATH     also write the results as JSON
 )";
 
@@ -54,7 +57,7 @@ double BusFactor(const std::string& op, int ranks) {
 }  // namespace
 
 int RunCollectives(const std::vector<std::string>& args, distributed::MpiRuntime& mpi) {
-  const Options o(args, {"--sizes", "--ops", "--iters", "--seconds", "--warmup"});
+  const Options o(args, {"--sizes", "--ops", "--samples", "--seconds", "--warmup"});
   const std::vector<int64_t> sizes =
       o.IntList("--sizes", {8, 1024, 65536, 1048576, 4194304, 16777216});
   const std::string ops_flag = o.String("--ops", "allreduce,alltoall");
@@ -83,28 +86,30 @@ int RunCollectives(const std::vector<std::string>& args, distributed::MpiRuntime
       const int64_t elements = std::max<int64_t>(unit, requested / 4 / unit * unit);
       auto buffer = torch::ones({elements}, torch::kFloat32);
       const std::vector<int64_t> splits(ranks, elements / ranks);
-      auto once = [&] {
+      auto run = [&](int count) {
         world.Barrier();
         const auto start = Clock::now();
-        if (op == "allreduce") {
-          world.AllReduce(buffer, distributed::ReduceOp::kSum);
-        } else {
-          auto received = world.AllToAll(buffer, splits, splits);
+        for (int i = 0; i < count; ++i) {
+          if (op == "allreduce") {
+            world.AllReduce(buffer, distributed::ReduceOp::kSum);
+          } else {
+            auto received = world.AllToAll(buffer, splits, splits);
+          }
         }
-        const double seconds = SecondsSince(start);
+        const double seconds = SecondsSince(start) / count;
         if (op == "allreduce") buffer.fill_(1);  // sums of sums would overflow
         return seconds;
       };
-      for (int i = 0; i < warmup; ++i) once();
-      // The default count: from one timed probe, agreed by every rank.
-      int iters = static_cast<int>(o.Int("--iters", 0, 0));
-      if (iters == 0) {
-        const double probe = MaxOverRanks(world, {once()})[0];
-        iters = static_cast<int>(std::clamp(target_seconds / std::max(probe, 1e-6), 3.0, 200.0));
-      }
+      if (warmup > 0) run(warmup);
+      // Operations per sample: from one timed operation, agreed by every rank.
+      const double probe = MaxOverRanks(world, {run(1)})[0];
+      const int samples = static_cast<int>(o.Int("--samples", 5));
+      const int per_sample = static_cast<int>(
+          std::clamp(target_seconds / samples / std::max(probe, 1e-6), 1.0, 1000.0));
       std::vector<double> times;
-      for (int i = 0; i < iters; ++i) times.push_back(once());
+      for (int i = 0; i < samples; ++i) times.push_back(run(per_sample));
       times = MaxOverRanks(world, times);
+      const int iters = samples * per_sample;
       Measured m;
       m.op = op;
       m.bytes = elements * 4;

@@ -27,6 +27,8 @@ namespace plan = rmoe::plan;
 constexpr char kUsage[] = R"(Usage: rmoe_plan --job SPEC.pbtxt [--set FIELD=VALUE]... --gpus N --hardware PROFILE.pbtxt
                  [--metrics metrics.jsonl] [--ranks-per-node R] [--spec-only] [--json OUT]
        rmoe_plan --calibrate BENCH.json [BENCH.json...] --out PROFILE.pbtxt [--hardware BASE.pbtxt]
+       rmoe_plan --collectives --gpus N --hardware PROFILE.pbtxt [--ranks-per-node R]
+                 [--sizes BYTES,...] [--json OUT]
 
 Plans a training job on N devices before running it. For every layout of N ranks (EP =
 parallel.expert_parallel_size dividing model.moe.num_experts and N, DP = N / EP; EP groups
@@ -60,6 +62,11 @@ Options:
   --compact             one row per layout: its fastest option that fits (the one needing
                         the least memory when none does)
   --json PATH           also write every row as JSON
+  --collectives         instead of a plan: the all-reduce and all-to-all of each --sizes
+                        buffer (bytes per rank, default 8,1024,65536,1048576,4194304,
+                        16777216) over N ranks as the step's model charges them (one
+                        bucket; even all-to-all splits), with nccl-tests' algbw and busbw:
+                        what `rmoe_bench collectives` measures (docs/multinode.md)
   --calibrate FILE      rmoe_bench --json outputs (matmul, alltoall, step; the flag may be
                         repeated, or further files follow it) to fit a profile of this
                         machine: tools/plan_validate.sh runs them. The "peak_rss_bytes"
@@ -145,6 +152,57 @@ int RunCalibrate(const rmoe::cli::Args& args) {
   }
   std::printf("%s", text.c_str());
   std::printf("profile written to %s\n", args.Get("--out").c_str());
+  return 0;
+}
+
+// The collectives alone, for comparison with `rmoe_bench collectives` on a real network.
+int RunCollectives(const rmoe::cli::Args& args) {
+  if (!args.Has("--gpus")) return Fail(2, "--collectives needs --gpus N (see --help)");
+  if (!args.Has("--hardware")) return Fail(2, "--collectives needs --hardware PROFILE.pbtxt (see --help)");
+  auto ranks = args.Int("--gpus", 1, 1, 1 << 24);
+  if (!ranks.ok()) return Fail(2, std::string(ranks.status().message()));
+  auto hw = plan::LoadHardwareProfile(args.Get("--hardware"));
+  if (!hw.ok()) return Fail(2, std::string(hw.status().message()));
+  auto per_node = args.Int("--ranks-per-node", hw->devices_per_node(), 1, 1 << 20);
+  if (!per_node.ok()) return Fail(2, std::string(per_node.status().message()));
+  auto sizes = args.IntList("--sizes", {8, 1024, 65536, 1048576, 4194304, 16777216}, 1);
+  if (!sizes.ok()) return Fail(2, std::string(sizes.status().message()));
+  const int p = static_cast<int>(*ranks), rpn = static_cast<int>(*per_node);
+  std::vector<std::vector<std::string>> table = {
+      {"op", "bytes", "predicted us", "algbw MB/s", "busbw MB/s"}};
+  std::vector<rmoe::JsonObject> items;
+  for (const char* op : {"allreduce", "alltoall"}) {
+    const bool allreduce = std::string(op) == "allreduce";
+    for (int64_t bytes : *sizes) {
+      const double b = static_cast<double>(bytes);
+      const double seconds =
+          plan::AgreementSeconds(*hw, p, rpn) +
+          (allreduce ? plan::AllReduceSeconds(b, p, rpn, hw->intra_node(), hw->inter_node(), b)
+                     : plan::AllToAllSeconds(b, p, rpn, hw->intra_node(), hw->inter_node()));
+      const double algbw = seconds > 0 ? b / seconds : 0;
+      const double busbw = algbw * (allreduce ? 2.0 * (p - 1) / p : static_cast<double>(p - 1) / p);
+      table.push_back({op, absl::StrCat(bytes), absl::StrFormat("%.1f", seconds * 1e6),
+                       absl::StrFormat("%.2f", algbw / 1e6), absl::StrFormat("%.2f", busbw / 1e6)});
+      items.push_back(rmoe::JsonObject()
+                          .Add("op", std::string(op))
+                          .Add("bytes", bytes)
+                          .Add("predicted_s", seconds)
+                          .Add("algbw_bytes_per_s", algbw)
+                          .Add("busbw_bytes_per_s", busbw));
+    }
+  }
+  std::printf("%d ranks, %d per node, %s\n", p, rpn, args.Get("--hardware").c_str());
+  PrintTable(table);
+  if (args.Has("--json")) {
+    rmoe::JsonObject out;
+    out.Add("hardware", args.Get("--hardware"))
+        .Add("ranks", static_cast<int64_t>(p))
+        .Add("ranks_per_node", static_cast<int64_t>(rpn))
+        .AddRaw("results", rmoe::JsonArray(items));
+    if (auto s = rmoe::WriteFileAtomically(args.Get("--json"), rmoe::IndentJson(out.str()) + "\n"); !s.ok()) {
+      return Fail(1, std::string(s.message()));
+    }
+  }
   return 0;
 }
 
@@ -250,7 +308,10 @@ int RunPlan(const rmoe::cli::Args& args) {
               FormatBytes(hw->runtime_overhead_bytes()).c_str());
   if (best < 0) {
     std::printf("\nno layout fits %s per rank: more devices, a smaller micro-batch or seq_len, "
-                "recompute, or ZeRO-1\n",
+                "recompute, or ZeRO-1. RMoE splits a model by expert parallelism only (with data "
+                "parallelism and ZeRO-1's optimizer-state sharding): it has no tensor, pipeline or "
+                "context parallelism and no ZeRO-2/3 yet, so every rank holds every non-expert "
+                "parameter and gradient\n",
                 FormatBytes(first.memory_available).c_str());
   } else {
     const plan::PlanRow& r = (*rows)[best];
@@ -349,12 +410,15 @@ int main(int argc, char** argv) {
       .Value("--json", "an output path")
       .Repeated("--calibrate", "an rmoe_bench JSON path")
       .Value("--out", "a profile path")
+      .Switch("--collectives")
+      .Value("--sizes", "a list of byte counts")
       .Positionals(1 << 16);
   auto args = parser.Parse(rmoe::cli::Arguments(argc, argv));
   if (!args.ok()) return Fail(2, std::string(args.status().message()));
   if (args->help()) return rmoe::cli::PrintUsage(kUsage);
   try {
     if (args->Has("--calibrate")) return RunCalibrate(*args);
+    if (args->Has("--collectives")) return RunCollectives(*args);
     if (!args->positional().empty()) {
       return Fail(2, absl::StrCat("unexpected argument \"", args->positional()[0], "\" (see --help)"));
     }

@@ -153,16 +153,24 @@ absl::StatusOr<std::vector<Layout>> EnumerateLayouts(int num_experts, int world,
 
 // ------------------------------------------------------------------ collectives
 
+double AllReduceBusBandwidth(int p, int ranks_per_node, const LinkSpec& intra, const LinkSpec& inter) {
+  const int in_node = std::min(p, ranks_per_node);
+  if (p <= in_node) return intra.bandwidth_bytes_per_s();
+  // Across nodes the reduction runs as several rings (NCCL's channels), each leaving the node
+  // through another device's network link: the node's links together carry it.
+  return std::min(intra.bandwidth_bytes_per_s(), in_node * inter.bandwidth_bytes_per_s());
+}
+
 double RingAllReduceSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& intra,
                             const LinkSpec& inter, double bucket_bytes) {
   if (p <= 1 || bytes <= 0) return 0;
   const bool spans = p > ranks_per_node;
-  const LinkSpec& slow = spans ? inter : intra;
   const int nodes = spans ? (p + ranks_per_node - 1) / ranks_per_node : 1;
   const int in_node = std::min(p, ranks_per_node);
   const double latency = 2.0 * (in_node - 1) * intra.latency_s() + 2.0 * (nodes - 1) * inter.latency_s();
   const double buckets = std::max(1.0, std::ceil(bytes / bucket_bytes));
-  return buckets * latency + 2.0 * (p - 1) / p * bytes / slow.bandwidth_bytes_per_s();
+  return buckets * latency +
+         2.0 * (p - 1) / p * bytes / AllReduceBusBandwidth(p, ranks_per_node, intra, inter);
 }
 
 double AllReduceSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& intra,
@@ -172,7 +180,7 @@ double AllReduceSeconds(double bytes, int p, int ranks_per_node, const LinkSpec&
   const LinkSpec& slow = p > ranks_per_node ? inter : intra;
   const double buckets = std::max(1.0, std::ceil(bytes / bucket_bytes));
   const double tree = buckets * 2 * std::ceil(std::log2(static_cast<double>(p))) * slow.latency_s() +
-                      2.0 * (p - 1) / p * bytes / slow.bandwidth_bytes_per_s();
+                      2.0 * (p - 1) / p * bytes / AllReduceBusBandwidth(p, ranks_per_node, intra, inter);
   return std::min(ring, tree);
 }
 
@@ -184,6 +192,12 @@ double AllToAllSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& 
   const double latency = (p - 1) * (p > in_node ? inter.latency_s() : intra.latency_s());
   return latency + std::max(intra_bytes / intra.bandwidth_bytes_per_s(),
                             inter_bytes / inter.bandwidth_bytes_per_s());
+}
+
+double AgreementSeconds(const HardwareProfile& hw, int p, int ranks_per_node) {
+  if (!hw.collectives_agree_arguments() || p <= 1) return 0;
+  const LinkSpec& slow = p > ranks_per_node ? hw.inter_node() : hw.intra_node();
+  return std::ceil(std::log2(static_cast<double>(p))) * slow.latency_s();
 }
 
 double BroadcastSeconds(double bytes, int p, const LinkSpec& link) {
@@ -386,7 +400,9 @@ StepEstimate EstimateStep(const JobSpec& spec, const Layout& layout, const Hardw
                                        hw.inter_node());
     const double counts = AllToAllSeconds(8.0 * E, layout.ep, layout.ranks_per_node, hw.intra_node(),
                                           hw.inter_node());
-    s.alltoall_s = accum * moe_layers * (per_layer * one + (per_layer / 2) * counts);
+    s.alltoall_s = accum * moe_layers *
+                   (per_layer * one + (per_layer / 2) * counts +
+                    1.5 * per_layer * AgreementSeconds(hw, layout.ep, layout.ranks_per_node));
   }
 
   // Gradients: replicated ones averaged over the world, each expert slice's over its dp
@@ -411,6 +427,12 @@ StepEstimate EstimateStep(const JobSpec& spec, const Layout& layout, const Hardw
     return p > 1 ? 3.0 * bytes * (p - 1) / p / (hw.memory_bandwidth_bytes_per_s() * share) : 0.0;
   };
   s.allreduce_s += reduction(replicated * kFloat, layout.world) + reduction(expert_local * kFloat, layout.dp);
+  const auto buckets_of = [](double bytes) { return std::max(1.0, std::ceil(bytes / kBucketBytes)); };
+  s.allreduce_s += (buckets_of(replicated * kFloat) + 3) * AgreementSeconds(hw, layout.world, layout.ranks_per_node);
+  if (layout.dp > 1) {
+    s.allreduce_s += buckets_of(expert_local * kFloat) *
+                     AgreementSeconds(hw, layout.dp, layout.world_spans_nodes ? 1 : layout.dp);
+  }
 
   // ZeRO-1: every parameter broadcast from its owner after the step, the replicated ones
   // to the world (one broadcast series per owning rank), each expert slice to its replicas.

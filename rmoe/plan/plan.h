@@ -59,9 +59,14 @@ absl::StatusOr<std::vector<Layout>> EnumerateLayouts(int num_experts, int world,
 
 // ---- collectives (alpha-beta), seconds
 
+// The bytes per second each rank's share of an all-reduce moves at (its bus bandwidth):
+// within a node the intra-node link's; across nodes the node's network links together
+// (ranks_per_node x inter, as NCCL runs one ring per device and its network link), but
+// never more than the intra-node link.
+double AllReduceBusBandwidth(int p, int ranks_per_node, const LinkSpec& intra, const LinkSpec& inter);
 // Ring all-reduce of `bytes` over p ranks in buckets of at most `bucket_bytes`: per bucket
-// 2 (p - 1) / p of it over `bandwidth` and 2 (p - 1) latency steps (a two-level ring: steps
-// within a node at the intra-node latency, across nodes at the inter-node one).
+// 2 (p - 1) / p of it at AllReduceBusBandwidth and 2 (p - 1) latency steps (a two-level
+// ring: steps within a node at the intra-node latency, across nodes at the inter-node one).
 double RingAllReduceSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& intra,
                             const LinkSpec& inter, double bucket_bytes);
 // What EstimateStep charges for an all-reduce: per bucket the faster of the ring above and
@@ -75,6 +80,9 @@ double AllReduceSeconds(double bytes, int p, int ranks_per_node, const LinkSpec&
 // (p - 1) messages of the slowest link used.
 double AllToAllSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& intra,
                        const LinkSpec& inter);
+// The argument agreement before each collective of p ranks (HardwareProfile::
+// collectives_agree_arguments): ceil(log2 p) latencies of the slowest link; 0 without it.
+double AgreementSeconds(const HardwareProfile& hw, int p, int ranks_per_node);
 // Broadcast of `bytes` from one rank to p: bytes / bandwidth + ceil(log2 p) latencies.
 double BroadcastSeconds(double bytes, int p, const LinkSpec& link);
 
