@@ -2,9 +2,12 @@
 """The tables of docs/results/multinode.md from tools/multinode_bench.sh's raw numbers.
 
   tools/multinode_report.py DATA_DIR              print the tables (Markdown)
+  tools/multinode_report.py DATA_DIR --summary    print the summary docs/scaling.md shows
   tools/multinode_report.py DATA_DIR --check PAGE exit 1 unless PAGE holds them verbatim
                                                   between "<!-- tables begin -->" and
-                                                  "<!-- tables end -->"
+                                                  "<!-- tables end -->", or the summary
+                                                  between "<!-- network summary begin -->"
+                                                  and "<!-- network summary end -->"
 
 Measured: rmoe_bench collectives medians (N<nodes>_<setting>.collectives.json) and
 rmoe_bench step means (.step.json); predicted: rmoe_plan --collectives (.predicted.json)
@@ -64,7 +67,7 @@ def collectives_table(data_dir):
         "| nodes | link (rate, one-way latency) | op | bytes | measured us | predicted us | predicted / measured | busbw, % of the link |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    ratios = []
+    ratios = {}  # (nodes, rate, message size class) -> predicted / measured, shaped links
     for nodes, setting in settings(data_dir):
         base = os.path.join(data_dir, f"N{nodes}_{setting}")
         measured = load(base + ".collectives.json")["result"]["results"]
@@ -77,14 +80,24 @@ def collectives_table(data_dir):
             ratio = p["predicted_s"] / m["median_s"]
             share = f"{100 * m['busbw_bytes_per_s'] * 8 / rate:.0f}%" if rate and m["bytes"] >= 1 << 20 else ""
             if setting != "none":
-                ratios.append(ratio)
+                size = "1 MiB and more" if m["bytes"] >= 1 << 20 else "64 KiB and less"
+                ratios.setdefault((nodes, rate, size), []).append(ratio)
             rows.append(
                 f"| {nodes} | {label(setting)} | {m['op']} | {m['bytes']} | {m['median_s'] * 1e6:.0f} | "
                 f"{p['predicted_s'] * 1e6:.0f} | {ratio:.2f} | {share} |")
-    within = sum(1 for r in ratios if abs(r - 1) <= WITHIN)
-    summary = (f"Shaped links: {within} of {len(ratios)} predictions within 20% of the measured "
-               f"median (ratios {min(ratios):.2f} to {max(ratios):.2f}).") if ratios else ""
-    return rows, summary
+    return rows, summarize(ratios)
+
+
+def summarize(groups):
+    """A table of how many predictions fall within 20%, per group of settings."""
+    rows = ["| nodes | link rate | messages | predictions within 20% | predicted / measured |",
+            "|---|---|---|---:|---|"]
+    for (nodes, rate, size), ratios in sorted(groups.items()):
+        within = sum(1 for r in ratios if abs(r - 1) <= WITHIN)
+        rate_text = f"{rate / 1e9:g} Gbit/s" if rate >= 1e9 else f"{rate / 1e6:g} Mbit/s"
+        rows.append(f"| {nodes} | {rate_text} | {size} | {within} of {len(ratios)} | "
+                    f"{min(ratios):.2f} to {max(ratios):.2f} |")
+    return "\n".join(rows)
 
 
 def steps_table(data_dir):
@@ -113,31 +126,74 @@ def steps_table(data_dir):
     return rows, summary
 
 
+def algorithm_table(data_dir):
+    """Open MPI's binomial all-reduce (binomial_N<nodes>_<setting>.json, measured with
+    coll_libnbc_iallreduce_algorithm 2) against the reduce-scatter + all-gather rmoe selects."""
+    rows = ["| nodes | link | bytes | binomial: busbw, % of the link | reduce-scatter + all-gather | speed-up |",
+            "|---|---|---:|---:|---:|---:|"]
+    for name in sorted(os.listdir(data_dir)):
+        m = re.fullmatch(r"binomial_N(\d+)_(.+)\.json", name)
+        if not m:
+            continue
+        rate = describe(m[2])[0]
+        binomial = load(os.path.join(data_dir, name))["result"]["results"]
+        chosen = {(r["op"], r["bytes"]): r for r in
+                  load(os.path.join(data_dir, f"N{m[1]}_{m[2]}.collectives.json"))["result"]["results"]}
+        for b in binomial:
+            c = chosen.get((b["op"], b["bytes"]))
+            if c is None:
+                continue
+            rows.append(f"| {m[1]} | {label(m[2])} | {b['bytes']} | "
+                        f"{100 * b['busbw_bytes_per_s'] * 8 / rate:.0f}% | "
+                        f"{100 * c['busbw_bytes_per_s'] * 8 / rate:.0f}% | "
+                        f"{b['median_s'] / c['median_s']:.2f}x |")
+    return rows
+
+
 def report(data_dir):
+    algorithms = algorithm_table(data_dir)
     collectives, c_summary = collectives_table(data_dir)
     steps, s_summary = steps_table(data_dir)
-    parts = ["### Collectives", "", *collectives, "", c_summary, "", "### Training steps", "", *steps,
-             "", s_summary]
+    parts = ["### The all-reduce algorithm", "", *algorithms, "", "### Collectives: summary", "",
+             c_summary, "", "### Collectives: every measurement", "", *collectives, "",
+             "### Training steps", "", *steps, "", s_summary]
     return "\n".join(parts).rstrip() + "\n"
 
 
+def summary(data_dir):
+    """The part docs/scaling.md shows: how close the predictions came, and the steps."""
+    _, c_summary = collectives_table(data_dir)
+    steps, s_summary = steps_table(data_dir)
+    return "\n".join([c_summary, "", *steps, "", s_summary]).rstrip() + "\n"
+
+
+SECTIONS = {"tables": report, "network summary": summary}
+
+
 def main(argv):
+    if len(argv) == 3 and argv[2] == "--summary":
+        sys.stdout.write(summary(argv[1]))
+        return 0
     if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "--check"):
         sys.stderr.write(__doc__)
         return 2
-    text = report(argv[1])
     if len(argv) == 2:
-        sys.stdout.write(text)
+        sys.stdout.write(report(argv[1]))
         return 0
     with open(argv[3]) as f:
         page = f.read()
-    m = re.search(r"<!-- tables begin -->\n(.*?)<!-- tables end -->", page, re.S)
-    if not m:
-        print(f"{argv[3]}: no <!-- tables begin --> ... <!-- tables end --> section")
-        return 1
-    if m[1] != text:
-        print(f"{argv[3]}: its tables differ from what {argv[1]} gives; regenerate them with "
-              f"tools/multinode_report.py {argv[1]}")
+    found = 0
+    for name, make in SECTIONS.items():
+        m = re.search(f"<!-- {name} begin -->\n(.*?)<!-- {name} end -->", page, re.S)
+        if not m:
+            continue
+        found += 1
+        if m[1] != make(argv[1]):
+            print(f"{argv[3]}: its {name} differ from what {argv[1]} gives; regenerate them with "
+                  f"tools/multinode_report.py {argv[1]}" + (" --summary" if name != "tables" else ""))
+            return 1
+    if not found:
+        print(f"{argv[3]}: no <!-- tables begin --> or <!-- network summary begin --> section")
         return 1
     print(f"{argv[3]}: tables match {argv[1]}")
     return 0

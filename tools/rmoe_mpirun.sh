@@ -19,7 +19,8 @@
 #    every node and waits until each node's daemon confirms. A daemon that cannot be reached
 #    never confirms, and keepalives do not help while that message is unacknowledged, so
 #    mpirun waited for ever. Here, if mpirun is still running RMOE_MPIRUN_ABORT_GRACE
-#    seconds (default 10) after it reported the abort, it is killed and this script exits 1;
+#    seconds (default 10) after its standard error said the job is ending (an abort, a
+#    failed or lost process, the watchdog's report), it is killed and this script exits 1;
 #    the daemons and ranks on the nodes that can be reached end when mpirun is gone.
 #
 # Signals (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) are passed on to mpirun, which passes them to
@@ -68,12 +69,22 @@ end_after_grace() {
   echo yes > "$ended_by_us"
   kill -KILL "$mpirun_pid" 2> /dev/null
 }
+# Whether a line of mpirun's standard error says the job is ending abnormally: Open MPI's
+# abort and failure reports, or rmoe's collective watchdog (a report of Open MPI's can
+# arrive garbled: "Data unpack would read past end of buffer" instead of its text).
+ending() {
+  case $1 in
+    *"MPI_ABORT was invoked"* | *"Aborting the job"* | *"ORTE has lost communication"* | \
+      *"mpirun noticed that process"* | *"ORTE_ERROR_LOG"* | *"terminated normally, but"*) return 0 ;;
+  esac
+  return 1
+}
 watch_errors() {
   local line guard_started="" timeout=0.5
   while true; do
     if IFS= read -r -t "$timeout" line; then
       printf '%s\n' "$line" >&2
-      if [[ -z $guard_started && $line == *"MPI_ABORT was invoked"* ]]; then
+      if [[ -z $guard_started ]] && ending "$line"; then
         guard_started=yes
         end_after_grace &
       fi
