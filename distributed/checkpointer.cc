@@ -88,8 +88,7 @@ fs::path NearestExisting(fs::path dir) {
 
 absl::Status ShardedCheckpointer::CheckDirectoryShared(const std::string& root) {
   Communicator& world = *groups_.world;
-  if (directory_checked_ || world.size() == 1) return absl::OkStatus();
-  directory_checked_ = true;
+  if (world.size() == 1 || !checked_directories_.insert(root).second) return absl::OkStatus();
   // Rank 0 leaves a file of unique content in the directory (or the ancestor that exists);
   // every other rank must read the same content under the same path.
   std::string probe, content;
@@ -287,6 +286,8 @@ absl::StatusOr<TrainingProgress> ShardedCheckpointer::Load(
     const std::string& path, const JobSpec& job, Transformer& model,
     torch::optim::Optimizer& optimizer) {
   if (auto status = Finish(); !status.ok()) return status;
+  // Ranks that cannot see the checkpoint would each fail on their own; all say why at once.
+  if (auto status = CheckDirectoryShared(path); !status.ok()) return status;
   auto dir = ResolveCheckpoint(path);
   if (!dir.ok()) return dir.status();
   if (rank() == 0) {

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -47,10 +48,10 @@ class ShardedCheckpointer : public Checkpointer {
   // (before a load).
   std::vector<ShardedTensor> StateTensors(Transformer& model, torch::optim::Optimizer& optimizer,
                                           bool create_optimizer_state);
-  // Whether every rank sees the files rank 0 writes where the checkpoints go (a directory
-  // shared by every node); checked once, at the first save. The error names the hosts
-  // whose ranks do not.
-  absl::Status CheckDirectoryShared(const std::string& root);
+  // Whether every rank sees the files rank 0 writes in `dir` (a directory shared by every
+  // node); checked once per directory, at the first save there or before a load. The error
+  // names the hosts whose ranks do not.
+  absl::Status CheckDirectoryShared(const std::string& dir);
   // Commits the save in flight (waiting for this rank's writer) and reports it.
   absl::Status FinishInFlight();
   int rank() const { return groups_.world->rank(); }
@@ -68,7 +69,7 @@ class ShardedCheckpointer : public Checkpointer {
   std::vector<CheckpointReport> reports_;
   // Rank 0: the run id of the checkpoint root, from the first save on (CheckpointWriteOptions).
   std::string run_id_;
-  bool directory_checked_ = false;
+  std::set<std::string> checked_directories_;
 };
 
 }  // namespace rmoe::distributed

@@ -38,8 +38,11 @@ proto/job.proto and configs/) describes, evaluates it and saves it to
 
 Without mpirun it is a world of one rank. Under mpirun (or srun) every rank reads its own
 data; parallel.expert_parallel_size = P splits each MoE layer's experts over groups of P
-consecutive ranks (N must be a multiple of P, num_experts too). Rank 0 alone prints
-progress and writes metrics and the model; errors name their rank.
+ranks taken node by node (N must be a multiple of P, num_experts too). Rank 0 alone prints
+progress, the layout (which ranks on which host) and writes metrics and the model; errors
+name their rank. Across nodes, launch with tools/rmoe_mpirun.sh (mpirun with the settings
+that end a job which lost a node) and keep the checkpoint directory on storage every node
+sees (the first save checks): docs/multinode.md.
 
   --job PATH          the job spec (required)
   --set FIELD=VALUE   override one spec field, e.g. --set model.moe.num_experts=16,

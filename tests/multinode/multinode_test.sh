@@ -10,8 +10,9 @@
 #   shared_checkpoint save on 2 nodes x 2 ranks into the shared directory, resume on 2 nodes
 #                     x 1 rank (resharded; the expert-parallel group then spans the nodes,
 #                     which is warned about)
-#   local_checkpoint  a checkpoint directory each node sees on its own disk: the first save
-#                     stops with an error naming the directory and the hosts
+#   local_checkpoint  a checkpoint directory each node sees on its own disk: the first save,
+#                     and a resume from a checkpoint one node has, stop with an error naming
+#                     the directory and the hosts
 #   node_lost_link    node2's link goes down mid-run: the job ends non-zero within the
 #                     deadline plus seconds (mpirun included), naming the lost rank and host;
 #                     the last checkpoint resumes on node1 alone
@@ -160,6 +161,15 @@ local_checkpoint)
     "$out/local.log" || fail "no error naming the directory and the hosts"
   "$cluster" exec 1 test -e "$run_dir/checkpoints/step_00000002" &&
     fail "a checkpoint was written on node1 before the error"
+  # A checkpoint that only node1 has (saved by one rank there): resuming it on both nodes
+  # stops with the same error before anything is read, on every rank alike.
+  "$cluster" exec 1 "$train" --job "$job" --set data.dataset_dir="$dataset" --set output_dir="$run_dir" \
+    --set schedule.steps=2 --set checkpoint.interval=2 --set schedule.warmup_steps=1 \
+    --set schedule.eval_interval=0 --overwrite --quiet > "$out/node1.log" 2>&1 || fail "training on node1 alone failed"
+  train resume.log 1 2 --set output_dir="$run_dir" --set parallel.expert_parallel_size=2 \
+    --set schedule.steps=4 --resume && fail "resuming a checkpoint only node1 has succeeded"
+  grep -q "the checkpoint directory $run_dir/checkpoints is not shared between nodes: rank 1 on node2 does not see" \
+    "$out/resume.log" || fail "resuming did not name the directory and the hosts"
   "$cluster" exec 1 rm -rf "$run_dir"
   "$cluster" exec 2 rm -rf "$run_dir"
   pass "$(grep -o 'is not shared between nodes: [^.]*' "$out/local.log" | head -1)"
