@@ -13,7 +13,22 @@
 namespace rmoe::distributed::checkpoint_internal {
 
 Fd CreateForWriting(const std::string& path) {
-  return Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
+  // Exclusively: a file already at `path` (a stale write, or a hard link a user planted to
+  // a file of theirs) is unlinked, never truncated, so whatever else links to it keeps its
+  // content; O_NOFOLLOW refuses a symbolic link (ELOOP), and the second exclusive open
+  // whatever appears at the name in between.
+  constexpr int kFlags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
+  int fd = ::open(path.c_str(), kFlags, 0644);
+  if (fd < 0 && errno == EEXIST) {
+    struct stat st;
+    if (::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode)) {
+      errno = ELOOP;
+      return Fd(-1);
+    }
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Fd(-1);
+    fd = ::open(path.c_str(), kFlags, 0644);
+  }
+  return Fd(fd);
 }
 
 absl::Status CreateError(int error, const std::string& what, const std::string& path) {

@@ -25,9 +25,11 @@ using rmoe::WriteAll;
 using Fd = rmoe::FileDescriptor;
 inline absl::Status FsyncDir(const std::string& dir) { return rmoe::FsyncDirectory(dir); }
 
-// Creates or truncates `path` for writing. Every checkpoint file is created through here.
-// O_NOFOLLOW: a symbolic link planted at one of our names must not redirect the write (and
-// the truncation) to a file elsewhere. Check ok(); errno says why it failed.
+// Creates `path` for writing, as a new file: one already there is unlinked, never truncated
+// (a hard link planted at one of our names keeps the linked file's content). Every
+// checkpoint file is created through here. O_NOFOLLOW: a symbolic link planted at one of
+// our names must not redirect the write to a file elsewhere. Check ok(); errno says why it
+// failed.
 Fd CreateForWriting(const std::string& path);
 
 // The status for a failed CreateForWriting: a symbolic link is refused by name.

@@ -812,6 +812,54 @@ TEST_F(RealText, AMetricsFileThatIsASymlinkIsRefused) {
   EXPECT_EQ(text, "precious");
 }
 
+// logging.metrics_file naming a file rmoe did not write (a dataset's val.bin, say) stops a
+// fresh run, even with --overwrite, before anything is removed; the file is left as it was.
+TEST_F(RealText, AMetricsFileRmoeDidNotWriteIsNeverReplaced) {
+  const fs::path out = *dir_ / "metrics_foreign";
+  const std::string foreign = (*dir_ / "val.bin").string();
+  std::ofstream(foreign) << "tokens, not metrics";
+  const JobSpec first = Job("metrics_foreign", {"schedule.warmup_steps=1", "schedule.steps=2", "checkpoint.interval=0"});
+  TrainOptions options;
+  options.quiet = true;
+  ASSERT_TRUE(Train(first, options).ok());  // an earlier run, whose model --overwrite would replace
+  const JobSpec spec = Job("metrics_foreign", {"schedule.warmup_steps=1", "schedule.steps=2",
+                                               "checkpoint.interval=0", "logging.metrics_file=" + foreign});
+  options.overwrite = true;
+  auto refused = Train(spec, options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("not a metrics file rmoe wrote"), std::string::npos)
+      << refused.status();
+  std::ifstream in(foreign);
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+            "tokens, not metrics");
+  EXPECT_TRUE(fs::exists(out / "model")) << "the earlier run was removed before the refusal";
+}
+
+// The writer refuses a foreign file whether the run is fresh or resumed, and a fresh file
+// never truncates the old one in place: a hard link to it keeps its records.
+TEST(Metrics, AForeignFileIsRefusedAndAHardLinkKeepsItsContent) {
+  auto dir = TempDir("metrics_foreign");
+  const std::string foreign = (dir / "notes.txt").string();
+  std::ofstream(foreign) << "my notes";
+  EXPECT_FALSE(MetricsWriter::Open(foreign).ok());
+  EXPECT_FALSE(MetricsWriter::Open(foreign, /*resumed_step=*/3).ok());
+  const std::string path = (dir / "metrics.jsonl").string();
+  const std::string linked = (dir / "kept.jsonl").string();
+  std::ofstream(path) << "{\"type\":\"host\"}\n";
+  fs::create_hard_link(path, linked);
+  auto writer = MetricsWriter::Open(path);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  writer->Write(JsonObject().Add("type", std::string("host")));
+  auto read = [](const std::string& p) {
+    std::ifstream in(p);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  EXPECT_EQ(read(foreign), "my notes");
+  EXPECT_EQ(read(linked), "{\"type\":\"host\"}\n");
+  EXPECT_EQ(read(path), "{\"type\":\"host\"}\n");
+  fs::remove_all(dir);
+}
+
 // A run resumed from step 4 drops the records of later steps an interrupted run had
 // written, so every step appears once.
 TEST(Metrics, AResumedFileKeepsOnlyRecordsUpToTheResumedStep) {

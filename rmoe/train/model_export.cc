@@ -411,6 +411,18 @@ absl::Status ExportModel(const LoadedModel& model, const std::string& tokenizer_
   }
   const std::string target = fs::path(out_dir).lexically_normal().string();
   std::error_code ec;
+  // A checkpoint root or step prunes (checkpoint.keep_last) or replaces whatever is inside
+  // it: an export there would be deleted with the step. Refused before anything is written.
+  for (fs::path dir = fs::absolute(target, ec).lexically_normal().parent_path();
+       !dir.empty(); dir = dir.parent_path()) {
+    if (IsOwned(dir.string(), kCheckpointRootKind) || IsOwned(dir.string(), kCheckpointKind)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "refusing to export into ", target, ": it is inside the checkpoint directory ",
+          dir.string(), ", whose pruning (checkpoint.keep_last) or replacement would delete it; "
+          "choose a folder outside it"));
+    }
+    if (dir == dir.root_path()) break;
+  }
   // Said before anything is written, in words for this command.
   if (fs::exists(target, ec) && !IsOwned(target, kExportKind)) {
     return absl::FailedPreconditionError(absl::StrCat(

@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 
@@ -32,7 +34,25 @@ std::string RecordsUpToStep(absl::string_view text, int64_t step) {
 
 }  // namespace
 
+absl::Status MetricsWriter::CheckMetricsReplaceable(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
+    return absl::OkStatus();  // missing, or not a regular file: Open says why it refuses that
+  }
+  constexpr char kFirstRecord[] = "{\"type\":\"host\"";
+  char head[sizeof kFirstRecord - 1] = {};
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  const bool ours = fd.ok() && ::read(fd.get(), head, sizeof head) == static_cast<ssize_t>(sizeof head) &&
+                    std::equal(head, head + sizeof head, kFirstRecord);
+  if (ours) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "refusing to replace ", path, " (the metrics file, logging.metrics_file): it is not a "
+      "metrics file rmoe wrote (its first line is not the \"host\" record every run writes "
+      "first); choose another logging.metrics_file, or move the file away"));
+}
+
 absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, int64_t resumed_step) {
+  if (auto s = CheckMetricsReplaceable(path); !s.ok()) return s;
   struct stat st;
   if (::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -52,7 +72,11 @@ absl::StatusOr<MetricsWriter> MetricsWriter::Open(const std::string& path, int64
     }
     flags |= O_APPEND;
   } else {
-    flags |= O_TRUNC;
+    // A new file, not the old one truncated: a hard link to it elsewhere keeps its content.
+    flags |= O_EXCL;
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return ErrnoStatus(errno, "cannot replace metrics file", path);
+    }
   }
   MetricsWriter writer;
   writer.path_ = path;

@@ -18,10 +18,15 @@ namespace rmoe {
 // file is never written through a symbolic link.
 class MetricsWriter {
  public:
-  // A fresh file (truncating an earlier one) when `resumed_step` is negative. Otherwise a
-  // run resumed from that step continues the file: records of later steps, which the resumed
-  // run computes again, are dropped first (atomically), so no step is recorded twice.
+  // A fresh file (a new file replacing an earlier one) when `resumed_step` is negative.
+  // Otherwise a run resumed from that step continues the file: records of later steps, which
+  // the resumed run computes again, are dropped first (atomically), so no step is recorded
+  // twice. Either way a file at `path` that rmoe did not write is refused
+  // (CheckMetricsReplaceable), never replaced.
   static absl::StatusOr<MetricsWriter> Open(const std::string& path, int64_t resumed_step = -1);
+  // OK when `path` is missing, empty, or a metrics file rmoe wrote (its first line is the
+  // "host" record every run writes first); otherwise an error naming the file.
+  static absl::Status CheckMetricsReplaceable(const std::string& path);
   // A failed write (disk full) is reported on stderr once; training goes on.
   void Write(const JsonObject& record);
   const absl::Status& status() const { return status_; }

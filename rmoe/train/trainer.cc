@@ -257,6 +257,8 @@ absl::Status Trainer::ClaimOutputDir() {
         "output_dir"));
   }
   if (!options_.resume.empty()) return absl::OkStatus();
+  // Before anything is removed: a metrics path that names someone else's file stops here.
+  if (auto status = MetricsWriter::CheckMetricsReplaceable(MetricsPath()); !status.ok()) return status;
   std::vector<std::string> earlier;
   if (has_model) earlier.push_back(model_dir);
   if (fs::file_size(MetricsPath(), ec) > 0 && !ec) earlier.push_back(MetricsPath());

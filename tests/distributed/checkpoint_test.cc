@@ -586,6 +586,28 @@ TEST_F(CheckpointTest, ASymlinkAtOneOfOurNamesIsRefusedNotFollowed) {
   world().Barrier();
 }
 
+// A hard link planted at latest.tmp (or any name a save writes) shares its content with a
+// file elsewhere: the save must put a new file at the name, never write into the old one.
+TEST_F(CheckpointTest, AHardLinkAtOneOfOurNamesKeepsTheLinkedFile) {
+  auto first = SaveCheckpoint(root_, State(1), MixedTensors(rank(), size()), world(), 5);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string victim = root_ + "_linked.txt";
+  if (rank() == 0) {
+    std::ofstream(victim) << "a user's file\n";
+    ASSERT_EQ(::link(victim.c_str(), (root_ + "/latest.tmp").c_str()), 0);
+  }
+  world().Barrier();
+  auto second = SaveCheckpoint(root_, State(2), MixedTensors(rank(), size()), world(), 5);
+  ASSERT_TRUE(second.ok()) << second.status();
+  world().Barrier();
+  if (rank() == 0) {
+    EXPECT_EQ(ReadFile(victim), "a user's file\n");
+    EXPECT_EQ(ReadFile(root_ + "/latest"), "step_00000002\n");
+    std::remove(victim.c_str());
+  }
+  world().Barrier();
+}
+
 TEST_F(CheckpointTest, KeepLastPrunesOldestAndStaleUnfinishedSaves) {
   for (int64_t step = 1; step <= 4; ++step) {
     ASSERT_TRUE(SaveCheckpoint(root_, State(step), MixedTensors(rank(), size()), world(), 2).ok());
