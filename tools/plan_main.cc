@@ -32,7 +32,7 @@ constexpr char kUsage[] = R"(Usage: rmoe_plan --job SPEC.pbtxt [--set FIELD=VALU
 
 Plans a training job on N devices before running it. For every layout of N ranks (EP =
 parallel.expert_parallel_size dividing model.moe.num_experts and N, DP = N / EP; EP groups
-of consecutive ranks, as rmoe_train makes them), and for the spec's own options first and,
+of ranks taken node by node, as rmoe_train makes them), and for the spec's own options first and,
 unless --spec-only, every other combination of activation recomputation (runtime.recompute
 NONE, MOE, FULL) and ZeRO-1 (parallel.shard_optimizer_state): the memory one rank needs (the estimate
 rmoe_train checks before it starts: parameters, gradients, AdamW moments, bf16 weight

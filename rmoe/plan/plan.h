@@ -53,7 +53,7 @@ struct Layout {
 };
 
 // Every layout of `world` ranks: EP divides num_experts and world, DP = world / EP, EP
-// groups of consecutive ranks (as DistributedRuntime makes them). `ranks_per_node` > 0;
+// groups of ranks taken node by node (as ProcessGroups makes them). `ranks_per_node` > 0;
 // a world larger than a node must fill whole nodes.
 absl::StatusOr<std::vector<Layout>> EnumerateLayouts(int num_experts, int world, int ranks_per_node);
 
