@@ -194,6 +194,11 @@ double AllToAllSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& 
                             inter_bytes / inter.bandwidth_bytes_per_s());
 }
 
+double BusBandwidthFactor(bool all_reduce, int p) {
+  if (p <= 1) return 1;
+  return (all_reduce ? 2.0 : 1.0) * (p - 1) / p;
+}
+
 double AgreementSeconds(const HardwareProfile& hw, int p, int ranks_per_node) {
   if (!hw.collectives_agree_arguments() || p <= 1) return 0;
   const LinkSpec& slow = p > ranks_per_node ? hw.inter_node() : hw.intra_node();
@@ -412,12 +417,18 @@ StepEstimate EstimateStep(const JobSpec& spec, const Layout& layout, const Hardw
   for (const SpecTensor& t : SpecParameterTensors(m)) {
     (t.expert ? expert_local : replicated) += t.expert ? t.numel / layout.ep : t.numel;
   }
+  // Expert replicas are ranks ep apart: where the world spans nodes, a node holds
+  // ranks_per_node / ep of each replica group.
+  const int replicas_per_node =
+      layout.world_spans_nodes ? std::max(1, layout.ranks_per_node / layout.ep) : layout.dp;
+  const auto buckets_of = [](double bytes) { return std::max(1.0, std::ceil(bytes / kBucketBytes)); };
+  const double replicated_buckets = buckets_of(replicated * kFloat);
+  const double expert_buckets = layout.dp > 1 ? buckets_of(expert_local * kFloat) : 0;
   s.allreduce_s =
       AllReduceSeconds(replicated * kFloat, layout.world, layout.ranks_per_node, hw.intra_node(),
                            hw.inter_node(), kBucketBytes) +
-      AllReduceSeconds(expert_local * kFloat, layout.dp,
-                           layout.world_spans_nodes ? std::max(1, layout.ranks_per_node / layout.ep) : layout.dp,
-                           hw.intra_node(), hw.inter_node(), kBucketBytes) +
+      AllReduceSeconds(expert_local * kFloat, layout.dp, replicas_per_node, hw.intra_node(),
+                           hw.inter_node(), kBucketBytes) +
       3 * AllReduceSeconds(kFloat, layout.world, layout.ranks_per_node, hw.intra_node(),
                                hw.inter_node(), kBucketBytes);
 
@@ -427,12 +438,8 @@ StepEstimate EstimateStep(const JobSpec& spec, const Layout& layout, const Hardw
     return p > 1 ? 3.0 * bytes * (p - 1) / p / (hw.memory_bandwidth_bytes_per_s() * share) : 0.0;
   };
   s.allreduce_s += reduction(replicated * kFloat, layout.world) + reduction(expert_local * kFloat, layout.dp);
-  const auto buckets_of = [](double bytes) { return std::max(1.0, std::ceil(bytes / kBucketBytes)); };
-  s.allreduce_s += (buckets_of(replicated * kFloat) + 3) * AgreementSeconds(hw, layout.world, layout.ranks_per_node);
-  if (layout.dp > 1) {
-    s.allreduce_s += buckets_of(expert_local * kFloat) *
-                     AgreementSeconds(hw, layout.dp, layout.world_spans_nodes ? 1 : layout.dp);
-  }
+  s.allreduce_s += (replicated_buckets + 3) * AgreementSeconds(hw, layout.world, layout.ranks_per_node) +
+                   expert_buckets * AgreementSeconds(hw, layout.dp, replicas_per_node);
 
   // ZeRO-1: every parameter broadcast from its owner after the step, the replicated ones
   // to the world (one broadcast series per owning rank), each expert slice to its replicas.
@@ -452,10 +459,7 @@ StepEstimate EstimateStep(const JobSpec& spec, const Layout& layout, const Hardw
   // all-to-alls each way (three more with recomputation); the gradient buckets; the loss
   // averaging and clipping norm; ZeRO-1's broadcasts (one series per owning rank).
   if (layout.world > 1) {
-    const double buckets = [&](double bytes) { return std::max(1.0, std::ceil(bytes / kBucketBytes)); }(
-        replicated * kFloat);
-    s.collectives = 3 + buckets;
-    if (layout.dp > 1) s.collectives += std::max(1.0, std::ceil(expert_local * kFloat / kBucketBytes));
+    s.collectives = 3 + replicated_buckets + expert_buckets;
     if (layout.ep > 1) {
       s.collectives += accum * moe_layers * (recompute == RuntimeSpec::NONE ? 5 : 8);
     }
