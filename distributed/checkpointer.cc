@@ -123,7 +123,7 @@ absl::Status ShardedCheckpointer::CheckDirectoryShared(const std::string& root) 
   std::vector<std::string> hosts(blind_hosts.begin(), blind_hosts.end());
   return absl::FailedPreconditionError(absl::StrCat(
       "the checkpoint directory ", root, " is not shared between nodes: ",
-      blind.size() == 1 ? "rank " : "ranks ", RankRanges(blind), " on ", absl::StrJoin(hosts, ", "),
+      RankList(blind), " on ", absl::StrJoin(hosts, ", "),
       blind.size() == 1 ? " does" : " do", " not see the file rank 0 on ", groups_.nodes.HostOf(0), " wrote in ",
       fs::path(probe).parent_path().string(),
       ". Every rank must see the same checkpoint directory (a shared file system such as NFS "

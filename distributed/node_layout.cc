@@ -76,6 +76,10 @@ std::string RankRanges(std::vector<int> ranks) {
   return absl::StrJoin(parts, ", ");
 }
 
+std::string RankList(const std::vector<int>& ranks) {
+  return absl::StrCat(ranks.size() == 1 ? "rank " : "ranks ", RankRanges(ranks));
+}
+
 namespace {
 
 // The names of the nodes `ranks` are on, in node order.
@@ -87,17 +91,12 @@ std::vector<std::string> NodesOf(const NodeLayout& layout, const std::vector<int
   return names;
 }
 
-std::string RanksWord(const std::vector<int>& ranks) {
-  return ranks.size() == 1 ? "rank " : "ranks ";
-}
-
 }  // namespace
 
 std::vector<std::string> DescribeLayout(const NodeLayout& layout, int expert_parallel_size) {
   std::vector<std::string> nodes;
   for (int node = 0; node < layout.nodes(); ++node) {
-    const std::vector<int> ranks = layout.RanksOn(node);
-    nodes.push_back(absl::StrCat(layout.node_names[node], " ", RanksWord(ranks), RankRanges(ranks)));
+    nodes.push_back(absl::StrCat(layout.node_names[node], " ", RankList(layout.RanksOn(node))));
   }
   std::vector<std::string> lines = {absl::StrCat(
       "layout: ", layout.ranks(), layout.ranks() == 1 ? " rank" : " ranks", " on ", layout.nodes(),
@@ -106,7 +105,7 @@ std::vector<std::string> DescribeLayout(const NodeLayout& layout, int expert_par
     const auto groups = ExpertParallelGroups(layout, expert_parallel_size);
     std::vector<std::string> described;
     for (size_t g = 0; g < groups.size(); ++g) {
-      described.push_back(absl::StrCat("group ", g, " ranks ", RankRanges(groups[g]), " on ",
+      described.push_back(absl::StrCat("group ", g, " ", RankList(groups[g]), " on ",
                                        absl::StrJoin(NodesOf(layout, groups[g]), "+")));
     }
     lines.push_back(absl::StrCat("layout: ", groups.size(), " expert-parallel group",

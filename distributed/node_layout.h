@@ -38,6 +38,8 @@ std::vector<std::vector<int>> ExpertParallelGroups(const NodeLayout& layout, int
 
 // "0-3, 6, 8-9": a set of ranks, ascending, as ranges.
 std::string RankRanges(std::vector<int> ranks);
+// "rank 3" or "ranks 0-3, 6": RankRanges with its noun.
+std::string RankList(const std::vector<int>& ranks);
 
 // The run header's lines: the ranks of each node and, with several ranks, the nodes of each
 // expert-parallel group, e.g.

@@ -290,6 +290,10 @@ TEST(PlanCollectives, AlphaBetaByHand) {
   // Within a node of 2 the ring's 2 steps beat the tree's 2 (a tie) and stay.
   EXPECT_NEAR(AllReduceSeconds(1e6, 2, 8, intra, inter, 1e10), RingAllReduceSeconds(1e6, 2, 8, intra, inter, 1e10),
               1e-15);
+  // nccl-tests' bus bandwidth factors.
+  EXPECT_DOUBLE_EQ(BusBandwidthFactor(true, 4), 1.5);
+  EXPECT_DOUBLE_EQ(BusBandwidthFactor(false, 4), 0.75);
+  EXPECT_DOUBLE_EQ(BusBandwidthFactor(true, 1), 1);
   // The argument agreement of an MPI communicator: ceil(log2 p) latencies of the slowest
   // link, only where the profile says its collectives agree on their arguments.
   HardwareProfile hw;

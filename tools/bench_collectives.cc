@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "distributed/node_layout.h"
+#include "rmoe/plan/plan.h"
 #include "tools/bench_common.h"
 
 namespace rmoe::bench {
@@ -48,11 +49,6 @@ struct Measured {
   double min_s = 0, median_s = 0;
   double algbw = 0, busbw = 0;
 };
-
-double BusFactor(const std::string& op, int ranks) {
-  if (ranks <= 1) return 1;
-  return op == "allreduce" ? 2.0 * (ranks - 1) / ranks : static_cast<double>(ranks - 1) / ranks;
-}
 
 }  // namespace
 
@@ -117,7 +113,7 @@ int RunCollectives(const std::vector<std::string>& args, distributed::MpiRuntime
       m.min_s = Min(times);
       m.median_s = Median(times);
       m.algbw = m.bytes / m.median_s;
-      m.busbw = m.algbw * BusFactor(op, ranks);
+      m.busbw = m.algbw * plan::BusBandwidthFactor(op == "allreduce", ranks);
       results.push_back(m);
     }
   }

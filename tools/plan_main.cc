@@ -180,7 +180,7 @@ int RunCollectives(const rmoe::cli::Args& args) {
           (allreduce ? plan::AllReduceSeconds(b, p, rpn, hw->intra_node(), hw->inter_node(), b)
                      : plan::AllToAllSeconds(b, p, rpn, hw->intra_node(), hw->inter_node()));
       const double algbw = seconds > 0 ? b / seconds : 0;
-      const double busbw = algbw * (allreduce ? 2.0 * (p - 1) / p : static_cast<double>(p - 1) / p);
+      const double busbw = algbw * plan::BusBandwidthFactor(allreduce, p);
       table.push_back({op, absl::StrCat(bytes), absl::StrFormat("%.1f", seconds * 1e6),
                        absl::StrFormat("%.2f", algbw / 1e6), absl::StrFormat("%.2f", busbw / 1e6)});
       items.push_back(rmoe::JsonObject()

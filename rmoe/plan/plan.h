@@ -80,6 +80,10 @@ double AllReduceSeconds(double bytes, int p, int ranks_per_node, const LinkSpec&
 // (p - 1) messages of the slowest link used.
 double AllToAllSeconds(double bytes, int p, int ranks_per_node, const LinkSpec& intra,
                        const LinkSpec& inter);
+// nccl-tests' bus bandwidth over algorithm bandwidth (bytes per rank / time) of a
+// collective of p ranks: 2 (p - 1) / p for an all-reduce, (p - 1) / p for an all-to-all;
+// the bytes each rank moves over its link, comparable with the link's rate whatever p is.
+double BusBandwidthFactor(bool all_reduce, int p);
 // The argument agreement before each collective of p ranks (HardwareProfile::
 // collectives_agree_arguments): ceil(log2 p) latencies of the slowest link; 0 without it.
 double AgreementSeconds(const HardwareProfile& hw, int p, int ranks_per_node);

@@ -748,6 +748,8 @@ TEST(NodeLayoutTest, WarnsWhenAnExpertGroupMustSpanNodes) {
   EXPECT_EQ(DescribeLayout(layout, 4)[1],
             "layout: 1 expert-parallel group of 4: group 0 ranks 0-3 on node1+node2");
   EXPECT_EQ(RankRanges({5, 0, 1, 2, 7, 8}), "0-2, 5, 7-8");
+  EXPECT_EQ(RankList({4}), "rank 4");
+  EXPECT_EQ(RankList({3, 1, 2}), "ranks 1-3");
 }
 
 TEST(NodeLayoutTest, TheJobsLayoutCoversEveryRankAndAgreesWithTheLocalRank) {

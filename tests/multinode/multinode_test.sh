@@ -112,21 +112,20 @@ node_lost() {
   pass "exit status $rc ${elapsed} s after node2 was lost ($how); resumed $saved on node1 alone to step $(last_step "$out/run/metrics.jsonl")"
 }
 
+# The expert-parallel equivalence tests (EP 2 against one rank) on 2 nodes x $1 ranks.
+equivalence() {
+  local per_node=$1 np=$((2 * $1)) noun=rank
+  ((per_node > 1)) && noun=ranks
+  "$cluster" mpirun --per-node "$per_node" -np "$np" "$ep_tests" \
+    --gtest_filter='*EP2*:ExpertParallelDispatcher.*:RoutingStatistics.*' > "$out/ep.log" 2>&1 ||
+    fail "the equivalence tests failed over TCP"
+  grep -q "all $np rank(s) passed" "$out/ep.log" || fail "not every rank passed"
+  pass "$(grep -c '\[       OK \]' "$out/ep.log") tests passed on 2 nodes x $per_node $noun"
+}
+
 case "$case_name" in
-equivalence_2x2)
-  "$cluster" mpirun --per-node 2 -np 4 "$ep_tests" \
-    --gtest_filter='*EP2*:ExpertParallelDispatcher.*:RoutingStatistics.*' > "$out/ep.log" 2>&1 ||
-    fail "the equivalence tests failed over TCP"
-  grep -q "all 4 rank(s) passed" "$out/ep.log" || fail "not every rank passed"
-  pass "$(grep -c '\[       OK \]' "$out/ep.log") tests passed on 2 nodes x 2 ranks"
-  ;;
-equivalence_2x1)
-  "$cluster" mpirun --per-node 1 -np 2 "$ep_tests" \
-    --gtest_filter='*EP2*:ExpertParallelDispatcher.*:RoutingStatistics.*' > "$out/ep.log" 2>&1 ||
-    fail "the equivalence tests failed over TCP"
-  grep -q "all 2 rank(s) passed" "$out/ep.log" || fail "not every rank passed"
-  pass "$(grep -c '\[       OK \]' "$out/ep.log") tests passed on 2 nodes x 1 rank"
-  ;;
+equivalence_2x2) equivalence 2 ;;
+equivalence_2x1) equivalence 1 ;;
 layout)
   train layout.log 2 4 --map-by node --set output_dir="$out/run" \
     --set parallel.expert_parallel_size=2 --set schedule.steps=3 || fail "training failed"
